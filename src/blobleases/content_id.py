@@ -1,0 +1,166 @@
+"""Content ids: the algorithm and digest that name a blob by what it holds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+from .errors import InvalidContentId
+
+__all__ = ["ALGORITHMS", "ContentId", "Hasher", "as_buffer", "new_hasher"]
+
+ALGORITHMS: Final = ("sha256", "blake3")
+DIGEST_SIZE: Final = 32
+_CHUNK: Final = 1 << 20
+_PARSE = re.compile(r"(sha256|blake3)[-:]([0-9a-fA-F]{64})")
+
+
+class _InvalidContentIdType(InvalidContentId, TypeError):
+    """Raised when ``ContentId.parse`` is given something that is not a str."""
+
+
+class Hasher:
+    """The small protocol shared by hashlib and blake3 hash objects."""
+
+    def update(self, data: Any, /) -> Any:  # pragma: no cover - protocol only
+        raise NotImplementedError
+
+    def digest(self) -> bytes:  # pragma: no cover - protocol only
+        raise NotImplementedError
+
+
+def check_algorithm(algorithm: object) -> str:
+    """Return ``algorithm`` if it is a supported name, else raise naming it."""
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a str, not {type(algorithm).__name__}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    return algorithm
+
+
+def new_hasher(algorithm: str = "sha256") -> Any:
+    """A fresh incremental hasher for ``algorithm`` (blake3 needs the extra)."""
+    check_algorithm(algorithm)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    try:
+        import blake3
+    except ImportError as exc:
+        raise ValueError(
+            "algorithm 'blake3' needs the optional extra: pip install 'blobleases[blake3]'"
+        ) from exc
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+def as_buffer(data: object, name: str = "data") -> memoryview:
+    """A flat read-only byte view of a bytes-like object, without copying."""
+    if isinstance(data, str):
+        raise TypeError(f"{name} must be bytes-like, not str (encode it first)")
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be bytes-like, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view.toreadonly()
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class ContentId:
+    """The id of a blob: its hash ``algorithm`` and ``digest``.
+
+    ``str(cid)`` is canonical (``sha256-<64 lowercase hex>``) and always
+    round-trips through :meth:`parse`.
+    """
+
+    algorithm: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        check_algorithm(self.algorithm)
+        if not isinstance(self.digest, bytes):
+            raise TypeError(f"digest must be bytes, not {type(self.digest).__name__}")
+        if len(self.digest) != DIGEST_SIZE:
+            raise ValueError(f"digest must be {DIGEST_SIZE} bytes, not {len(self.digest)}")
+
+    @property
+    def hex(self) -> str:
+        """The digest as 64 lowercase, zero-padded hex digits."""
+        return self.digest.hex()
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}-{self.digest.hex()}"
+
+    def __repr__(self) -> str:
+        return f"ContentId({str(self)!r})"
+
+    @classmethod
+    def parse(cls, text: str) -> ContentId:
+        """Parse ``sha256-<hex>`` or ``sha256:<hex>`` (blake3 likewise), exactly."""
+        if not isinstance(text, str):
+            raise _InvalidContentIdType(
+                f"content id must be a str, not {type(text).__name__}: {text!r}"
+            )
+        match = _PARSE.fullmatch(text)
+        if match is None:
+            raise InvalidContentId(
+                f"invalid content id {text!r}: expected 'sha256-' followed by 64 hex digits"
+            )
+        return cls(match.group(1), bytes.fromhex(match.group(2)))
+
+    @classmethod
+    def for_bytes(cls, data: object, algorithm: str = "sha256") -> ContentId:
+        """The id of a bytes-like object (bytes, bytearray, memoryview, numpy), no copy."""
+        view = as_buffer(data)
+        hasher = new_hasher(algorithm)
+        hasher.update(view)
+        return cls(algorithm, hasher.digest())
+
+    @classmethod
+    def for_file(
+        cls, source: str | os.PathLike[str] | IO[bytes], algorithm: str = "sha256"
+    ) -> ContentId:
+        """The id of a file's bytes, read as a stream in constant memory."""
+        hasher = new_hasher(algorithm)
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                _feed(hasher, f)
+        elif isinstance(source, io.IOBase) or hasattr(source, "read"):
+            _feed(hasher, source)
+        else:
+            raise TypeError(f"source must be a path or a binary file, not {type(source).__name__}")
+        return cls(algorithm, hasher.digest())
+
+    @classmethod
+    def coerce(cls, value: object, name: str = "content_id") -> ContentId:
+        """``value`` if it is a ContentId, parsed if it is text, else TypeError."""
+        if isinstance(value, ContentId):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        raise TypeError(f"{name} must be a ContentId or str, not {type(value).__name__}")
+
+
+def _feed(hasher: Any, f: IO[bytes]) -> None:
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    readinto = getattr(f, "readinto", None)
+    while True:
+        if readinto is not None:
+            n = readinto(view)
+            if not n:
+                break
+            hasher.update(view[:n])
+        else:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            if isinstance(chunk, str):
+                raise TypeError("source must be opened in binary mode")
+            hasher.update(chunk)

@@ -1,0 +1,68 @@
+"""Lease ids: a random uuid and the pid of the process the lease belongs to."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuid_module
+from dataclasses import dataclass
+
+from .errors import InvalidLeaseId
+
+__all__ = ["LeaseId", "check_pid"]
+
+_PARSE = re.compile(
+    r"lease:pid=([1-9][0-9]{0,9}),"
+    r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+)
+
+
+class _InvalidLeaseIdType(InvalidLeaseId, TypeError):
+    """Raised when ``LeaseId.parse`` is given something that is not a str."""
+
+
+class _PidError(ValueError, TypeError):
+    """A pid that is not a positive int (a ValueError, and a TypeError for non-ints)."""
+
+
+def check_pid(pid: object, name: str = "pid") -> int:
+    """Return ``pid`` if it is a positive int, else raise a ValueError naming it."""
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise _PidError(f"{name} must be a positive int, not {type(pid).__name__} {pid!r}")
+    if pid <= 0:
+        raise ValueError(f"{name} must be a positive int, not {pid}")
+    return pid
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseId:
+    """Names one lease: a random ``uuid`` (version 4, never a MAC) and a ``pid``."""
+
+    uuid: uuid_module.UUID
+    pid: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uuid, uuid_module.UUID):
+            raise TypeError(f"uuid must be a uuid.UUID, not {type(self.uuid).__name__}")
+        check_pid(self.pid)
+
+    @classmethod
+    def new(cls, pid: int | None = None) -> LeaseId:
+        """A fresh lease id for ``pid`` (default: this process)."""
+        return cls(uuid_module.uuid4(), os.getpid() if pid is None else check_pid(pid))
+
+    def __str__(self) -> str:
+        return f"lease:pid={self.pid},{self.uuid}"
+
+    def __repr__(self) -> str:
+        return f"LeaseId({str(self)!r})"
+
+    @classmethod
+    def parse(cls, text: str) -> LeaseId:
+        """Parse ``lease:pid=<pid>,<uuid>`` exactly as ``str()`` prints it."""
+        if not isinstance(text, str):
+            raise _InvalidLeaseIdType(f"lease id must be a str, not {type(text).__name__}")
+        match = _PARSE.fullmatch(text.lower() if text.startswith("lease:") else text)
+        if match is None:
+            raise InvalidLeaseId(f"invalid lease id {text!r}: expected 'lease:pid=<pid>,<uuid>'")
+        return cls(uuid_module.UUID(match.group(2)), int(match.group(1)))

@@ -1,0 +1,470 @@
+"""MemoryStorage: blobs in this process's memory, safe from many threads.
+
+The reference backend: the simplest code that meets every guarantee of
+:class:`~blobleases.storage.BlobStorage`. Readers are zero-copy memoryviews.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .content_id import ContentId, new_hasher
+from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .lease_id import LeaseId
+from .liveness import is_alive, own_start_time, process_start_time
+from .reader import BlobReader, BufferSource
+from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .storage import BlobStorage, FileSource
+
+__all__ = ["MemoryStorage"]
+
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class _Blob:
+    data: bytes
+    created: float
+    last_access: float
+    leases: int = 0
+    readers: int = 0
+
+
+@dataclass(slots=True)
+class _Lease:
+    expires_at: float | None
+    detached: bool
+
+
+class MemoryStorage(BlobStorage):
+    """Blobs held in this process (threads share it; other processes do not).
+
+    Takes every policy keyword of :class:`~blobleases.policies.Policies`;
+    ``durability`` has no effect (nothing outlives the process).
+    """
+
+    shareable = False
+
+    def __init__(self, **policies: Any) -> None:
+        super().__init__(**policies)
+        self._lock = threading.RLock()
+        self._blobs: dict[ContentId, _Blob] = {}
+        self._leases: dict[tuple[LeaseId, ContentId], _Lease] = {}
+        self._by_pid: dict[int, set[tuple[LeaseId, ContentId]]] = {}
+        self._readers: dict[int, tuple[ContentId, int]] = {}
+        self._reader_ids = itertools.count(1)
+        self._order: OrderedDict[ContentId, None] = OrderedDict()  # LRU: oldest first
+        self._retained: OrderedDict[ContentId, None] = OrderedDict()
+        self._retained_bytes = 0
+        self._expiries: list[tuple[float, str, LeaseId, ContentId]] = []
+        self._pids: dict[int, float | None] = {os.getpid(): own_start_time()}
+        self._bytes = 0
+        self._dedup_hits = 0
+        self._closed = False
+        self._next_reap = time.monotonic() + self.policies.reap_interval
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
+
+    @property
+    def url(self) -> str:
+        return "memory://"
+
+    # -- internal helpers (call with the lock held) ---------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("the storage is closed")
+
+    def _maintain(self) -> None:
+        self._check_open()
+        if self._expiries and self._expiries[0][0] <= time.time():
+            self._expire()
+        if time.monotonic() >= self._next_reap:
+            self._reap_dead()
+
+    def _expire(self) -> int:
+        now = time.time()
+        ended = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, _, lid, cid = heapq.heappop(self._expiries)
+            lease = self._leases.get((lid, cid))
+            if lease is not None and lease.expires_at == expires_at:
+                self._end_lease(lid, cid)
+                ended += 1
+        return ended
+
+    def _reap_dead(self) -> tuple[int, int, int]:
+        self._next_reap = time.monotonic() + self.policies.reap_interval
+        pids = set(self._by_pid) | {pid for _, pid in self._readers.values()}
+        leases = readers = procs = 0
+        for pid in pids:
+            if is_alive(pid, self._pids.get(pid)):
+                continue
+            nl, nr = self._terminate(pid)
+            leases += nl
+            readers += nr
+            procs += 1
+            self._pids.pop(pid, None)
+        return leases, readers, procs
+
+    def _terminate(self, pid: int) -> tuple[int, int]:
+        keys = self._by_pid.pop(pid, set())
+        for lid, cid in list(keys):
+            self._end_lease(lid, cid, unindex=False)
+        holds = [hid for hid, (_, hpid) in self._readers.items() if hpid == pid]
+        for hid in holds:
+            self._release_reader(hid)
+        return len(keys), len(holds)
+
+    def _note_pid(self, pid: int) -> None:
+        if pid not in self._pids:
+            self._pids[pid] = process_start_time(pid)
+
+    def _hold(self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool) -> None:
+        key = (lid, cid)
+        if key in self._leases:
+            return
+        blob = self._blobs[cid]
+        expires_at = None if ttl is None else time.time() + ttl
+        self._leases[key] = _Lease(expires_at, detached)
+        blob.leases += 1
+        if expires_at is not None:
+            heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
+        if not detached:
+            self._note_pid(lid.pid)
+            self._by_pid.setdefault(lid.pid, set()).add(key)
+        if cid in self._retained:
+            del self._retained[cid]
+            self._retained_bytes -= len(blob.data)
+        self._touch(cid, blob)
+
+    def _touch(self, cid: ContentId, blob: _Blob) -> None:
+        blob.last_access = time.time()
+        self._order.move_to_end(cid)
+
+    def _end_lease(self, lid: LeaseId, cid: ContentId, *, unindex: bool = True) -> None:
+        lease = self._leases.pop((lid, cid), None)
+        if lease is None:
+            return
+        if unindex and not lease.detached:
+            keys = self._by_pid.get(lid.pid)
+            if keys is not None:
+                keys.discard((lid, cid))
+                if not keys:
+                    del self._by_pid[lid.pid]
+        blob = self._blobs[cid]
+        blob.leases -= 1
+        self._maybe_unreferenced(cid, blob)
+
+    def _release_reader(self, hold_id: int) -> None:
+        entry = self._readers.pop(hold_id, None)
+        if entry is None:
+            return
+        cid = entry[0]
+        blob = self._blobs.get(cid)
+        if blob is None:
+            return
+        blob.readers -= 1
+        self._maybe_unreferenced(cid, blob)
+
+    def _maybe_unreferenced(self, cid: ContentId, blob: _Blob) -> None:
+        if blob.leases or blob.readers:
+            return
+        size = len(blob.data)
+        if size <= self.policies.retain_bytes:
+            self._retained[cid] = None
+            self._retained_bytes += size
+            self._trim_retained(self.policies.retain_bytes)
+        else:
+            self._delete(cid)
+
+    def _trim_retained(self, budget: int) -> tuple[int, int]:
+        count = freed = 0
+        while self._retained_bytes > budget and self._retained:
+            cid = next(iter(self._retained))
+            freed += len(self._blobs[cid].data)
+            self._delete(cid)
+            count += 1
+        return count, freed
+
+    def _delete(self, cid: ContentId) -> int:
+        blob = self._blobs.pop(cid)
+        self._order.pop(cid, None)
+        if cid in self._retained:
+            del self._retained[cid]
+            self._retained_bytes -= len(blob.data)
+        for key in [k for k in self._leases if k[1] == cid] if blob.leases else []:
+            lease = self._leases.pop(key)
+            if not lease.detached:
+                keys = self._by_pid.get(key[0].pid)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._by_pid[key[0].pid]
+        self._bytes -= len(blob.data)
+        return len(blob.data)
+
+    def _make_room(self, size: int) -> None:
+        """Evict per policy so ``size`` more bytes fit, or raise StoreFull
+        having changed nothing."""
+        limit = self.policies.max_bytes
+        if limit is None or self._bytes + size <= limit:
+            return
+        if size > limit:
+            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
+        victims: list[ContentId] = []
+        need = self._bytes + size - limit
+        for cid in self._retained:
+            if need <= 0:
+                break
+            victims.append(cid)
+            need -= len(self._blobs[cid].data)
+        if need > 0 and self.policies.on_full == "evict":
+            for cid in self._order:
+                if need <= 0:
+                    break
+                blob = self._blobs[cid]
+                if blob.readers or cid in self._retained:
+                    continue
+                victims.append(cid)
+                need -= len(blob.data)
+        if need > 0:
+            raise StoreFull(
+                f"storing {size} bytes would exceed max_bytes={limit} "
+                f"({self._bytes} bytes held; on_full={self.policies.on_full!r})"
+            )
+        for cid in victims:
+            self._delete(cid)
+
+    def _lease_expired(self, cid: ContentId, lid: LeaseId) -> LeaseExpired:
+        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
+
+    def _leased_blob(self, cid: ContentId, lid: LeaseId) -> _Blob:
+        self._maintain()
+        if (lid, cid) not in self._leases:
+            raise self._lease_expired(cid, lid)
+        blob = self._blobs[cid]
+        self._touch(cid, blob)
+        if self.policies.verify_reads:
+            _check_hash(cid, blob.data)
+        return blob
+
+    # -- the backend methods ---------------------------------------------------
+
+    def _store(
+        self,
+        cid: ContentId,
+        data: memoryview,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        hashed: bool,
+    ) -> None:
+        with self._lock:
+            self._maintain()
+            if (lid, cid) in self._leases:
+                return
+            if cid in self._blobs:
+                self._dedup_hits += 1
+                self._hold(cid, lid, ttl, detached)
+                return
+        if not hashed:
+            _check_hash(cid, data)
+        copy = bytes(data)
+        with self._lock:
+            self._maintain()
+            if cid in self._blobs:
+                self._dedup_hits += 1
+                self._hold(cid, lid, ttl, detached)
+                return
+            self._make_room(len(copy))
+            now = time.time()
+            self._blobs[cid] = _Blob(copy, now, now)
+            self._order[cid] = None
+            self._bytes += len(copy)
+            self._hold(cid, lid, ttl, detached)
+
+    def _store_file(
+        self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> tuple[ContentId, int]:
+        hasher = new_hasher(algorithm)
+        parts: list[bytes] = []
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                f = open(source, "rb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
+            with f:
+                _copy(f, hasher, parts)
+        else:
+            _copy(source, hasher, parts)
+        data = b"".join(parts)
+        cid = ContentId(algorithm, hasher.digest())
+        self._store(cid, memoryview(data), lid, ttl, detached, True)
+        return cid, len(data)
+
+    def _lease_by_content(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int:
+        with self._lock:
+            self._maintain()
+            blob = self._blobs.get(cid)
+            if blob is None:
+                raise ContentNotFound(cid)
+            self._hold(cid, lid, ttl, detached)
+            return len(blob.data)
+
+    def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
+        with self._lock:
+            return self._leased_blob(cid, lid).data
+
+    def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
+        with self._lock:
+            blob = self._leased_blob(cid, lid)
+            hold_id = next(self._reader_ids)
+            self._readers[hold_id] = (cid, os.getpid())
+            blob.readers += 1
+            data = blob.data
+
+        def release() -> None:
+            with self._lock:
+                if not self._closed:
+                    self._release_reader(hold_id)
+
+        return BlobReader(BufferSource(memoryview(data)), len(data), release)
+
+    def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        with self._lock:
+            self._maintain()
+            self._end_lease(lid, cid)
+
+    def _advise_of_pid(self, pid: int) -> None:
+        with self._lock:
+            self._maintain()
+            start = process_start_time(pid)
+            if start is None:
+                return
+            known = self._pids.get(pid)
+            if known is not None and known and start and not is_alive(pid, known):
+                self._terminate(pid)
+            self._pids[pid] = start
+
+    def _advise_pid_terminated(self, pid: int) -> None:
+        with self._lock:
+            self._maintain()
+            self._terminate(pid)
+            self._pids.pop(pid, None)
+
+    def _contains(self, cid: ContentId) -> bool:
+        with self._lock:
+            self._maintain()
+            return cid in self._blobs
+
+    def _stat(self, cid: ContentId) -> BlobInfo:
+        with self._lock:
+            self._maintain()
+            blob = self._blobs.get(cid)
+            if blob is None:
+                raise ContentNotFound(cid)
+            return BlobInfo(
+                cid, len(blob.data), blob.leases, blob.readers, blob.created, blob.last_access
+            )
+
+    def _iter_content(self) -> list[ContentId]:
+        with self._lock:
+            self._maintain()
+            return list(self._blobs)
+
+    def _iter_leases(self) -> list[LeaseInfo]:
+        with self._lock:
+            self._maintain()
+            return [
+                LeaseInfo(lid, cid, lid.pid, lease.expires_at, lease.detached)
+                for (lid, cid), lease in self._leases.items()
+            ]
+
+    def _collect(self) -> CollectReport:
+        with self._lock:
+            self._check_open()
+            before_blobs, before_bytes = len(self._blobs), self._bytes
+            expired = self._expire()
+            leases, readers, procs = self._reap_dead()
+            self._trim_retained(self.policies.retain_bytes)
+            return CollectReport(
+                leases_reaped=leases + expired,
+                readers_reaped=readers,
+                processes_reaped=procs,
+                blobs_deleted=before_blobs - len(self._blobs),
+                bytes_freed=before_bytes - self._bytes,
+            )
+
+    def _verify(self, repair: bool) -> VerifyReport:
+        with self._lock:
+            self._maintain()
+            items = list(self._blobs.items())
+        report = VerifyReport(checked=len(items))
+        for cid, blob in items:
+            hasher = new_hasher(cid.algorithm)
+            hasher.update(blob.data)
+            if hasher.digest() != cid.digest:
+                report.corrupted.append(cid)
+        if repair and report:
+            with self._lock:
+                for cid in report.corrupted:
+                    if cid in self._blobs:
+                        self._delete(cid)
+            report.repaired = True
+        return report
+
+    def _stats(self) -> StorageStats:
+        with self._lock:
+            self._maintain()
+            pids = {lid.pid for lid, _ in self._leases} | {p for _, p in self._readers.values()}
+            return StorageStats(
+                blobs=len(self._blobs),
+                bytes=self._bytes,
+                leases=len(self._leases),
+                processes=len(pids),
+                dedup_hits=self._dedup_hits,
+                readers=len(self._readers),
+                retained_blobs=len(self._retained),
+                retained_bytes=self._retained_bytes,
+            )
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    # -- test support ----------------------------------------------------------
+
+    def _corrupt_for_tests(self, cid: ContentId, data: bytes) -> None:
+        """Replace a blob's bytes in place (the conformance suite's fault hook)."""
+        with self._lock:
+            self._blobs[cid].data = data
+
+
+def _check_hash(cid: ContentId, data: Any) -> None:
+    hasher = new_hasher(cid.algorithm)
+    hasher.update(data)
+    if hasher.digest() != cid.digest:
+        raise IntegrityError(f"data does not hash to {cid}")
+
+
+def _copy(f: Any, hasher: Any, parts: list[bytes]) -> None:
+    while True:
+        chunk = f.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        if not isinstance(chunk, bytes | bytearray):
+            raise TypeError("source must be a binary file (its read() returned text)")
+        hasher.update(chunk)
+        parts.append(bytes(chunk))

@@ -1,0 +1,90 @@
+"""The policies every backend takes as constructor keywords (SPEC section 3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Policies", "check_ttl"]
+
+OnFull = Literal["refuse", "evict"]
+Durability = Literal["fast", "safe"]
+
+
+def _check_size(value: object, name: str, *, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be an int{' or None' if optional else ''}, not {type(value).__name__}"
+        )
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value}")
+    return value
+
+
+def _check_seconds(
+    value: object, name: str, *, optional: bool = False, allow_zero: bool = False
+) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} finite number of seconds, not {value!r}")
+    return float(value)
+
+
+def check_ttl(ttl: object) -> float | None:
+    """Return ``ttl`` as float seconds (or None), else raise naming ``ttl``."""
+    return _check_seconds(ttl, "ttl", optional=True)
+
+
+def check_detached(detached: object) -> bool:
+    """Return ``detached`` if it is a bool, else raise naming it."""
+    if not isinstance(detached, bool):
+        raise TypeError(f"detached must be a bool, not {type(detached).__name__}")
+    return detached
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    """Validated policy settings, shared by every backend.
+
+    * ``max_bytes``: None for unbounded; a store fits while the total stays
+      ``<= max_bytes``. ``on_full="refuse"`` raises StoreFull and changes
+      nothing; ``"evict"`` evicts least recently used content, unreferenced
+      before leased, never content with an open reader.
+    * ``retain_bytes``: unreferenced content up to this many bytes stays as an
+      LRU cache.
+    * ``reap_interval``: seconds between automatic reaps of dead processes.
+    * ``transfer_ttl``: seconds a pickled lease's transfer lease lives.
+    * ``durability``: ``"fast"`` survives process crashes; ``"safe"`` fsyncs.
+    * ``verify_reads``: rehash on every read instead of checking the size.
+    """
+
+    max_bytes: int | None = None
+    on_full: OnFull = "refuse"
+    retain_bytes: int = 0
+    reap_interval: float = 5.0
+    transfer_ttl: float = 300.0
+    durability: Durability = "fast"
+    verify_reads: bool = False
+
+    def __post_init__(self) -> None:
+        _check_size(self.max_bytes, "max_bytes", optional=True)
+        _check_size(self.retain_bytes, "retain_bytes", optional=False)
+        if self.on_full not in ("refuse", "evict"):
+            raise ValueError(f"on_full must be 'refuse' or 'evict', not {self.on_full!r}")
+        if self.durability not in ("fast", "safe"):
+            raise ValueError(f"durability must be 'fast' or 'safe', not {self.durability!r}")
+        if not isinstance(self.verify_reads, bool):
+            raise TypeError(f"verify_reads must be a bool, not {type(self.verify_reads).__name__}")
+        object.__setattr__(
+            self,
+            "reap_interval",
+            _check_seconds(self.reap_interval, "reap_interval", allow_zero=True),
+        )
+        object.__setattr__(self, "transfer_ttl", _check_seconds(self.transfer_ttl, "transfer_ttl"))

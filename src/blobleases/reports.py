@@ -1,0 +1,97 @@
+"""The plain records that storages return: blob and lease facts and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .content_id import ContentId
+from .lease_id import LeaseId
+
+__all__ = ["BlobInfo", "CollectReport", "LeaseInfo", "StorageStats", "VerifyReport"]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What a storage knows of one blob. Times are seconds since the epoch."""
+
+    content_id: ContentId
+    size: int
+    lease_count: int
+    reader_count: int
+    created: float
+    last_access: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """One held lease. ``expires_at`` is None for a lease without a ttl."""
+
+    lease_id: LeaseId
+    content_id: ContentId
+    pid: int
+    expires_at: float | None
+    detached: bool = False
+
+
+@dataclass(slots=True)
+class CollectReport:
+    """What one ``collect()`` freed."""
+
+    leases_reaped: int = 0
+    readers_reaped: int = 0
+    processes_reaped: int = 0
+    blobs_deleted: int = 0
+    bytes_freed: int = 0
+    files_removed: int = 0
+    rows_removed: int = 0
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.leases_reaped,
+                self.readers_reaped,
+                self.processes_reaped,
+                self.blobs_deleted,
+                self.bytes_freed,
+                self.files_removed,
+                self.rows_removed,
+            )
+        )
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What ``verify()`` found wrong; falsy when nothing is wrong.
+
+    ``corrupted``: blobs whose bytes do not hash to their id (or have the wrong
+    size); ``missing``: blobs the index knows but whose bytes are gone;
+    ``orphaned``: stored bytes no index entry names (paths or keys, as text).
+    ``repaired`` is True when ``verify(repair=True)`` removed what it found.
+    """
+
+    checked: int = 0
+    corrupted: list[ContentId] = field(default_factory=list)
+    missing: list[ContentId] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)
+    repaired: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.corrupted or self.missing or self.orphaned)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageStats:
+    """Totals of a storage at one moment.
+
+    ``processes`` counts live processes holding leases or readers;
+    ``dedup_hits`` counts stores that found their content already present.
+    """
+
+    blobs: int
+    bytes: int
+    leases: int
+    processes: int
+    dedup_hits: int
+    readers: int = 0
+    retained_blobs: int = 0
+    retained_bytes: int = 0

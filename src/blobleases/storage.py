@@ -1,0 +1,316 @@
+"""BlobStorage: the abstract storage every backend implements.
+
+The public methods validate their arguments (a wrong type is a TypeError, a
+bad value a ValueError, each naming the argument) and then call the
+underscore method of the same name, which a backend implements. Each
+underscore method documents what a backend must guarantee; the conformance
+suite in :mod:`blobleases.testing` checks every guarantee.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import IO, Any
+
+from .content_id import ContentId, as_buffer, check_algorithm
+from .lease_id import LeaseId, check_pid
+from .policies import Policies, check_detached, check_ttl
+from .reader import BlobReader
+from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+
+__all__ = ["BlobStorage", "FileSource"]
+
+FileSource = str | os.PathLike[str] | IO[bytes]
+
+
+def _content_id(value: object, name: str = "content_id") -> ContentId:
+    if not isinstance(value, ContentId):
+        raise TypeError(f"{name} must be a ContentId, not {type(value).__name__}")
+    return value
+
+
+def _lease_id(value: object, name: str = "lease_id") -> LeaseId:
+    if not isinstance(value, LeaseId):
+        raise TypeError(f"{name} must be a LeaseId, not {type(value).__name__}")
+    return value
+
+
+def _file_source(source: object) -> FileSource:
+    if isinstance(source, (str, os.PathLike)):
+        return source
+    if hasattr(source, "read"):
+        return source  # type: ignore[return-value]
+    raise TypeError(f"source must be a path or a binary file object, not {type(source).__name__}")
+
+
+class BlobStorage(abc.ABC):
+    """A content-addressed blob store whose bytes are held by leases.
+
+    A lease is the pair (lease id, content id). Bytes live exactly as long as
+    some lease or open reader holds them (or retention keeps them); leases of
+    processes that die are reaped. Every method is safe to call from many
+    threads (and, for shared backends, many processes) at once.
+    """
+
+    policies: Policies
+    #: True when :attr:`url` opens this same store from another process, so a
+    #: pickled lease can name it; False for process-local stores.
+    shareable: bool = True
+
+    def __init__(self, **policies: Any) -> None:
+        self.policies = Policies(**policies)
+
+    # -- identity ---------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """The string :func:`blobleases.open_storage` takes to open this store again."""
+
+    # -- the seven seed methods ---------------------------------------------
+
+    def store(
+        self,
+        content_id: ContentId,
+        data: Any,
+        lease_id: LeaseId,
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> None:
+        """Store ``data`` as ``content_id`` and hold the lease ``lease_id`` on it.
+
+        Present content is not written again (a dedup hit). Otherwise data that
+        does not hash to ``content_id`` raises IntegrityError and stores nothing.
+        Storing again under a held lease is a no-op. ``ttl`` ends the lease at
+        its expiry; a ``detached`` lease does not depend on its process.
+        """
+        cid = _content_id(content_id)
+        view = as_buffer(data)
+        self._store(cid, view, _lease_id(lease_id), check_ttl(ttl), check_detached(detached), False)
+
+    def lease_by_content(
+        self,
+        content_id: ContentId,
+        lease_id: LeaseId,
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> None:
+        """Hold ``lease_id`` on ``content_id`` if present, else ContentNotFound."""
+        self._lease_by_content(
+            _content_id(content_id), _lease_id(lease_id), check_ttl(ttl), check_detached(detached)
+        )
+
+    def get_data(self, content_id: ContentId, lease_id: LeaseId) -> bytes:
+        """The whole blob. LeaseExpired if the lease is not held; IntegrityError
+        if the stored size is wrong (or, with ``verify_reads``, the hash)."""
+        return self._get_data(_content_id(content_id), _lease_id(lease_id))
+
+    def get_reader(self, content_id: ContentId, lease_id: LeaseId) -> BlobReader:
+        """A reader over the blob that holds it until closed (same errors as get_data)."""
+        return self._get_reader(_content_id(content_id), _lease_id(lease_id))
+
+    def advise_lease_dropped(self, lease_id: LeaseId, content_id: ContentId) -> None:
+        """End the lease; a no-op if it is not held. Unreferenced content is
+        deleted at once unless retention keeps it."""
+        self._advise_lease_dropped(_lease_id(lease_id), _content_id(content_id))
+
+    def advise_of_pid(self, pid: int) -> None:
+        """Record ``pid`` as alive with its start time (a dead pid is a no-op)."""
+        self._advise_of_pid(check_pid(pid))
+
+    def advise_pid_terminated(self, pid: int) -> None:
+        """End every non-detached lease and every reader hold of ``pid`` now."""
+        self._advise_pid_terminated(check_pid(pid))
+
+    # -- extensions -------------------------------------------------------
+
+    def store_bytes(
+        self,
+        data: Any,
+        lease_id: LeaseId,
+        *,
+        algorithm: str = "sha256",
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> ContentId:
+        """Hash ``data`` once, store it and hold ``lease_id``; returns its id."""
+        view = as_buffer(data)
+        lid = _lease_id(lease_id)
+        ttl_s, det = check_ttl(ttl), check_detached(detached)
+        cid = ContentId.for_bytes(view, check_algorithm(algorithm))
+        self._store(cid, view, lid, ttl_s, det, True)
+        return cid
+
+    def store_file(
+        self,
+        source: FileSource,
+        lease_id: LeaseId,
+        algorithm: str = "sha256",
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> ContentId:
+        """Store a file (a path or binary file object) streamed in constant
+        memory, hashed while copying; hold ``lease_id`` and return its id."""
+        cid, _size = self._store_file(
+            _file_source(source),
+            _lease_id(lease_id),
+            check_algorithm(algorithm),
+            check_ttl(ttl),
+            check_detached(detached),
+        )
+        return cid
+
+    def contains(self, content_id: ContentId) -> bool:
+        """Whether the content is present (leased, read or retained)."""
+        return self._contains(_content_id(content_id))
+
+    def stat(self, content_id: ContentId) -> BlobInfo:
+        """Facts about one blob; ContentNotFound if absent."""
+        return self._stat(_content_id(content_id))
+
+    def iter_content(self) -> Iterator[ContentId]:
+        """Every present content id (a snapshot; order unspecified)."""
+        return iter(self._iter_content())
+
+    def iter_leases(self) -> Iterator[LeaseInfo]:
+        """Every held lease (a snapshot; expired leases are not listed)."""
+        return iter(self._iter_leases())
+
+    def collect(self) -> CollectReport:
+        """Reap dead processes' and expired leases, delete unreferenced content
+        beyond retention, and report what was freed."""
+        return self._collect()
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Rehash every blob and report corrupted, missing and orphaned data;
+        with ``repair`` remove it (its leases then get LeaseExpired)."""
+        if not isinstance(repair, bool):
+            raise TypeError(f"repair must be a bool, not {type(repair).__name__}")
+        return self._verify(repair)
+
+    def stats(self) -> StorageStats:
+        """Totals: blobs, bytes, leases, live processes, dedup hits."""
+        return self._stats()
+
+    def close(self) -> None:
+        """Release this handle's resources. Idempotent. Leases held by this
+        process stay in a shared store until dropped or reaped."""
+        self._close()
+
+    def __enter__(self) -> BlobStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # -- what a backend implements --------------------------------------------
+
+    @abc.abstractmethod
+    def _store(
+        self,
+        cid: ContentId,
+        data: memoryview,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        hashed: bool,
+    ) -> None:
+        """Guarantee: if ``(lid, cid)`` is held, do nothing. If ``cid`` is
+        present, count a dedup hit and hold the lease. Otherwise, unless
+        ``hashed`` (the caller just hashed ``data`` itself), check that
+        ``data`` hashes to ``cid`` (IntegrityError, nothing stored); make room
+        under ``max_bytes`` per ``on_full`` (StoreFull leaves everything as it
+        was); make the bytes durable per ``durability``; then hold the lease.
+        Content and lease appear together or not at all."""
+
+    @abc.abstractmethod
+    def _store_file(
+        self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> tuple[ContentId, int]:
+        """Guarantee: as ``_store``, reading ``source`` once in bounded memory
+        and hashing while copying; returns the id and the size in bytes. A
+        path is opened by the backend; a file object is read from its current
+        position to its end and not closed."""
+
+    @abc.abstractmethod
+    def _lease_by_content(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int:
+        """Guarantee: atomically check presence and hold the lease (a no-op if
+        held); a retained blob becomes referenced again; absent content raises
+        ContentNotFound. Returns the blob's size in bytes."""
+
+    @abc.abstractmethod
+    def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
+        """Guarantee: LeaseExpired unless ``(lid, cid)`` is held and unexpired;
+        never partial bytes (IntegrityError on a wrong size), never bytes that
+        fail the hash when ``verify_reads``. Records access for LRU."""
+
+    @abc.abstractmethod
+    def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
+        """Guarantee: as ``_get_data``; the reader is a hold of this process
+        on the content that outlives the lease until the reader is closed."""
+
+    @abc.abstractmethod
+    def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        """Guarantee: ends exactly this lease; a no-op if it is not held;
+        content left with no lease and no reader is deleted or retained."""
+
+    @abc.abstractmethod
+    def _advise_of_pid(self, pid: int) -> None:
+        """Guarantee: a live pid is recorded with its start time, so leases of
+        an earlier process with the same pid are reaped; a dead pid is a no-op."""
+
+    @abc.abstractmethod
+    def _advise_pid_terminated(self, pid: int) -> None:
+        """Guarantee: every non-detached lease whose ``lease_id.pid`` is
+        ``pid`` and every reader hold of ``pid`` ends now; unknown pid no-op."""
+
+    @abc.abstractmethod
+    def _contains(self, cid: ContentId) -> bool:
+        """Guarantee: True exactly when the content is present."""
+
+    @abc.abstractmethod
+    def _stat(self, cid: ContentId) -> BlobInfo:
+        """Guarantee: current facts, or ContentNotFound."""
+
+    @abc.abstractmethod
+    def _iter_content(self) -> list[ContentId]:
+        """Guarantee: a snapshot of present content ids."""
+
+    @abc.abstractmethod
+    def _iter_leases(self) -> list[LeaseInfo]:
+        """Guarantee: a snapshot of held, unexpired leases."""
+
+    @abc.abstractmethod
+    def _collect(self) -> CollectReport:
+        """Guarantee: reaps leases and holds of dead processes and expired
+        leases, deletes unreferenced content beyond retention, removes
+        leftovers of crashed writers; never touches held content."""
+
+    @abc.abstractmethod
+    def _verify(self, repair: bool) -> VerifyReport:
+        """Guarantee: rehashes every blob; reports corrupted, missing and
+        orphaned data; with ``repair`` removes it and the leases on it."""
+
+    @abc.abstractmethod
+    def _stats(self) -> StorageStats:
+        """Guarantee: current totals."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Guarantee: idempotent; afterwards operations raise StorageError."""
