@@ -31,6 +31,7 @@ _COPY_CHUNK = 1 << 20
 @dataclass(slots=True)
 class _Blob:
     data: bytes
+    size: int
     created: float
     last_access: float
     leases: int = 0
@@ -144,7 +145,7 @@ class MemoryStorage(BlobStorage):
             self._by_pid.setdefault(lid.pid, set()).add(key)
         if cid in self._retained:
             del self._retained[cid]
-            self._retained_bytes -= len(blob.data)
+            self._retained_bytes -= blob.size
         self._touch(cid, blob)
 
     def _touch(self, cid: ContentId, blob: _Blob) -> None:
@@ -179,7 +180,7 @@ class MemoryStorage(BlobStorage):
     def _maybe_unreferenced(self, cid: ContentId, blob: _Blob) -> None:
         if blob.leases or blob.readers:
             return
-        size = len(blob.data)
+        size = blob.size
         if size <= self.policies.retain_bytes:
             self._retained[cid] = None
             self._retained_bytes += size
@@ -191,7 +192,7 @@ class MemoryStorage(BlobStorage):
         count = freed = 0
         while self._retained_bytes > budget and self._retained:
             cid = next(iter(self._retained))
-            freed += len(self._blobs[cid].data)
+            freed += self._blobs[cid].size
             self._delete(cid)
             count += 1
         return count, freed
@@ -201,7 +202,7 @@ class MemoryStorage(BlobStorage):
         self._order.pop(cid, None)
         if cid in self._retained:
             del self._retained[cid]
-            self._retained_bytes -= len(blob.data)
+            self._retained_bytes -= blob.size
         for key in [k for k in self._leases if k[1] == cid] if blob.leases else []:
             lease = self._leases.pop(key)
             if not lease.detached:
@@ -210,8 +211,8 @@ class MemoryStorage(BlobStorage):
                     keys.discard(key)
                     if not keys:
                         del self._by_pid[key[0].pid]
-        self._bytes -= len(blob.data)
-        return len(blob.data)
+        self._bytes -= blob.size
+        return blob.size
 
     def _make_room(self, size: int) -> None:
         """Evict per policy so ``size`` more bytes fit, or raise StoreFull
@@ -227,7 +228,7 @@ class MemoryStorage(BlobStorage):
             if need <= 0:
                 break
             victims.append(cid)
-            need -= len(self._blobs[cid].data)
+            need -= self._blobs[cid].size
         if need > 0 and self.policies.on_full == "evict":
             for cid in self._order:
                 if need <= 0:
@@ -236,7 +237,7 @@ class MemoryStorage(BlobStorage):
                 if blob.readers or cid in self._retained:
                     continue
                 victims.append(cid)
-                need -= len(blob.data)
+                need -= blob.size
         if need > 0:
             raise StoreFull(
                 f"storing {size} bytes would exceed max_bytes={limit} "
@@ -254,6 +255,10 @@ class MemoryStorage(BlobStorage):
             raise self._lease_expired(cid, lid)
         blob = self._blobs[cid]
         self._touch(cid, blob)
+        if len(blob.data) != blob.size:
+            raise IntegrityError(
+                f"blob {cid} holds {len(blob.data)} bytes, not its recorded {blob.size}"
+            )
         if self.policies.verify_reads:
             _check_hash(cid, blob.data)
         return blob
@@ -288,7 +293,7 @@ class MemoryStorage(BlobStorage):
                 return
             self._make_room(len(copy))
             now = time.time()
-            self._blobs[cid] = _Blob(copy, now, now)
+            self._blobs[cid] = _Blob(copy, len(copy), now, now)
             self._order[cid] = None
             self._bytes += len(copy)
             self._hold(cid, lid, ttl, detached)
@@ -321,7 +326,7 @@ class MemoryStorage(BlobStorage):
             if blob is None:
                 raise ContentNotFound(cid)
             self._hold(cid, lid, ttl, detached)
-            return len(blob.data)
+            return blob.size
 
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         with self._lock:
@@ -376,7 +381,7 @@ class MemoryStorage(BlobStorage):
             if blob is None:
                 raise ContentNotFound(cid)
             return BlobInfo(
-                cid, len(blob.data), blob.leases, blob.readers, blob.created, blob.last_access
+                cid, blob.size, blob.leases, blob.readers, blob.created, blob.last_access
             )
 
     def _iter_content(self) -> list[ContentId]:
@@ -415,7 +420,7 @@ class MemoryStorage(BlobStorage):
         for cid, blob in items:
             hasher = new_hasher(cid.algorithm)
             hasher.update(blob.data)
-            if hasher.digest() != cid.digest:
+            if len(blob.data) != blob.size or hasher.digest() != cid.digest:
                 report.corrupted.append(cid)
         if repair and report:
             with self._lock:

@@ -16,12 +16,13 @@ from types import TracebackType
 from typing import IO, Any
 
 from .content_id import ContentId, as_buffer, check_algorithm
+from .errors import StorageError
 from .lease_id import LeaseId, check_pid
 from .policies import Policies, check_detached, check_ttl
 from .reader import BlobReader
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 
-__all__ = ["BlobStorage", "FileSource"]
+__all__ = ["BlobStorage", "FileSource", "SourceNotFound"]
 
 FileSource = str | os.PathLike[str] | IO[bytes]
 
@@ -38,8 +39,18 @@ def _lease_id(value: object, name: str = "lease_id") -> LeaseId:
     return value
 
 
+class SourceNotFound(StorageError, FileNotFoundError):
+    """The file given to ``store_file`` does not exist or is not a regular file."""
+
+
 def _file_source(source: object) -> FileSource:
     if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not isinstance(path, str):
+            raise TypeError("source path must be text, not bytes")
+        if not os.path.isfile(path):
+            what = "is not a regular file" if os.path.exists(path) else "does not exist"
+            raise SourceNotFound(f"source {path!r} {what}")
         return source
     if hasattr(source, "read"):
         return source  # type: ignore[return-value]
