@@ -181,7 +181,7 @@ class MemoryStorage(BlobStorage):
         if blob.leases or blob.readers:
             return
         size = blob.size
-        if size <= self.policies.retain_bytes:
+        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
             self._retained[cid] = None
             self._retained_bytes += size
             self._trim_retained(self.policies.retain_bytes)

@@ -9,7 +9,13 @@ import threading
 from .errors import StorageAlreadyInitialized, StorageNotInitialized
 from .storage import BlobStorage
 
-__all__ = ["get_storage", "register_storage", "storage_for_url", "unregister_storage"]
+__all__ = [
+    "close_opened_stores",
+    "get_storage",
+    "register_storage",
+    "storage_for_url",
+    "unregister_storage",
+]
 
 
 class _Registry:
@@ -46,6 +52,18 @@ def unregister_storage() -> BlobStorage | None:
     with _REGISTRY.lock:
         current, _REGISTRY.registered = _REGISTRY.registered, None
         return current
+
+
+def close_opened_stores() -> None:
+    """Close and forget the stores opened for unpickled leases (not the
+    registered one, unless it was opened that way)."""
+    with _REGISTRY.lock:
+        opened = list(_REGISTRY.opened.values())
+        _REGISTRY.opened.clear()
+        if _REGISTRY.registered in opened:
+            _REGISTRY.registered = None
+    for storage in opened:
+        storage.close()
 
 
 def get_storage() -> BlobStorage:

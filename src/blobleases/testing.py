@@ -161,7 +161,7 @@ class BlobStorageTests:
 
     def test_store_dedups_present_content(self, storage: BlobStorage) -> None:
         data = blob(5000, 1)
-        cid, lid1 = self.put(storage, data)
+        cid, _ = self.put(storage, data)
         hits = storage.stats().dedup_hits
         lid2 = LeaseId.new()
         storage.store(cid, data, lid2)
@@ -556,7 +556,7 @@ class BlobStorageTests:
         assert not storage.contains(cid)
 
     def test_detached_ttl_lease_expires(self, storage: BlobStorage) -> None:
-        cid, lid = self.put(storage, blob(100, 31), detached=True, ttl=self.ttl_seconds)
+        cid, _ = self.put(storage, blob(100, 31), detached=True, ttl=self.ttl_seconds)
         time.sleep(self.ttl_seconds + 0.05)
         storage.collect()
         assert not storage.contains(cid)
@@ -875,3 +875,145 @@ class BlobStorageTests:
         assert copy.storage is target and copy.get_data() == blob(2000, 99)
         copy.close()
         assert not target.contains(copy.content_id)
+
+
+# == Property-based: random operation sequences against a model ==========================
+
+
+def storage_state_machine(make_storage: Callable[[], BlobStorage], foreign_pid: int) -> type[Any]:
+    """A hypothesis ``RuleBasedStateMachine`` that drives random store / lease /
+    drop / read / reader open-close / pid terminate sequences on a fresh
+    store from ``make_storage`` and compares every observable with a model.
+
+    ``foreign_pid`` is a live process (not this one) whose pid some leases
+    name, so that ``advise_pid_terminated`` has someone to end. Use it as::
+
+        TestMachine = storage_state_machine(factory, child.pid).TestCase
+    """
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+    payloads = [blob(n, seed) for seed, n in enumerate((0, 1, 100, 4096, 5000, 70_000))]
+    ids = [ContentId.for_bytes(p) for p in payloads]
+    by_id = dict(zip(ids, payloads, strict=True))
+
+    class StorageMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.storage = make_storage()
+            self.leases: dict[tuple[LeaseId, ContentId], bool] = {}  # -> detached
+            self.dropped: list[tuple[LeaseId, ContentId]] = []
+            self.readers: list[tuple[ContentId, Any]] = []
+            self.hits = 0
+
+        def present(self, cid: ContentId) -> bool:
+            return any(k[1] == cid for k in self.leases) or any(c == cid for c, _ in self.readers)
+
+        def teardown(self) -> None:
+            for _, reader in self.readers:
+                reader.close()
+            try:
+                assert not self.storage.verify()
+            finally:
+                self.storage.close()
+
+        @rule(k=st.integers(0, len(ids) - 1), foreign=st.booleans(), detached=st.booleans())
+        def store(self, k: int, foreign: bool, detached: bool) -> None:
+            lid = LeaseId.new(pid=foreign_pid if foreign else None)
+            if self.present(ids[k]):
+                self.hits += 1
+            self.storage.store(ids[k], payloads[k], lid, detached=detached)
+            self.leases[(lid, ids[k])] = detached
+
+        @rule(k=st.integers(0, len(ids) - 1))
+        def store_wrong_bytes(self, k: int) -> None:
+            wrong = payloads[(k + 1) % len(payloads)]
+            lid = LeaseId.new()
+            if self.present(ids[k]):
+                self.hits += 1  # present content is not checked again: a dedup hit
+                self.storage.store(ids[k], wrong, lid)
+                self.leases[(lid, ids[k])] = False
+            else:
+                with pytest.raises(IntegrityError):
+                    self.storage.store(ids[k], wrong, lid)
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(data=st.data())
+        def store_again_under_held_lease(self, data: Any) -> None:
+            lid, cid = data.draw(st.sampled_from(sorted(self.leases, key=str)))
+            self.storage.store(cid, by_id[cid], lid)
+
+        @rule(k=st.integers(0, len(ids) - 1), foreign=st.booleans())
+        def lease_by_content(self, k: int, foreign: bool) -> None:
+            lid = LeaseId.new(pid=foreign_pid if foreign else None)
+            if self.present(ids[k]):
+                self.storage.lease_by_content(ids[k], lid)
+                self.leases[(lid, ids[k])] = False
+            else:
+                with pytest.raises(ContentNotFound):
+                    self.storage.lease_by_content(ids[k], lid)
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(data=st.data())
+        def drop(self, data: Any) -> None:
+            key = data.draw(st.sampled_from(sorted(self.leases, key=str)))
+            self.storage.advise_lease_dropped(*key)
+            del self.leases[key]
+            self.dropped.append(key)
+
+        @precondition(lambda self: bool(self.dropped))
+        @rule(data=st.data())
+        def drop_again_and_read_dropped(self, data: Any) -> None:
+            lid, cid = data.draw(st.sampled_from(self.dropped))
+            if (lid, cid) in self.leases:
+                return
+            self.storage.advise_lease_dropped(lid, cid)
+            with pytest.raises(LeaseExpired):
+                self.storage.get_data(cid, lid)
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(data=st.data())
+        def get_data(self, data: Any) -> None:
+            lid, cid = data.draw(st.sampled_from(sorted(self.leases, key=str)))
+            assert self.storage.get_data(cid, lid) == by_id[cid]
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(data=st.data())
+        def open_reader(self, data: Any) -> None:
+            lid, cid = data.draw(st.sampled_from(sorted(self.leases, key=str)))
+            self.readers.append((cid, self.storage.get_reader(cid, lid)))
+
+        @precondition(lambda self: bool(self.readers))
+        @rule(data=st.data())
+        def close_reader(self, data: Any) -> None:
+            i = data.draw(st.integers(0, len(self.readers) - 1))
+            cid, reader = self.readers.pop(i)
+            assert reader.read() == by_id[cid]
+            reader.close()
+
+        @rule()
+        def terminate_foreign_pid(self) -> None:
+            self.storage.advise_pid_terminated(foreign_pid)
+            for key, detached in list(self.leases.items()):
+                if key[0].pid == foreign_pid and not detached:
+                    del self.leases[key]
+                    self.dropped.append(key)
+
+        @rule()
+        def collect(self) -> None:
+            self.storage.collect()
+
+        @invariant()
+        def matches_model(self) -> None:
+            for cid in ids:
+                assert self.storage.contains(cid) == self.present(cid), cid
+            present = [c for c in ids if self.present(c)]
+            stats = self.storage.stats()
+            assert stats.blobs == len(present)
+            assert stats.bytes == sum(len(by_id[c]) for c in present)
+            assert stats.leases == len(self.leases)
+            assert stats.dedup_hits == self.hits
+            held = {(i.lease_id, i.content_id) for i in self.storage.iter_leases()}
+            assert held == set(self.leases)
+
+    return StorageMachine

@@ -1,0 +1,19 @@
+"""Shared pytest configuration for the blobleases test suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from blobleases import registry
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry() -> Iterator[None]:
+    """Each test starts and ends with no registered storage and no stores
+    opened on behalf of unpickled leases."""
+    registry.unregister_storage()
+    yield
+    registry.unregister_storage()
+    registry.close_opened_stores()
