@@ -45,6 +45,11 @@ class CollectReport:
     files_removed: int = 0
     rows_removed: int = 0
 
+    @property
+    def blobs_freed(self) -> int:
+        """The same as ``blobs_deleted``."""
+        return self.blobs_deleted
+
     def __bool__(self) -> bool:
         return any(
             (
@@ -74,6 +79,11 @@ class VerifyReport:
     missing: list[ContentId] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
     repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong (the report is then falsy)."""
+        return not self
 
     def __bool__(self) -> bool:
         return bool(self.corrupted or self.missing or self.orphaned)
