@@ -1,0 +1,1 @@
+"""blobleases benchmarks: ``python -m benchmarks`` (see :mod:`benchmarks.run`)."""
