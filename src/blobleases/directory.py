@@ -1,0 +1,1426 @@
+"""DirectoryStorage: the embedded default store, shared by many processes.
+
+Layout under the root (mode 0700, files 0600)::
+
+    format                  marker: this directory is a blobleases store
+    index.sqlite3           the SQLite index (WAL), see :mod:`.directory_index`
+    blobs/sha256/ab/<hex>   one file per blob, named by its validated content id
+    tmp/<pid>-<start>-<random>.tmp
+                            blobs being written; the name tells which process
+                            (pid and start time) writes it, so leftovers of
+                            dead writers are recognised and removed
+
+How the pieces stay consistent across processes and crashes:
+
+* every change to the index is one ``BEGIN IMMEDIATE`` transaction;
+* a new blob is written to ``tmp/``, then, inside the transaction that adds
+  its row, renamed into place: file and row appear together;
+* a blob file is unlinked only after the transaction that deleted its row
+  has committed, by a second transaction that checks, under the same write
+  lock, that no newer row names the file (a store that raced the delete has
+  then re-created the row and its file stays);
+* a crash between the two leaves an orphaned file, which ``collect()``
+  removes (again checking under the write lock).
+
+Leases and reader holds record their process's pid and start time; those of
+dead processes (or of an earlier process whose pid was reused) are reaped by
+any process at most every ``reap_interval`` seconds (the last reap time is
+shared through the index) and always by ``collect()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import stat as stat_module
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .content_id import ALGORITHMS, ContentId, new_hasher
+from .directory_index import connect, create_schema
+from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .lease_id import LeaseId
+from .liveness import START_TIME_TOLERANCE, own_start_time, process_start_time
+from .reader import BlobReader
+from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .storage import BlobStorage, FileSource
+
+__all__ = ["DirectoryStorage", "default_root"]
+
+_INDEX = "index.sqlite3"
+_MARKER = "format"
+_MARKER_TEXT = b"blobleases directory store, format 1\n"
+_COPY_CHUNK = 1 << 20
+_MAX_WRITE = 1 << 30
+_ACCESS_FLUSH_SECONDS = 1.0
+_ACCESS_FLUSH_ENTRIES = 512
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_TMP_NAME = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
+_SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHM_BASE = "/dev/shm"
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
+_O_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
+
+# -- SQL used on hot paths ----------------------------------------------------------
+
+_SQL_HELD = (
+    "SELECT c.size FROM leases l JOIN content c ON c.cid = l.cid "
+    "WHERE l.cid = ?1 AND l.lid = ?2 AND (l.expires_at IS NULL OR l.expires_at > ?3)"
+)
+_SQL_INSERT_LEASE = (
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
+    "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content WHERE cid = ?1 "
+    "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
+    "expires_at = excluded.expires_at, detached = excluded.detached "
+    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= ?7"
+)
+_SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
+_SQL_REFERENCED = (
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
+    "AND (expires_at IS NULL OR expires_at > ?2)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)"
+)
+_SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
+
+# Connections inherited through fork: never used and never closed in the
+# child (closing one could disturb the parent's locks), only kept alive.
+_INHERITED: list[sqlite3.Connection] = []
+_INSTANCES: weakref.WeakSet[DirectoryStorage] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_INSTANCES):
+        storage._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def default_root() -> Path:
+    """The store the command line uses when none is named: ``$BLOBLEASES_STORE``
+    if set, else the user cache directory (platformdirs) ``blobleases``."""
+    env = os.environ.get("BLOBLEASES_STORE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("blobleases"))
+
+
+def _error(message: str, exc: BaseException) -> StorageError:
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StorageError(f"{message}: {detail}")
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    total = view.nbytes
+    done = 0
+    while done < total:
+        done += os.write(fd, view[done : done + _MAX_WRITE])
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    if size <= _MAX_WRITE:
+        data = os.read(fd, size)
+        if len(data) == size:
+            return data
+        parts = [data]
+        got = len(data)
+    else:
+        parts, got = [], 0
+    while got < size:
+        chunk = os.read(fd, min(size - got, _MAX_WRITE))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _hash_matches(cid: ContentId, data: Any) -> bool:
+    hasher = new_hasher(cid.algorithm)
+    hasher.update(data)
+    return bool(hasher.digest() == cid.digest)
+
+
+def _start_matches(recorded: float, current: float) -> bool:
+    if not recorded or not current:
+        return True
+    return abs(recorded - current) <= START_TIME_TOLERANCE
+
+
+def _remove_tree(root: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_dir_stat(st: os.stat_result, path: str) -> None:
+    if not stat_module.S_ISDIR(st.st_mode):
+        raise StorageError(f"store root {path!r} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StorageError(
+            f"refusing store root {path!r}: it is owned by uid {st.st_uid}, not by this "
+            f"user (uid {os.geteuid()})"
+        )
+    if st.st_mode & 0o022:
+        raise StorageError(
+            f"refusing store root {path!r}: it is writable by group or others "
+            f"(mode {stat_module.S_IMODE(st.st_mode):o}); chmod 700 it"
+        )
+
+
+class _MmapSource:
+    """A reader source over a read-only mmap of a blob file (or nothing, for
+    an empty blob: empty files cannot be mapped)."""
+
+    def __init__(self, mapped: mmap.mmap | None) -> None:
+        self._mmap = mapped
+        self._view: memoryview | None = (
+            memoryview(mapped).toreadonly() if mapped is not None else memoryview(b"")
+        )
+
+    def buffer(self) -> memoryview | None:
+        return self._view
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        view = self._view
+        if view is None:
+            raise ValueError("I/O operation on closed blob reader")
+        return bytes(view[offset : offset + length])
+
+    def close(self) -> None:
+        mapped, self._mmap = self._mmap, None
+        self._view = None
+        if mapped is not None:
+            # A view the user still holds (getbuffer) keeps the mapping alive;
+            # it is unmapped when that view is garbage-collected.
+            with contextlib.suppress(BufferError):
+                mapped.close()
+
+
+@dataclass(slots=True)
+class _Tx:
+    """One write transaction: its connection, its clock, and what it deleted."""
+
+    db: sqlite3.Connection
+    now: float
+    doomed: list[str] = field(default_factory=list)
+    deleted: int = 0
+    freed: int = 0
+
+
+class DirectoryStorage(BlobStorage):
+    """Blobs as files under ``path`` with an SQLite index, shared by every
+    process that opens the same path (``open_storage(storage.url)``).
+
+    Takes every policy keyword of :class:`~blobleases.policies.Policies`.
+    Creates ``path`` (mode 0700) if needed; refuses (StorageError saying why)
+    a path that is a file, is owned by another user, is writable by group or
+    others, is not writable, or whose index was deleted (see
+    :meth:`rebuild_index`). Crash safe (a process killed at any point leaves
+    nothing that ``verify()`` reports after the next ``collect()``) and fork
+    safe (a forked child opens its own index connection on first use).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **policies: Any) -> None:
+        super().__init__(**policies)
+        self._setup(path, rebuild=False)
+
+    # -- construction ------------------------------------------------------------
+
+    def _setup(self, path: object, *, rebuild: bool) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        raw = os.fspath(path)
+        if not isinstance(raw, str):
+            raise TypeError("path must be text, not bytes")
+        if not raw:
+            raise ValueError("path must not be empty")
+        self._root = os.path.abspath(os.path.expanduser(raw))
+        self._url = "file://" + quote(self._root, safe="/")
+        self._index_path = os.path.join(self._root, _INDEX)
+        self._safe = self.policies.durability == "safe"
+        self._lock = threading.RLock()
+        self._closed = False
+        self._temporary = False
+        self._owner_pid = os.getpid()
+        self._db: sqlite3.Connection | None = None
+        self._db_pid = 0
+        self._mypid = 0
+        self._mystart = 0.0
+        self._proc_recorded = False
+        self._access: dict[str, float] = {}
+        self._access_flush_at = 0.0
+        self._next_reap = 0.0
+        self._root_fd = -1
+        self._tmp_fd = -1
+        self._blobs_fd = -1
+        self._alg_fds: dict[str, int] = {}
+        self._shard_fds: dict[tuple[str, str], int] = {}
+        self._finalizer: weakref.finalize[Any, DirectoryStorage] | None = None
+        try:
+            self._open_root()
+            self._open_index(rebuild=rebuild)
+        except BaseException:
+            self._close_fds()
+            raise
+        _INSTANCES.add(self)
+
+    def _open_root(self) -> None:
+        root = self._root
+        try:
+            try:
+                st = os.stat(root)
+            except FileNotFoundError:
+                os.makedirs(root, mode=0o700, exist_ok=True)
+                st = os.stat(root)
+                if stat_module.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
+                    os.chmod(root, 0o700)
+                    st = os.stat(root)
+        except OSError as exc:
+            raise _error(f"cannot create or open store root {root!r}", exc) from exc
+        _check_dir_stat(st, root)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"store root {root!r} is not writable (read-only filesystem or permissions)"
+            )
+        try:
+            self._root_fd = os.open(root, _O_DIR)
+        except OSError as exc:
+            raise _error(f"cannot open store root {root!r}", exc) from exc
+        self._blobs_fd = self._subdir(self._root_fd, "blobs", "blobs", create=True)
+        self._tmp_fd = self._subdir(self._root_fd, "tmp", "tmp", create=True)
+
+    def _subdir(self, parent: int, name: str, shown: str, *, create: bool) -> int:
+        """Open (creating if asked) directory ``name`` under ``parent``
+        without following a symlink; StorageError if it is not ours."""
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _error(f"cannot create {os.path.join(self._root, shown)!r}", exc) from exc
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StorageError(
+                    f"refusing {os.path.join(self._root, shown)!r}: it is a symlink or not "
+                    "a directory"
+                ) from exc
+            raise
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            os.close(fd)
+            raise StorageError(
+                f"refusing {os.path.join(self._root, shown)!r}: owned by another user or "
+                "writable by group or others"
+            )
+        return fd
+
+    def _open_index(self, *, rebuild: bool) -> None:
+        try:
+            marker = self._lstat(self._root_fd, _MARKER)
+            index = self._lstat(self._root_fd, _INDEX)
+            if index is not None and not stat_module.S_ISREG(index.st_mode):
+                raise StorageError(
+                    f"refusing the index {self._index_path!r}: it is not a regular file "
+                    "(a symlink?)"
+                )
+            if index is None and marker is not None and not rebuild:
+                raise StorageError(
+                    f"the index {self._index_path!r} is missing although {self._root!r} holds "
+                    "a blobleases store (was it deleted?); refusing to open it, since every "
+                    "lease it recorded would be lost silently. To rebuild the index from "
+                    "the blob files (as unreferenced content), call "
+                    "DirectoryStorage.rebuild_index(path); or remove the directory."
+                )
+            if index is None:
+                if rebuild:
+                    for stale in (_INDEX + "-wal", _INDEX + "-shm", _INDEX + "-journal"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(stale, dir_fd=self._root_fd)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
+            db = connect(self._index_path, safe=self._safe)
+            try:
+                create_schema(db)
+            except BaseException:
+                db.close()
+                raise
+            if marker is None:
+                try:
+                    fd = os.open(_MARKER, _O_TMP, 0o600, dir_fd=self._root_fd)
+                except FileExistsError:
+                    pass
+                else:
+                    with contextlib.closing(os.fdopen(fd, "wb")) as f:
+                        f.write(_MARKER_TEXT)
+        except sqlite3.Error as exc:
+            raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
+        except OSError as exc:
+            raise _error(f"cannot open the index in {self._root!r}", exc) from exc
+        self._db = db
+        self._db_pid = os.getpid()
+        self._mypid = self._db_pid
+
+    @staticmethod
+    def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    @classmethod
+    def temporary(cls, **policies: Any) -> DirectoryStorage:
+        """A store in a new private temporary directory, removed (with every
+        blob) on ``close()``, garbage collection or interpreter exit of the
+        creating process. Its ``url`` opens it from other processes while it
+        exists."""
+        root = tempfile.mkdtemp(prefix="blobleases-")
+        try:
+            storage = cls(root, **policies)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        storage._temporary = True
+        storage._finalizer = weakref.finalize(storage, _remove_tree, root, os.getpid())
+        return storage
+
+    @classmethod
+    def shared_memory(cls, name: str, **policies: Any) -> DirectoryStorage:
+        """The store ``name`` on tmpfs (``/dev/shm/blobleases-<uid>/<name>``):
+        RAM-backed, shared by every process of this user, gone at reboot.
+        Its url is ``shm://<name>``."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if not _SHM_NAME.fullmatch(name):
+            raise ValueError(
+                f"name {name!r} must be letters, digits, '.', '_' and '-' (at most 128)"
+            )
+        if not os.path.isdir(_SHM_BASE):
+            raise StorageError(f"shared memory stores need {_SHM_BASE} (a tmpfs), not found")
+        base = os.path.join(_SHM_BASE, f"blobleases-{os.geteuid()}")
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _error(f"cannot create {base!r}", exc) from exc
+        try:
+            st = os.stat(base, follow_symlinks=False)
+        except OSError as exc:
+            raise _error(f"cannot open {base!r}", exc) from exc
+        if stat_module.S_ISLNK(st.st_mode):
+            raise StorageError(f"refusing {base!r}: it is a symlink")
+        _check_dir_stat(st, base)
+        storage = cls(os.path.join(base, name), **policies)
+        storage._url = f"shm://{name}"
+        return storage
+
+    @classmethod
+    def rebuild_index(cls, path: str | os.PathLike[str], **policies: Any) -> DirectoryStorage:
+        """Rebuild a deleted index from the blob files and open the store.
+
+        Only while no other process uses the store. Every blob file is
+        rehashed; those that match their name are indexed as unreferenced
+        content (leases are not recoverable: lease what you need before the
+        next ``collect()``, which keeps only ``retain_bytes`` of it); the
+        others are removed."""
+        storage = cls.__new__(cls)
+        BlobStorage.__init__(storage, **policies)
+        storage._setup(path, rebuild=True)
+        candidates = storage._scan_blob_files()
+        with storage._write(maintain=False) as tx:
+            seq = 0
+            for alg, shard, name in candidates:
+                if not _HEX64.fullmatch(name) or name[:2] != shard:
+                    continue
+                cid = ContentId(alg, bytes.fromhex(name))
+                key = str(cid)
+                if tx.db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
+                    continue
+                size = storage._check_file(cid, None)
+                if size is None:
+                    continue
+                seq += 1
+                tx.db.execute(
+                    "INSERT INTO content(cid, size, created, last_access, retained) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key, size, tx.now, tx.now, seq),
+                )
+        storage._remove_orphans(repair=True)
+        return storage
+
+    # -- identity ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def root(self) -> Path:
+        """The store's root directory."""
+        return Path(self._root)
+
+    def blob_path(self, content_id: ContentId) -> Path:
+        """Where the bytes of ``content_id`` live (whether or not present)."""
+        if not isinstance(content_id, ContentId):
+            raise TypeError(f"content_id must be a ContentId, not {type(content_id).__name__}")
+        hexid = content_id.hex
+        return Path(self._root, "blobs", content_id.algorithm, hexid[:2], hexid)
+
+    # -- connection, fork, transactions --------------------------------------------------
+
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
+        if self._db is not None:
+            _INHERITED.append(self._db)
+            self._db = None
+        self._access = {}
+
+    def _conn(self) -> sqlite3.Connection:
+        """This process's connection (call with the lock held)."""
+        if self._closed:
+            raise StorageError(f"the storage {self._url} is closed")
+        pid = os.getpid()
+        db = self._db
+        if db is not None and self._db_pid == pid:
+            return db
+        if db is not None:
+            _INHERITED.append(db)
+            self._db = None
+        try:
+            db = connect(self._index_path, safe=self._safe)
+        except sqlite3.Error as exc:
+            raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
+        self._db, self._db_pid, self._mypid = db, pid, pid
+        self._mystart = own_start_time()
+        self._proc_recorded = False
+        self._access = {}
+        return db
+
+    def _op(self) -> sqlite3.Connection:
+        """Start an operation (lock held): the connection, after an automatic
+        reap if one is due."""
+        db = self._conn()
+        if time.time() >= self._next_reap:
+            self._auto_reap()
+        return db
+
+    @contextlib.contextmanager
+    def _write(self, *, maintain: bool = True) -> Iterator[_Tx]:
+        """A ``BEGIN IMMEDIATE`` transaction; ends expired leases first. Blob
+        files of content deleted in it are unlinked after it commits."""
+        with self._lock:
+            db = self._op() if maintain else self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _error(f"cannot lock the index {self._index_path!r}", exc) from exc
+            tx = _Tx(db, time.time())
+            flushed: list[tuple[float, str]] = []
+            try:
+                if self._access:
+                    flushed = self._flush_access(db)
+                if db.execute(_SQL_EXPIRED, (tx.now,)).fetchone() is not None:
+                    self._expire(tx)
+                yield tx
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                for t, k in flushed:  # rolled back: record them again
+                    self._access[k] = max(t, self._access.get(k, t))
+                if isinstance(exc, sqlite3.Error):
+                    raise _error(f"index operation failed in {self._root!r}", exc) from exc
+                if isinstance(exc, OSError):
+                    raise _error(f"file operation failed in {self._root!r}", exc) from exc
+                raise
+            if tx.doomed:
+                self._unlink_unreferenced(db, tx.doomed)
+
+    def _unlink_unreferenced(self, db: sqlite3.Connection, keys: list[str]) -> None:
+        """Unlink the files of ``keys`` that no row names, under the write lock
+        (so a store that re-created one meanwhile keeps its file). A failure
+        leaves orphans, which collect() removes."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return
+        try:
+            for key in dict.fromkeys(keys):
+                if db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
+                    continue
+                cid = ContentId.parse(key)
+                fd = self._shard_fd(cid, create=False)
+                if fd is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(cid.hex, dir_fd=fd)
+        except (OSError, sqlite3.Error):
+            pass
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("COMMIT")
+
+    def _flush_access(self, db: sqlite3.Connection) -> list[tuple[float, str]]:
+        items = [(t, k) for k, t in self._access.items()]
+        self._access.clear()
+        self._access_flush_at = time.monotonic() + _ACCESS_FLUSH_SECONDS
+        db.executemany("UPDATE content SET last_access = max(last_access, ?) WHERE cid = ?", items)
+        return items
+
+    def _touch(self, key: str, now: float) -> None:
+        """Record an access for LRU, written to the index in batches."""
+        self._access[key] = now
+        if len(self._access) >= _ACCESS_FLUSH_ENTRIES or time.monotonic() >= self._access_flush_at:
+            with self._write(maintain=False):
+                pass
+
+    # -- directories and files --------------------------------------------------------
+
+    def _shard_fd(self, cid: ContentId, *, create: bool) -> int | None:
+        """The directory fd holding ``cid``'s file; None if it does not exist
+        (and ``create`` is false). Never follows a symlink."""
+        hexid = cid.hex
+        key = (cid.algorithm, hexid[:2])
+        fd = self._shard_fds.get(key)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._shard_fds.get(key)
+            if fd is not None:
+                return fd
+            alg_fd = self._alg_fds.get(cid.algorithm)
+            try:
+                if alg_fd is None:
+                    if not create and self._lstat(self._blobs_fd, cid.algorithm) is None:
+                        return None
+                    alg_fd = self._subdir(
+                        self._blobs_fd, cid.algorithm, f"blobs/{cid.algorithm}", create=True
+                    )
+                    self._alg_fds[cid.algorithm] = alg_fd
+                if not create and self._lstat(alg_fd, hexid[:2]) is None:
+                    return None
+                fd = self._subdir(
+                    alg_fd, hexid[:2], f"blobs/{cid.algorithm}/{hexid[:2]}", create=True
+                )
+            except OSError as exc:
+                raise _error(f"cannot open the blob directory of {cid}", exc) from exc
+            self._shard_fds[key] = fd
+            return fd
+
+    def _temp_name(self) -> str:
+        start = round((self._mystart or own_start_time()) * 1_000_000)
+        return f"{os.getpid()}-{start}-{secrets.token_hex(8)}.tmp"
+
+    def _open_temp(self) -> tuple[str, int]:
+        name = self._temp_name()
+        try:
+            return name, os.open(name, _O_TMP, 0o600, dir_fd=self._tmp_fd)
+        except OSError as exc:
+            raise _error(f"cannot create a temporary file in {self._root!r}/tmp", exc) from exc
+
+    def _discard_temp(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=self._tmp_fd)
+
+    def _write_temp(self, data: memoryview) -> str:
+        name, fd = self._open_temp()
+        try:
+            _write_all(fd, data)
+            if self._safe:
+                os.fsync(fd)
+        except BaseException as exc:
+            os.close(fd)
+            self._discard_temp(name)
+            if isinstance(exc, OSError):
+                raise _error(f"cannot write a blob in {self._root!r}", exc) from exc
+            raise
+        os.close(fd)
+        return name
+
+    def _open_blob(self, cid: ContentId, lid: LeaseId | None, size: int) -> int:
+        """An open fd on ``cid``'s file, checked to be a regular file of
+        ``size`` bytes. Missing file: LeaseExpired if the lease went
+        meanwhile, else IntegrityError; a symlink or wrong size: IntegrityError."""
+        try:
+            shard = self._shard_fd(cid, create=False)
+            if shard is None:
+                raise FileNotFoundError(errno.ENOENT, "no such blob directory")
+            fd = os.open(cid.hex, _O_READ, dir_fd=shard)
+        except FileNotFoundError as exc:
+            if lid is not None and not self._is_held(cid, lid):
+                raise self._lease_expired(cid, lid) from None
+            raise IntegrityError(f"the file of blob {cid} is missing") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError(
+                    f"the file of blob {cid} is a symlink: refusing to follow it"
+                ) from exc
+            raise _error(f"cannot open the file of blob {cid}", exc) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode):
+                raise IntegrityError(f"the file of blob {cid} is not a regular file")
+            if st.st_size != size:
+                raise IntegrityError(
+                    f"the file of blob {cid} holds {st.st_size} bytes, not its {size}"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_file(self, cid: ContentId, size: int | None) -> int | None:
+        """Rehash ``cid``'s file: its size if it is intact (and of ``size``
+        when given), else None. FileNotFoundError if it is missing."""
+        shard = self._shard_fd(cid, create=False)
+        if shard is None:
+            raise FileNotFoundError(errno.ENOENT, "no such blob directory")
+        try:
+            fd = os.open(cid.hex, _O_READ, dir_fd=shard)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return None  # a symlink, or unreadable: not intact
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode):
+                return None
+            if size is not None and st.st_size != size:
+                return None
+            hasher = new_hasher(cid.algorithm)
+            buf = bytearray(_COPY_CHUNK)
+            view = memoryview(buf)
+            total = 0
+            while True:
+                n = os.readv(fd, [view])
+                if not n:
+                    break
+                hasher.update(view[:n])
+                total += n
+            if hasher.digest() != cid.digest or total != st.st_size:
+                return None
+            return total
+        finally:
+            os.close(fd)
+
+    # -- index helpers (inside a write transaction) -------------------------------------
+
+    def _start_of(self, db: sqlite3.Connection, pid: int, now: float) -> float:
+        """The start time to record for leases of ``pid``."""
+        if pid == self._mypid:
+            if not self._proc_recorded:
+                db.execute(
+                    "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
+                    (pid, self._mystart, now),
+                )
+                self._proc_recorded = True
+            return self._mystart
+        row = db.execute("SELECT start FROM processes WHERE pid = ?", (pid,)).fetchone()
+        if row is not None:
+            return float(row[0])
+        start = process_start_time(pid)
+        if start is None:
+            return 0.0  # dead already: the next reap ends its leases
+        db.execute(
+            "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
+            (pid, start, now),
+        )
+        return start
+
+    def _hold(
+        self, tx: _Tx, key: str, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> tuple[int | None, bool]:
+        """Hold ``(lid, key)``: (the size or None if absent, whether it is new)."""
+        db = tx.db
+        start = 0.0 if detached else self._start_of(db, lid.pid, tx.now)
+        expires = None if ttl is None else tx.now + ttl
+        cur = db.execute(
+            _SQL_INSERT_LEASE,
+            (key, str(lid), lid.pid, start, expires, int(detached), tx.now),
+        )
+        row = db.execute(_SQL_CONTENT, (key,)).fetchone()
+        if row is None:
+            return None, False
+        if cur.rowcount <= 0:
+            return int(row[0]), False
+        if row[1] is not None:
+            db.execute("UPDATE content SET retained = NULL WHERE cid = ?", (key,))
+        self._access[key] = tx.now
+        return int(row[0]), True
+
+    def _count_dedup(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
+
+    def _settle(self, tx: _Tx, key: str) -> None:
+        """Content left with no lease and no reader is retained or deleted."""
+        db = tx.db
+        if db.execute(_SQL_REFERENCED, (key, tx.now)).fetchone()[0]:
+            return
+        row = db.execute(_SQL_CONTENT, (key,)).fetchone()
+        if row is None or row[1] is not None:
+            return
+        db.execute("DELETE FROM leases WHERE cid = ?", (key,))
+        size, retain = int(row[0]), self.policies.retain_bytes
+        if retain > 0 and size <= retain:
+            seq = db.execute(
+                "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
+            ).fetchone()[0]
+            db.execute("UPDATE content SET retained = ? WHERE cid = ?", (seq, key))
+            self._trim_retained(tx, retain)
+        else:
+            self._delete(tx, key)
+
+    def _delete(self, tx: _Tx, key: str) -> int:
+        """Delete content ``key`` with its leases and holds; its file is
+        unlinked after the transaction commits."""
+        db = tx.db
+        rows = db.execute("DELETE FROM content WHERE cid = ? RETURNING size", (key,)).fetchall()
+        db.execute("DELETE FROM leases WHERE cid = ?", (key,))
+        db.execute("DELETE FROM holds WHERE cid = ?", (key,))
+        tx.doomed.append(key)
+        if not rows:
+            return 0
+        size = int(rows[0][0])
+        tx.deleted += 1
+        tx.freed += size
+        return size
+
+    def _trim_retained(self, tx: _Tx, budget: int) -> None:
+        db = tx.db
+        total = db.execute(
+            "SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL"
+        ).fetchone()[0]
+        if total <= budget:
+            return
+        rows = db.execute(
+            "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
+        ).fetchall()
+        for key, size in rows:
+            if total <= budget:
+                break
+            self._delete(tx, key)
+            total -= size
+
+    def _make_room(self, tx: _Tx, size: int) -> None:
+        """Evict per policy so ``size`` more bytes fit, or raise StoreFull
+        having changed nothing."""
+        limit = self.policies.max_bytes
+        if limit is None:
+            return
+        db = tx.db
+        total = db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0]
+        if total + size <= limit:
+            return
+        if size > limit:
+            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
+        need = total + size - limit
+        victims: list[str] = []
+        for key, vsize in db.execute(
+            "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
+        ).fetchall():
+            if need <= 0:
+                break
+            victims.append(key)
+            need -= vsize
+        if need > 0 and self.policies.on_full == "evict":
+            for key, vsize in db.execute(
+                "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
+            ).fetchall():
+                if need <= 0:
+                    break
+                victims.append(key)
+                need -= vsize
+        if need > 0:
+            raise StoreFull(
+                f"storing {size} bytes would exceed max_bytes={limit} "
+                f"({total} bytes held; on_full={self.policies.on_full!r})"
+            )
+        for key in victims:
+            self._delete(tx, key)
+
+    def _end_leases(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
+        """Delete the leases matching ``where`` and settle their content."""
+        db = tx.db
+        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM leases WHERE {where}", args)]
+        if not keys:
+            return 0
+        count = db.execute(f"DELETE FROM leases WHERE {where}", args).rowcount
+        for key in keys:
+            self._settle(tx, key)
+        return int(count)
+
+    def _end_holds(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
+        db = tx.db
+        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM holds WHERE {where}", args)]
+        if not keys:
+            return 0
+        count = db.execute(f"DELETE FROM holds WHERE {where}", args).rowcount
+        for key in keys:
+            self._settle(tx, key)
+        return int(count)
+
+    def _expire(self, tx: _Tx) -> int:
+        return self._end_leases(tx, "expires_at IS NOT NULL AND expires_at <= ?", (tx.now,))
+
+    def _reap(self, tx: _Tx) -> tuple[int, int, int]:
+        """End leases and holds of dead processes (or of earlier processes
+        whose pid was reused) and expired leases: (leases, holds, processes)."""
+        db = tx.db
+        pairs = db.execute(
+            "SELECT DISTINCT pid, start FROM leases WHERE detached = 0 "
+            "UNION SELECT DISTINCT pid, start FROM holds"
+        ).fetchall()
+        starts: dict[int, float | None] = {}
+        dead_pids: set[int] = set()
+        leases = holds = 0
+        for pid, start in pairs:
+            if pid == self._mypid and _start_matches(start, self._mystart):
+                continue
+            if pid not in starts:
+                starts[pid] = process_start_time(pid)
+            current = starts[pid]
+            if current is not None and _start_matches(start, current):
+                continue
+            dead_pids.add(pid)
+            where = "pid = ? AND start = ?"
+            leases += self._end_leases(tx, where + " AND detached = 0", (pid, start))
+            holds += self._end_holds(tx, where, (pid, start))
+        for pid, start in db.execute("SELECT pid, start FROM processes").fetchall():
+            if pid not in starts:
+                starts[pid] = process_start_time(pid)
+            current = starts[pid]
+            if current is None or not _start_matches(start, current):
+                db.execute("DELETE FROM processes WHERE pid = ? AND start = ?", (pid, start))
+        leases += self._expire(tx)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
+        self._next_reap = tx.now + self.policies.reap_interval
+        return leases, holds, len(dead_pids)
+
+    def _auto_reap(self) -> None:
+        """Reap if no process has in the last ``reap_interval`` seconds."""
+        with self._write(maintain=False) as tx:
+            last = tx.db.execute("SELECT value FROM meta WHERE key = 'last_reap'").fetchone()
+            last_reap = float(last[0]) if last else 0.0
+            interval = self.policies.reap_interval
+            if tx.now - last_reap >= interval or last_reap > tx.now + 1.0:
+                self._reap(tx)
+            else:
+                self._next_reap = last_reap + interval
+
+    def _is_held(self, cid: ContentId, lid: LeaseId) -> bool:
+        with self._lock:
+            db = self._conn()
+            return db.execute(_SQL_HELD, (str(cid), str(lid), time.time())).fetchone() is not None
+
+    @staticmethod
+    def _lease_expired(cid: ContentId, lid: LeaseId) -> LeaseExpired:
+        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
+
+    def _read_op(self) -> sqlite3.Connection:
+        """Start a read-only operation (lock held): reap if due, end expired
+        leases if any, flush recorded accesses."""
+        db = self._op()
+        if self._access or db.execute(_SQL_EXPIRED, (time.time(),)).fetchone() is not None:
+            with self._write(maintain=False):
+                pass
+        return db
+
+    # -- the backend methods -------------------------------------------------------------
+
+    def _store(
+        self,
+        cid: ContentId,
+        data: memoryview,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        hashed: bool,
+    ) -> None:
+        key = str(cid)
+        with self._lock:
+            db = self._op()
+            now = time.time()
+            if db.execute(_SQL_HELD, (key, str(lid), now)).fetchone() is not None:
+                return
+            present = db.execute(_SQL_CONTENT, (key,)).fetchone() is not None
+        if present:
+            with self._write() as tx:
+                size, new = self._hold(tx, key, lid, ttl, detached)
+                if new:
+                    self._count_dedup(tx.db)
+            if size is not None:
+                return
+        if not hashed and not _hash_matches(cid, data):
+            raise IntegrityError(f"data does not hash to {cid}")
+        name = self._write_temp(data)
+        self._place(cid, key, name, data.nbytes, lid, ttl, detached)
+
+    def _place(
+        self,
+        cid: ContentId,
+        key: str,
+        name: str,
+        size: int,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+    ) -> None:
+        """Move the complete, verified temporary file ``name`` into place as
+        ``cid`` with its row and lease in one transaction (or count a dedup
+        hit if the content appeared meanwhile). Removes the temporary file."""
+        placed = False
+        try:
+            with self._write() as tx:
+                have, new = self._hold(tx, key, lid, ttl, detached)
+                if have is not None:
+                    if new:
+                        self._count_dedup(tx.db)
+                else:
+                    self._make_room(tx, size)
+                    shard = self._shard_fd(cid, create=True)
+                    os.replace(name, cid.hex, src_dir_fd=self._tmp_fd, dst_dir_fd=shard)
+                    placed = True
+                    if self._safe:
+                        os.fsync(shard)  # type: ignore[arg-type]
+                    tx.db.execute(
+                        "INSERT INTO content(cid, size, created, last_access, retained) "
+                        "VALUES (?, ?, ?, ?, NULL)",
+                        (key, size, tx.now, tx.now),
+                    )
+                    self._hold(tx, key, lid, ttl, detached)
+        except BaseException:
+            if placed:
+                self._discard_placed(cid, key)
+            raise
+        finally:
+            if not placed:
+                self._discard_temp(name)
+
+    def _discard_placed(self, cid: ContentId, key: str) -> None:
+        """Undo a rename whose transaction failed: unlink the file unless a
+        row (of another store) names it."""
+        with self._lock:
+            if self._db is not None and self._db_pid == os.getpid():
+                self._unlink_unreferenced(self._db, [key])
+
+    def _store_file(
+        self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> tuple[ContentId, int]:
+        hasher = new_hasher(algorithm)
+        with self._lock:
+            self._op()
+        name, fd = self._open_temp()
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                try:
+                    f = open(source, "rb")  # noqa: SIM115 - closed below
+                except OSError as exc:
+                    raise _error(f"cannot read {os.fspath(source)!r}", exc) from exc
+                with f:
+                    size = self._copy(f, hasher, fd)
+            else:
+                size = self._copy(source, hasher, fd)
+            if self._safe:
+                os.fsync(fd)
+        except BaseException as exc:
+            os.close(fd)
+            self._discard_temp(name)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise _error(f"cannot write a blob in {self._root!r}", exc) from exc
+            raise
+        os.close(fd)
+        cid = ContentId(algorithm, hasher.digest())
+        self._place(cid, str(cid), name, size, lid, ttl, detached)
+        return cid, size
+
+    def _copy(self, f: Any, hasher: Any, fd: int) -> int:
+        readinto = getattr(f, "readinto", None)
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        total = 0
+        while True:
+            try:
+                if readinto is not None:
+                    n = readinto(view)
+                    chunk = view[: n or 0]
+                else:
+                    raw = f.read(_COPY_CHUNK)
+                    if isinstance(raw, str):
+                        raise TypeError("source must be a binary file (its read() returned text)")
+                    chunk = memoryview(raw)
+            except OSError as exc:
+                raise _error("cannot read the source file", exc) from exc
+            if not chunk:
+                return total
+            hasher.update(chunk)
+            _write_all(fd, chunk)
+            total += chunk.nbytes
+
+    def _lease_by_content(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int:
+        with self._write() as tx:
+            size, _new = self._hold(tx, str(cid), lid, ttl, detached)
+        if size is None:
+            raise ContentNotFound(cid)
+        return size
+
+    def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
+        key = str(cid)
+        with self._lock:
+            db = self._op()
+            now = time.time()
+            row = db.execute(_SQL_HELD, (key, str(lid), now)).fetchone()
+            if row is None:
+                raise self._lease_expired(cid, lid)
+            self._touch(key, now)
+        size = int(row[0])
+        fd = self._open_blob(cid, lid, size)
+        try:
+            data = _read_exact(fd, size) if size else b""
+        except OSError as exc:
+            raise _error(f"cannot read the file of blob {cid}", exc) from exc
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise IntegrityError(f"the file of blob {cid} is shorter than its {size} bytes")
+        if self.policies.verify_reads and not _hash_matches(cid, data):
+            raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
+        return data
+
+    def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
+        key = str(cid)
+        with self._write() as tx:
+            row = tx.db.execute(_SQL_HELD, (key, str(lid), tx.now)).fetchone()
+            if row is None:
+                raise self._lease_expired(cid, lid)
+            start = self._start_of(tx.db, self._mypid, tx.now)
+            hold = tx.db.execute(
+                "INSERT INTO holds(cid, pid, start) VALUES (?, ?, ?)",
+                (key, self._mypid, start),
+            ).lastrowid
+            self._access[key] = tx.now
+        size = int(row[0])
+        assert hold is not None
+        try:
+            source = self._map(cid, lid, size)
+        except BaseException:
+            self._release_hold(hold, key)
+            raise
+
+        def release() -> None:
+            self._release_hold(hold, key)
+
+        return BlobReader(source, size, release)
+
+    def _map(self, cid: ContentId, lid: LeaseId, size: int) -> _MmapSource:
+        fd = self._open_blob(cid, lid, size)
+        try:
+            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        except OSError as exc:
+            raise _error(f"cannot map the file of blob {cid}", exc) from exc
+        finally:
+            os.close(fd)
+        source = _MmapSource(mapped)
+        if self.policies.verify_reads and not _hash_matches(cid, source.buffer()):
+            source.close()
+            raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
+        return source
+
+    def _release_hold(self, hold: int, key: str) -> None:
+        with self._lock:
+            if self._closed or self._db_pid != os.getpid():
+                return  # a closed store's holds end when the process is reaped
+            with self._write() as tx:
+                if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
+                    self._settle(tx, key)
+
+    def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        key = str(cid)
+        with self._write() as tx:
+            if tx.db.execute(
+                "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))
+            ).rowcount:
+                self._settle(tx, key)
+
+    def _advise_of_pid(self, pid: int) -> None:
+        with self._lock:
+            self._op()
+        start = process_start_time(pid)
+        if start is None:
+            return
+        with self._write() as tx:
+            if start:
+                stale = "pid = ? AND start != 0 AND abs(start - ?) > ?"
+                args = (pid, start, START_TIME_TOLERANCE)
+                self._end_leases(tx, stale + " AND detached = 0", args)
+                self._end_holds(tx, stale, args)
+            tx.db.execute(
+                "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
+                (pid, start, tx.now),
+            )
+
+    def _advise_pid_terminated(self, pid: int) -> None:
+        with self._write() as tx:
+            self._end_leases(tx, "pid = ? AND detached = 0", (pid,))
+            self._end_holds(tx, "pid = ?", (pid,))
+            tx.db.execute("DELETE FROM processes WHERE pid = ?", (pid,))
+            if pid == self._mypid:
+                self._proc_recorded = False
+
+    def _contains(self, cid: ContentId) -> bool:
+        with self._lock:
+            db = self._read_op()
+            return db.execute(_SQL_CONTENT, (str(cid),)).fetchone() is not None
+
+    def _stat(self, cid: ContentId) -> BlobInfo:
+        key = str(cid)
+        with self._lock:
+            db = self._read_op()
+            now = time.time()
+            row = db.execute(
+                "SELECT size, created, last_access, "
+                "(SELECT count(*) FROM leases WHERE cid = ?1 "
+                "AND (expires_at IS NULL OR expires_at > ?2)), "
+                "(SELECT count(*) FROM holds WHERE cid = ?1) "
+                "FROM content WHERE cid = ?1",
+                (key, now),
+            ).fetchone()
+        if row is None:
+            raise ContentNotFound(cid)
+        size, created, last_access, leases, holds = row
+        return BlobInfo(cid, int(size), int(leases), int(holds), created, last_access)
+
+    def _iter_content(self) -> list[ContentId]:
+        with self._lock:
+            db = self._read_op()
+            keys = [r[0] for r in db.execute("SELECT cid FROM content")]
+        return [ContentId.parse(k) for k in keys]
+
+    def _iter_leases(self) -> list[LeaseInfo]:
+        with self._lock:
+            db = self._read_op()
+            rows = db.execute(
+                "SELECT lid, cid, expires_at, detached FROM leases "
+                "WHERE expires_at IS NULL OR expires_at > ?",
+                (time.time(),),
+            ).fetchall()
+        out = []
+        for lkey, key, expires_at, detached in rows:
+            lid = LeaseId.parse(lkey)
+            out.append(LeaseInfo(lid, ContentId.parse(key), lid.pid, expires_at, bool(detached)))
+        return out
+
+    def _stats(self) -> StorageStats:
+        with self._lock:
+            db = self._read_op()
+            now = time.time()
+            blobs, total, retained_blobs, retained_bytes = db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), count(retained), "
+                "coalesce(sum(CASE WHEN retained IS NOT NULL THEN size END), 0) FROM content"
+            ).fetchone()
+            leases = db.execute(
+                "SELECT count(*) FROM leases WHERE expires_at IS NULL OR expires_at > ?", (now,)
+            ).fetchone()[0]
+            readers = db.execute("SELECT count(*) FROM holds").fetchone()[0]
+            processes = db.execute(
+                "SELECT count(*) FROM (SELECT pid FROM leases WHERE expires_at IS NULL "
+                "OR expires_at > ? UNION SELECT pid FROM holds)",
+                (now,),
+            ).fetchone()[0]
+            hits = db.execute("SELECT value FROM meta WHERE key = 'dedup_hits'").fetchone()
+        return StorageStats(
+            blobs=int(blobs),
+            bytes=int(total),
+            leases=int(leases),
+            processes=int(processes),
+            dedup_hits=int(hits[0]) if hits else 0,
+            readers=int(readers),
+            retained_blobs=int(retained_blobs),
+            retained_bytes=int(retained_bytes),
+        )
+
+    def _collect(self) -> CollectReport:
+        report = CollectReport()
+        with self._write(maintain=False) as tx:
+            leases, holds, procs = self._reap(tx)
+            self._trim_retained(tx, self.policies.retain_bytes)
+            report.leases_reaped = leases
+            report.readers_reaped = holds
+            report.processes_reaped = procs
+            for (key,) in tx.db.execute("SELECT cid FROM content").fetchall():
+                if not self._file_exists(ContentId.parse(key)):
+                    self._delete(tx, key)
+                    tx.deleted -= 1
+                    report.rows_removed += 1
+            report.blobs_deleted = tx.deleted
+            report.bytes_freed = tx.freed
+        report.files_removed = len(self._remove_orphans(repair=True))
+        return report
+
+    def _file_exists(self, cid: ContentId) -> bool:
+        shard = self._shard_fd(cid, create=False)
+        return shard is not None and self._lstat(shard, cid.hex) is not None
+
+    def _scan_blob_files(self) -> list[tuple[str, str, str]]:
+        """Every (algorithm, shard, name) non-directory entry under blobs/."""
+        found: list[tuple[str, str, str]] = []
+        for alg in ALGORITHMS:
+            try:
+                alg_fd = os.open(alg, _O_DIR, dir_fd=self._blobs_fd)
+            except OSError:
+                continue
+            try:
+                for shard in os.listdir(alg_fd):
+                    if not _HEX2.fullmatch(shard):
+                        continue
+                    try:
+                        shard_fd = os.open(shard, _O_DIR, dir_fd=alg_fd)
+                    except OSError:
+                        continue
+                    try:
+                        with os.scandir(shard_fd) as entries:
+                            for entry in entries:
+                                if not entry.is_dir(follow_symlinks=False):
+                                    found.append((alg, shard, entry.name))
+                    finally:
+                        os.close(shard_fd)
+            finally:
+                os.close(alg_fd)
+        return found
+
+    def _dead_temp_files(self) -> list[str]:
+        """Names in tmp/ whose writer is dead (or that no writer of ours made)."""
+        dead: list[str] = []
+        alive: dict[int, float | None] = {}
+        for name in os.listdir(self._tmp_fd):
+            match = _TMP_NAME.fullmatch(name)
+            if match is not None:
+                pid, start = int(match.group(1)), int(match.group(2)) / 1_000_000
+                if pid not in alive:
+                    alive[pid] = process_start_time(pid)
+                current = alive[pid]
+                if current is not None and _start_matches(start, current):
+                    continue
+            dead.append(name)
+        return dead
+
+    def _remove_orphans(self, *, repair: bool) -> list[str]:
+        """Blob files that no row names and temporary files of dead writers,
+        as paths; removed when ``repair``. Checked under the write lock, so a
+        concurrent store's new file is never taken for an orphan."""
+        try:
+            candidates = self._scan_blob_files()
+            temps = self._dead_temp_files()
+        except OSError as exc:
+            raise _error(f"cannot list the files of {self._root!r}", exc) from exc
+        orphans: list[str] = []
+        with self._write(maintain=False) as tx:
+            for alg, shard, name in candidates:
+                if _HEX64.fullmatch(name) and name[:2] == shard:
+                    key = f"{alg}-{name}"
+                    if tx.db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
+                        continue
+                path = os.path.join(self._root, "blobs", alg, shard, name)
+                orphans.append(path)
+                if repair:
+                    try:
+                        shard_fd = os.open(shard, _O_DIR, dir_fd=self._alg_dir(alg))
+                    except OSError:
+                        continue
+                    try:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=shard_fd)
+                    finally:
+                        os.close(shard_fd)
+        for name in temps:
+            orphans.append(os.path.join(self._root, "tmp", name))
+            if repair:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._tmp_fd)
+        return orphans
+
+    def _alg_dir(self, alg: str) -> int:
+        fd = self._alg_fds.get(alg)
+        if fd is None:
+            fd = self._subdir(self._blobs_fd, alg, f"blobs/{alg}", create=True)
+            self._alg_fds[alg] = fd
+        return fd
+
+    def _verify(self, repair: bool) -> VerifyReport:
+        with self._lock:
+            db = self._read_op()
+            rows = db.execute("SELECT cid, size FROM content").fetchall()
+        report = VerifyReport(checked=len(rows))
+        for key, size in rows:
+            cid = ContentId.parse(key)
+            try:
+                intact = self._check_file(cid, int(size)) is not None
+            except FileNotFoundError:
+                with self._lock:
+                    still = self._conn().execute(_SQL_CONTENT, (key,)).fetchone()
+                if still is not None:
+                    report.missing.append(cid)
+                continue
+            except OSError as exc:
+                raise _error(f"cannot read the file of blob {cid}", exc) from exc
+            if not intact:
+                report.corrupted.append(cid)
+        report.orphaned = self._remove_orphans(repair=repair)
+        if repair and report:
+            with self._write(maintain=False) as tx:
+                for cid in report.corrupted + report.missing:
+                    self._delete(tx, str(cid))
+            report.repaired = True
+        return report
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            db = self._db
+            if db is not None and self._db_pid == os.getpid():
+                if self._access:
+                    with contextlib.suppress(StorageError), self._write(maintain=False):
+                        pass
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            elif db is not None:
+                _INHERITED.append(db)
+            self._db = None
+            self._closed = True
+            self._close_fds()
+            if self._finalizer is not None:
+                self._finalizer()
+
+    def _close_fds(self) -> None:
+        fds = [*self._shard_fds.values(), *self._alg_fds.values()]
+        fds += [fd for fd in (self._blobs_fd, self._tmp_fd, self._root_fd) if fd >= 0]
+        self._shard_fds, self._alg_fds = {}, {}
+        self._blobs_fd = self._tmp_fd = self._root_fd = -1
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
