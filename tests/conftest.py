@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from blobleases import registry
+from redis_fixtures import redis_cluster, redis_server  # noqa: F401 (session fixtures)
 
 
 @pytest.fixture(autouse=True)

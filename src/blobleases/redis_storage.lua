@@ -1,0 +1,334 @@
+-- blobleases RedisStorage: the Lua scripts. Sections start with "--@ NAME";
+-- the prelude (before the first section) is prepended to every script.
+-- Per-content scripts take KEYS = {meta, leases, readers} of one content,
+-- all with the hash tag {<content id>}, and build chunk keys from ARGV[1]
+-- (the content's key base) so they stay in that one slot. Global scripts
+-- take keys that all share the namespace's hash tag.
+--
+-- A lease value is "<expires_at or empty>|<1 if detached else 0>|<owner>".
+
+local function lease_parts(v)
+  local e, d, o = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
+  return e, d, o
+end
+
+local function is_expired(v, now)
+  local e = lease_parts(v)
+  return e ~= nil and e ~= '' and tonumber(e) <= now
+end
+
+-- Count unexpired leases, deleting expired ones.
+local function live_leases(lkey, now)
+  local all = redis.call('HGETALL', lkey)
+  local n = 0
+  for i = 1, #all, 2 do
+    if is_expired(all[i + 1], now) then
+      redis.call('HDEL', lkey, all[i])
+    else
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- 1 (and the meta marked unreferenced) when no lease and no reader holds it.
+local function mark_if_unreferenced(m, l, r, now)
+  if live_leases(l, now) == 0 and redis.call('HLEN', r) == 0 then
+    redis.call('HSET', m, 'u', tostring(now))
+    return 1
+  end
+  return 0
+end
+
+local function delete_content(m, l, r, base)
+  local meta = redis.call('HMGET', m, 's', 'n', 't')
+  local n = tonumber(meta[2]) or 0
+  if meta[3] then
+    local prefix = base .. 'c:' .. meta[3] .. ':'
+    for i = 0, n - 1 do
+      redis.call('UNLINK', prefix .. i)
+    end
+  end
+  redis.call('UNLINK', m, l, r)
+  return tonumber(meta[1]) or 0
+end
+
+-- Hold a lease on present content. Returns {status, size, was_unreferenced}:
+-- status 0 absent, 1 already held, 2 newly held.
+local function hold(m, l, lid, val, now)
+  local s = redis.call('HGET', m, 's')
+  if not s then
+    return {0, 0, 0}
+  end
+  local cur = redis.call('HGET', l, lid)
+  if cur and not is_expired(cur, now) then
+    return {1, tonumber(s), 0}
+  end
+  redis.call('HSET', l, lid, val)
+  local u = redis.call('HGET', m, 'u')
+  redis.call('HSET', m, 'a', tostring(now), 'u', '')
+  local was = 0
+  if u and u ~= '' then
+    was = 1
+  end
+  return {2, tonumber(s), was}
+end
+
+--@ hold
+-- KEYS meta, leases; ARGV lease id, lease value, now
+return hold(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
+
+--@ commit
+-- KEYS meta, leases; ARGV base, token, chunk count, size, chunk size, now,
+-- lease id, lease value, [data of the only chunk]
+-- Returns hold()'s triple when the content is already present (our chunks
+-- are dropped), {3, size, 0} when committed, {-1, bad chunk index} when a
+-- staged chunk is missing or has the wrong length (nothing committed).
+local m, l = KEYS[1], KEYS[2]
+local n, size, cs = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = tonumber(ARGV[6])
+local prefix = ARGV[1] .. 'c:' .. ARGV[2] .. ':'
+if redis.call('EXISTS', m) == 1 then
+  for i = 0, n - 1 do
+    redis.call('UNLINK', prefix .. i)
+  end
+  return hold(m, l, ARGV[7], ARGV[8], now)
+end
+if ARGV[9] then
+  redis.call('SET', prefix .. '0', ARGV[9])
+end
+for i = 0, n - 1 do
+  local want = cs
+  if i == n - 1 then
+    want = size - (n - 1) * cs
+  end
+  if redis.call('STRLEN', prefix .. i) ~= want then
+    for j = 0, n - 1 do
+      redis.call('UNLINK', prefix .. j)
+    end
+    return {-1, i}
+  end
+end
+for i = 0, n - 1 do
+  redis.call('PERSIST', prefix .. i)
+end
+local t = tostring(now)
+redis.call('HSET', m, 's', size, 'n', n, 'c', cs, 't', ARGV[2], 'cr', t, 'a', t, 'u', '')
+redis.call('HSET', l, ARGV[7], ARGV[8])
+return {3, size, 0}
+
+--@ read
+-- KEYS meta, leases, readers; ARGV base, lease id, now, hold id, owner,
+-- inline limit. Returns {0} when the lease is not held (or the content is
+-- gone), {-1, unreferenced, size} when it just expired, else
+-- {1, size, chunk count, chunk size, token[, data of the only chunk]}; with a
+-- hold id the reader's hold is recorded.
+local m, l, r = KEYS[1], KEYS[2], KEYS[3]
+local now = tonumber(ARGV[3])
+local meta = redis.call('HMGET', m, 's', 'n', 'c', 't')
+if not meta[1] then
+  return {0}
+end
+local v = redis.call('HGET', l, ARGV[2])
+if not v then
+  return {0}
+end
+if is_expired(v, now) then
+  redis.call('HDEL', l, ARGV[2])
+  return {-1, mark_if_unreferenced(m, l, r, now), tonumber(meta[1])}
+end
+redis.call('HSET', m, 'a', tostring(now))
+if ARGV[4] ~= '' then
+  redis.call('HSET', r, ARGV[4], ARGV[5])
+end
+local out = {1, tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3]), meta[4]}
+if tonumber(meta[2]) == 1 and tonumber(meta[1]) <= tonumber(ARGV[6]) then
+  local data = redis.call('GET', ARGV[1] .. 'c:' .. meta[4] .. ':0')
+  if data then
+    out[6] = data
+  end
+end
+return out
+
+--@ end
+-- KEYS meta, leases, readers; ARGV mode, id, owner, now. Modes: L (drop a
+-- lease), LO (end a non-detached lease of owner), LE (end a lease if
+-- expired), R (release a reader hold), RO (release owner's reader hold).
+-- Returns {ended, unreferenced, size}.
+local m, l, r = KEYS[1], KEYS[2], KEYS[3]
+local mode, id, owner, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ended = 0
+if mode == 'L' then
+  ended = redis.call('HDEL', l, id)
+elseif mode == 'LO' or mode == 'LE' then
+  local v = redis.call('HGET', l, id)
+  if v then
+    local _, d, o = lease_parts(v)
+    if mode == 'LO' and o == owner and d ~= '1' then
+      ended = redis.call('HDEL', l, id)
+    elseif mode == 'LE' and is_expired(v, now) then
+      ended = redis.call('HDEL', l, id)
+    end
+  end
+elseif mode == 'R' then
+  ended = redis.call('HDEL', r, id)
+elseif mode == 'RO' then
+  if redis.call('HGET', r, id) == owner then
+    ended = redis.call('HDEL', r, id)
+  end
+end
+if ended == 0 then
+  return {0, 0, 0}
+end
+local s = redis.call('HGET', m, 's')
+if not s then
+  return {1, 0, 0}
+end
+return {1, mark_if_unreferenced(m, l, r, now), tonumber(s)}
+
+--@ delete
+-- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
+-- Modes: unref (only if no lease and no reader holds it), evict (only if
+-- no reader holds it; its leases end), force. Returns {deleted, size, token}.
+local m, l, r = KEYS[1], KEYS[2], KEYS[3]
+local mode, now = ARGV[2], tonumber(ARGV[3])
+local t = redis.call('HGET', m, 't')
+if not t then
+  if mode == 'force' then
+    redis.call('UNLINK', l, r)
+  end
+  return {0, 0, ''}
+end
+if ARGV[4] ~= '' and ARGV[4] ~= t then
+  return {0, 0, t}
+end
+if mode == 'unref' and (live_leases(l, now) > 0 or redis.call('HLEN', r) > 0) then
+  return {0, 0, t}
+end
+if mode == 'evict' and redis.call('HLEN', r) > 0 then
+  return {0, 0, t}
+end
+return {1, delete_content(m, l, r, ARGV[1]), t}
+
+--@ idx_commit
+-- KEYS idx, bytes, reserved bytes, lru; ARGV content id, size, token, now.
+-- Records committed content (converting a reservation), idempotently.
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+local size = tonumber(ARGV[2])
+if v then
+  local sz, _, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+  sz = tonumber(sz)
+  if kind == 'R' then
+    redis.call('DECRBY', KEYS[3], sz)
+  end
+  if sz ~= size then
+    redis.call('INCRBY', KEYS[2], size - sz)
+  end
+else
+  redis.call('INCRBY', KEYS[2], size)
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[1])
+return 1
+
+--@ idx_remove
+-- KEYS idx, bytes, reserved bytes, lru, retained, retained sizes, retained
+-- bytes; ARGV content id, token ('' for any). Returns 1 if removed.
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then
+  return 0
+end
+local sz, t, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+if ARGV[2] ~= '' and t ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DECRBY', KEYS[2], tonumber(sz))
+if kind == 'R' then
+  redis.call('DECRBY', KEYS[3], tonumber(sz))
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or 0))
+end
+redis.call('HDEL', KEYS[6], ARGV[1])
+return 1
+
+--@ reserve
+-- KEYS idx, bytes, reserved bytes; ARGV content id, size, token, max bytes,
+-- deadline, owner. Returns {0} if the content is indexed already, {1} when
+-- reserved, {2, total} when it does not fit.
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return {0}
+end
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+local size = tonumber(ARGV[2])
+if total + size > tonumber(ARGV[4]) then
+  return {2, total}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' R ' .. ARGV[5] .. ' ' .. ARGV[6])
+redis.call('INCRBY', KEYS[2], size)
+redis.call('INCRBY', KEYS[3], size)
+return {1}
+
+--@ retain
+-- KEYS retained, retained sizes, retained bytes; ARGV content id, now, size,
+-- budget. Adds the content to the retained LRU, then pops the oldest
+-- retained entries while over budget and returns them (to delete if still
+-- unreferenced).
+if ARGV[1] ~= '' and redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('INCRBY', KEYS[3], tonumber(ARGV[3]))
+end
+local budget = tonumber(ARGV[4])
+local victims = {}
+while tonumber(redis.call('GET', KEYS[3]) or '0') > budget do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #first == 0 then
+    break
+  end
+  redis.call('ZREM', KEYS[1], first[1])
+  redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], first[1]) or 0))
+  redis.call('HDEL', KEYS[2], first[1])
+  victims[#victims + 1] = first[1]
+end
+return victims
+
+--@ unretain
+-- KEYS retained, retained sizes, retained bytes; ARGV content id.
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or 0))
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+
+--@ hdel_if
+-- KEYS hash; ARGV field, expected value. Deletes the field only if unchanged.
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+
+--@ drop_stray
+-- KEYS meta; ARGV base, then key suffixes of one content ("c:<token>:<i>",
+-- "l" or "r"). Deletes each unless, now, the meta names it: chunks of the
+-- committed token below the chunk count, and the leases and readers hashes
+-- while the content exists. Returns how many were deleted.
+local meta = redis.call('HMGET', KEYS[1], 't', 'n')
+local deleted = 0
+for i = 2, #ARGV do
+  local suffix = ARGV[i]
+  local keep = false
+  if meta[1] then
+    if suffix == 'l' or suffix == 'r' then
+      keep = true
+    else
+      local token, index = string.match(suffix, '^c:(.+):(%d+)$')
+      keep = token == meta[1] and tonumber(index) < tonumber(meta[2])
+    end
+  end
+  if not keep then
+    deleted = deleted + redis.call('UNLINK', ARGV[1] .. suffix)
+  end
+end
+return deleted

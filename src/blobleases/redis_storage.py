@@ -1,0 +1,1510 @@
+"""RedisStorage: blobs and leases on a Redis server or Redis Cluster, shared by
+processes on many hosts.
+
+Layout (``P`` is the namespace, ``{cid}`` the content id as a hash tag, so
+every key of one content lives in one cluster slot):
+
+* ``P:{cid}:m`` meta hash (size, chunk count, chunk size, upload token,
+  created, last access, unreferenced-since), ``P:{cid}:l`` leases hash
+  (lease id -> ``expires|detached|owner``), ``P:{cid}:r`` reader holds
+  (hold id -> owner), ``P:{cid}:c:<token>:<i>`` the chunks.
+* Global bookkeeping under the namespace's own hash tag ``P:{P}:...``: the
+  index of content and sizes with the byte total (and reservations of
+  uploads in progress), the LRU order, the retained set, dedup hits, known
+  processes, lease expiries.
+* ``P:{p:<owner>}:h``: what one process (``<host id>/<pid>``) holds, so its
+  leases and reader holds can be reaped; ``P:hb:<owner>``: its heartbeat.
+
+Every change to one content (store, lease, drop, read hold, delete) is one
+Lua script on that content's slot, so it is atomic. Global bookkeeping is
+updated by separate single-slot scripts whose updates are idempotent and
+ordered so a crash between the two steps can only leave garbage that
+:meth:`RedisStorage.collect` repairs, never lose leased content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from importlib import resources
+from typing import IO, Any, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .content_id import ContentId, new_hasher
+from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .lease_id import LeaseId
+from .liveness import is_alive, own_start_time, process_start_time
+from .reader import BlobReader, RangeSource
+from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .storage import BlobStorage, FileSource
+
+__all__ = ["RedisStorage", "default_host_id"]
+
+try:
+    import redis
+    import redis.cluster
+    import redis.exceptions
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+except ImportError as _exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "RedisStorage needs the redis client: pip install 'blobleases[redis]'"
+    ) from _exc
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DEFAULT_NAMESPACE = "blobleases"
+_DEFAULT_CHUNK = 4 << 20
+_STAGE_TTL_MS = 3600 * 1000
+_PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
+_SCAN_COUNT = 1000
+_BATCH = 256
+
+
+def default_host_id() -> str:
+    """A stable id of this machine: its hostname and the start of
+    ``/etc/machine-id`` (containers sharing an image keep distinct hostnames)."""
+    name = socket.gethostname() or "host"
+    machine = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                machine = f.read().strip()[:12]
+            break
+        except OSError:
+            continue
+    text = f"{name}.{machine}" if machine else name
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64]
+    return text or "host"
+
+
+def _load_scripts() -> dict[str, str]:
+    text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
+    parts = re.split(r"^--@ (\w+)\s*$", text, flags=re.M)
+    prelude = parts[0]
+    return {name: prelude + body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn redis-py failures into StorageError, chained."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except redis.exceptions.RedisError as exc:
+            raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _lease_value(expires_at: float | None, detached: bool, owner: str) -> str:
+    exp = "" if expires_at is None else repr(expires_at)
+    return f"{exp}|{'1' if detached else '0'}|{owner}"
+
+
+def _parse_lease_value(value: Any) -> tuple[float | None, bool, str]:
+    exp, det, owner = _s(value).split("|", 2)
+    return (float(exp) if exp else None), det == "1", owner
+
+
+class _Heartbeat:
+    """A daemon thread refreshing this process's heartbeat key (and those of
+    local pids this handle vouches for) every ``ttl / 5`` seconds."""
+
+    def __init__(self, client: Any, key_of: Callable[[int], str], ttl: float) -> None:
+        self.client = client
+        self.key_of = key_of
+        self.ttl_ms = max(int(ttl * 1000), 1)
+        self.interval = ttl / 5
+        self.pid = os.getpid()
+        self.start = own_start_time()
+        self.adopted: dict[int, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.beat()
+        self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        with self.lock:
+            adopted = list(self.adopted.items())
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key_of(self.pid), repr(self.start), px=self.ttl_ms)
+        for pid, start in adopted:
+            if is_alive(pid, start):
+                pipe.set(self.key_of(pid), repr(start), px=self.ttl_ms)
+            else:
+                with self.lock:
+                    self.adopted.pop(pid, None)
+        pipe.execute()
+
+    def adopt(self, pid: int, start: float) -> None:
+        with self.lock:
+            self.adopted[pid] = start
+        self.client.set(self.key_of(pid), repr(start), px=self.ttl_ms)
+
+    def disown(self, pid: int) -> None:
+        with self.lock:
+            self.adopted.pop(pid, None)
+
+    def vouches(self, pid: int) -> bool:
+        with self.lock:
+            return pid == self.pid or pid in self.adopted
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if os.getpid() != self.pid:
+                return
+            with contextlib.suppress(Exception):
+                self.beat()
+
+
+class RedisStorage(BlobStorage):
+    """Blobs on Redis (``redis://``, ``rediss://``, ``unix://``) or Redis
+    Cluster (``redis+cluster://host:port``), shared by processes on many hosts.
+
+    ``namespace`` separates stores on one server; ``chunk_size`` is the size of
+    the pieces blobs are stored in (readers fetch only the chunks they read);
+    ``heartbeat_ttl`` is how long a process may go silent before other hosts
+    reap its leases; ``host_id`` names this machine (default
+    :func:`default_host_id`); ``socket_timeout`` bounds every server round
+    trip (a server that does not answer gives StorageError). Takes every
+    policy of :class:`~blobleases.policies.Policies`; ``max_bytes`` is
+    blobleases' own budget, independent of Redis ``maxmemory``.
+
+    Guarantees: a blob becomes visible only when all its chunks are written
+    and checked; a failed store leaves nothing visible; leases of a process
+    whose heartbeat lapsed (or, on this host, that died) are reaped by any
+    client; keys Redis itself lost are detected (IntegrityError, LeaseExpired
+    or ContentNotFound), never returned as wrong bytes.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = _DEFAULT_NAMESPACE,
+        chunk_size: int = _DEFAULT_CHUNK,
+        heartbeat_ttl: float = 15.0,
+        host_id: str | None = None,
+        socket_timeout: float = 10.0,
+        **policies: Any,
+    ) -> None:
+        super().__init__(**policies)
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int, not {type(chunk_size).__name__}")
+        if not 1024 <= chunk_size <= 256 << 20:
+            raise ValueError(f"chunk_size must be between 1 KiB and 256 MiB, not {chunk_size}")
+        for name, value in (("heartbeat_ttl", heartbeat_ttl), ("socket_timeout", socket_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "redis+cluster", "unix"):
+            raise ValueError(
+                f"url {url!r}: expected redis://, rediss://, unix:// or redis+cluster://"
+            )
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for key, text in query:
+            if key == "namespace":
+                namespace = text
+        if not isinstance(namespace, str) or not _NAME.fullmatch(namespace):
+            raise ValueError(
+                f"namespace must be 1-64 letters, digits, '.', '_' or '-', not {namespace!r}"
+            )
+        host = default_host_id() if host_id is None else host_id
+        if not isinstance(host, str) or not _NAME.fullmatch(host):
+            raise ValueError(
+                f"host_id must be 1-64 letters, digits, '.', '_' or '-', not {host_id!r}"
+            )
+        self._namespace = namespace
+        self._chunk = chunk_size
+        self._hb_ttl = float(heartbeat_ttl)
+        self.host_id = host
+        self._cluster = scheme == "redis+cluster"
+        rest = [(k, v) for k, v in query if k != "namespace"]
+        own = rest + ([("namespace", namespace)] if namespace != _DEFAULT_NAMESPACE else [])
+        self._url = urlunsplit(parts._replace(query=urlencode(own)))
+        client_url = urlunsplit(
+            parts._replace(scheme="redis" if self._cluster else parts.scheme, query=urlencode(rest))
+        )
+        options: dict[str, Any] = {
+            "socket_timeout": float(socket_timeout),
+            "socket_connect_timeout": float(socket_timeout),
+        }
+        try:
+            if self._cluster:
+                self._r: Any = redis.cluster.RedisCluster.from_url(client_url, **options)
+            else:
+                self._r = redis.Redis.from_url(
+                    client_url,
+                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                    **options,
+                )
+            self._r.ping()
+        except redis.exceptions.RedisError as exc:
+            raise StorageError(f"cannot reach redis at {self._safe_url()}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"url {self._safe_url()!r}: {exc}") from exc
+
+        p = namespace
+        g = f"{p}:{{{p}}}:"
+        self._k_idx = g + "idx"
+        self._k_bytes = g + "bytes"
+        self._k_resb = g + "resb"
+        self._k_lru = g + "lru"
+        self._k_ret = g + "ret"
+        self._k_rsz = g + "rsz"
+        self._k_retb = g + "retb"
+        self._k_dedup = g + "dedup"
+        self._k_procs = g + "procs"
+        self._k_exp = g + "exp"
+        self._scripts: dict[str, tuple[str, str]] = {}
+        for name, body in _load_scripts().items():
+            self._scripts[name] = (body, "")
+        self._lock = threading.RLock()
+        self._reap_lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+        self._heartbeat: _Heartbeat | None = None
+        self._touches: dict[str, float] = {}
+        self._active_tokens: set[str] = set()
+        self._pending_releases: list[tuple[ContentId, str]] = []
+        self._next_reap = time.monotonic() + self.policies.reap_interval
+        self._next_expiry = 0.0  # read the shared expiry index at the first operation
+        with _storage_error_context():
+            self._load_all_scripts()
+            self._ensure_process()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+
+    # -- identity --------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The url that reopens this store (with ``namespace=`` when not the
+        default). A password in the url is kept, so that reopening works;
+        ``repr`` hides it."""
+        return self._url
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk
+
+    def _safe_url(self) -> str:
+        parts = urlsplit(getattr(self, "_url", ""))
+        if parts.password is None:
+            return urlunsplit(parts)
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+    def __repr__(self) -> str:
+        return f"<RedisStorage {self._safe_url()}>"
+
+    # -- keys ------------------------------------------------------------------
+
+    def _base(self, cid: ContentId | str) -> str:
+        return f"{self._namespace}:{{{cid}}}:"
+
+    def _ckeys(self, cid: ContentId | str) -> list[str]:
+        b = self._base(cid)
+        return [b + "m", b + "l", b + "r"]
+
+    def _owner(self, pid: int) -> str:
+        return f"{self.host_id}/{pid}"
+
+    def _proc_key(self, owner: str) -> str:
+        return f"{self._namespace}:{{p:{owner}}}:h"
+
+    def _hb_key(self, owner: str) -> str:
+        return f"{self._namespace}:hb:{owner}"
+
+    def _g_idx(self) -> list[str]:
+        return [
+            self._k_idx,
+            self._k_bytes,
+            self._k_resb,
+            self._k_lru,
+            self._k_ret,
+            self._k_rsz,
+            self._k_retb,
+        ]
+
+    # -- scripts -------------------------------------------------------------------
+
+    def _load_all_scripts(self) -> None:
+        for name, (body, _) in list(self._scripts.items()):
+            sha = self._r.script_load(body)
+            self._scripts[name] = (body, _s(sha))
+
+    def _ev(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        sha = self._scripts[name][1]
+        try:
+            return self._r.evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self._load_all_scripts()
+            return self._r.evalsha(self._scripts[name][1], len(keys), *keys, *args)
+
+    def _pipe_ev(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        # execute_command: redis-py's cluster pipeline blocks its evalsha method
+        # but routes EVALSHA by its keys like any other command.
+        pipe.execute_command("EVALSHA", self._scripts[name][1], len(keys), *keys, *args)
+
+    def _run_pipe(self, build: Callable[[Any], object]) -> list[Any]:
+        """Run a pipeline built by ``build`` (which must hold only idempotent
+        commands); reload the scripts and run it again if the server lost them."""
+        for attempt in (0, 1):
+            pipe = self._r.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._load_all_scripts()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- process liveness ----------------------------------------------------------
+
+    def _ensure_process(self) -> None:
+        """Start this process's heartbeat (again, in a forked child)."""
+        if self._heartbeat is not None and self._heartbeat.pid == os.getpid():
+            return
+        with self._lock:
+            if self._heartbeat is not None and self._heartbeat.pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._heartbeat = _Heartbeat(
+                self._r, lambda pid: self._hb_key(self._owner(pid)), self._hb_ttl
+            )
+
+    def _vouch(self, pid: int) -> float:
+        """Record a local pid as alive (its heartbeat kept by this handle);
+        returns its start time (0.0 if unknown; the pid may be dead)."""
+        hb = self._heartbeat
+        assert hb is not None
+        if pid == os.getpid():
+            return own_start_time()
+        start = process_start_time(pid)
+        if start is None:
+            return 0.0
+        hb.adopt(pid, start)
+        return start
+
+    def _is_dead(self, owner: str, start: float, heartbeat: bool) -> bool:
+        host, _, pid_text = owner.rpartition("/")
+        try:
+            pid = int(pid_text)
+        except ValueError:
+            return True
+        if host == self.host_id:
+            if pid == os.getpid():
+                return False
+            if not is_alive(pid, start or None):
+                return True
+            hb = self._heartbeat
+            if hb is not None and hb.vouches(pid):
+                return False
+        return not heartbeat
+
+    # -- maintenance -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("the storage is closed")
+
+    def _maintain(self) -> None:
+        self._check_open()
+        self._ensure_process()
+        if self._pending_releases:
+            self._retry_releases()
+        if time.time() >= self._next_expiry:
+            self._expire()
+        if time.monotonic() >= self._next_reap and self._reap_lock.acquire(blocking=False):
+            try:
+                self._next_reap = time.monotonic() + self.policies.reap_interval
+                self._reap_dead()
+                self._flush_touches()
+                self._expire()
+            finally:
+                self._reap_lock.release()
+
+    def _touch(self, cid: ContentId) -> None:
+        with self._lock:
+            self._touches[str(cid)] = time.time()
+            flush = len(self._touches) >= _BATCH
+        if flush:
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        with self._lock:
+            touches, self._touches = self._touches, {}
+        if touches:
+            self._r.zadd(self._k_lru, touches, xx=True, gt=True)
+
+    def _expire(self) -> int:
+        """End every lease whose ttl has passed; returns how many."""
+        now = time.time()
+        due = self._r.zrangebyscore(self._k_exp, "-inf", now, start=0, num=_BATCH * 4)
+        ended = 0
+        for member in due:
+            cid_text, lid_text = _s(member).split(" ", 1)
+            res = self._ev("end", self._ckeys(cid_text), ["LE", lid_text, "", now])
+            ended += int(res[0])
+            if int(res[1]):
+                self._unreferenced(ContentId.parse(cid_text), int(res[2]))
+            self._r.zrem(self._k_exp, member)
+        first = self._r.zrange(self._k_exp, 0, 0, withscores=True)
+        self._next_expiry = float(first[0][1]) if first else math.inf
+        if len(due) >= _BATCH * 4:
+            self._next_expiry = 0.0
+        return ended
+
+    def _reap_dead(self) -> tuple[int, int, int]:
+        """Reap every known process that is dead; returns (leases, readers,
+        processes) ended."""
+        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_procs).items()}
+        if not procs:
+            return 0, 0, 0
+        owners = list(procs)
+        alive = self._heartbeats(owners)
+        leases = readers = count = 0
+        for owner in owners:
+            start = float(procs[owner] or 0)
+            if not self._is_dead(owner, start, alive[owner]):
+                continue
+            nl, nr = self._terminate(owner)
+            leases += nl
+            readers += nr
+            count += 1
+            self._ev("hdel_if", [self._k_procs], [owner, procs[owner]])
+        return leases, readers, count
+
+    def _heartbeats(self, owners: list[str]) -> dict[str, bool]:
+        found: dict[str, bool] = {}
+        res = self._each(owners, lambda p, o: p.exists(self._hb_key(o)))
+        found.update({o: bool(x) for o, x in zip(owners, res, strict=True)})
+        return found
+
+    def _terminate(self, owner: str) -> tuple[int, int]:
+        """End every non-detached lease and reader hold of ``owner``."""
+        key = self._proc_key(owner)
+        members = [_s(m) for m in self._r.smembers(key)]
+        leases = readers = 0
+        now = time.time()
+        for member in members:
+            kind, cid_text, ident = member.split(" ", 2)
+            mode = "LO" if kind == "L" else "RO"
+            res = self._ev("end", self._ckeys(cid_text), [mode, ident, owner, now])
+            if int(res[0]):
+                if kind == "L":
+                    leases += 1
+                else:
+                    readers += 1
+            if int(res[1]):
+                self._unreferenced(ContentId.parse(cid_text), int(res[2]))
+        if members:
+            self._r.srem(key, *members)
+        host, _, pid_text = owner.rpartition("/")
+        if host == self.host_id and self._heartbeat is not None:
+            pid = int(pid_text)
+            self._heartbeat.disown(pid)
+            if pid != os.getpid():
+                self._r.delete(self._hb_key(owner))
+        return leases, readers
+
+    def _retry_releases(self) -> None:
+        with self._lock:
+            pending, self._pending_releases = self._pending_releases, []
+        for i, (cid, hold_id) in enumerate(pending):
+            try:
+                self._release_reader(cid, hold_id)
+            except redis.exceptions.RedisError:
+                with self._lock:
+                    self._pending_releases.extend(pending[i:])
+                raise
+
+    # -- content lifecycle -----------------------------------------------------------
+
+    def _unreferenced(self, cid: ContentId, size: int) -> None:
+        """Content just lost its last lease and reader: retain or delete it."""
+        if size <= self.policies.retain_bytes:
+            victims = self._ev(
+                "retain",
+                [self._k_ret, self._k_rsz, self._k_retb],
+                [str(cid), time.time(), size, self.policies.retain_bytes],
+            )
+            for victim in victims:
+                self._delete(_s(victim), "unref")
+        else:
+            self._delete(str(cid), "unref")
+
+    def _delete(self, cid_text: str, mode: str, token: str = "") -> int:
+        """Delete one content per ``mode`` (see the delete script) and its index
+        entry; returns the bytes freed (0 if it was kept)."""
+        res = self._ev(
+            "delete", self._ckeys(cid_text), [self._base(cid_text), mode, time.time(), token]
+        )
+        if not int(res[0]):
+            return 0
+        self._ev("idx_remove", self._g_idx(), [cid_text, _s(res[2])])
+        return int(res[1])
+
+    def _intent(
+        self, pipe: Any, cid: ContentId, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> str:
+        """Queue the bookkeeping written before a lease exists, so that a crash
+        right after leaves the lease findable by reaping; returns its owner."""
+        owner = self._owner(lid.pid)
+        if not detached:
+            start = self._vouch(lid.pid)
+            pipe.hsetnx(self._k_procs, owner, repr(start))
+            pipe.sadd(self._proc_key(owner), f"L {cid} {lid}")
+        if expires_at is not None:
+            pipe.zadd(self._k_exp, {f"{cid} {lid}": expires_at})
+        return owner
+
+    def _undo_intent(
+        self, cid: ContentId, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            pipe = self._r.pipeline(transaction=False)
+            if not detached:
+                pipe.srem(self._proc_key(self._owner(lid.pid)), f"L {cid} {lid}")
+            if expires_at is not None:
+                pipe.zrem(self._k_exp, f"{cid} {lid}")
+            pipe.execute()
+
+    def _note_expiry(self, expires_at: float | None) -> None:
+        if expires_at is not None:
+            with self._lock:
+                self._next_expiry = min(self._next_expiry, expires_at)
+
+    def _hold(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> tuple[int, int]:
+        """Hold the lease if the content is present: (status, size) with status
+        0 absent, 1 already held, 2 newly held (a retained blob is referenced again)."""
+        expires_at = None if ttl is None else time.time() + ttl
+        owner = self._owner(lid.pid)
+        value = _lease_value(expires_at, detached, owner)
+        keys = self._ckeys(cid)
+
+        def build(pipe: Any) -> None:
+            self._intent(pipe, cid, lid, expires_at, detached)
+            self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
+
+        status, size, was_unref = (int(x) for x in self._run_pipe(build)[-1])
+        if status == 0:
+            self._undo_intent(cid, lid, expires_at, detached)
+        elif status == 2:
+            self._note_expiry(expires_at)
+            self._touch(cid)
+            if was_unref:
+                self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+        return status, size
+
+    def _count_dedup(self) -> None:
+        self._r.incr(self._k_dedup)
+
+    def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
+        """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
+        per policy; True if reserved (False: the content is indexed already).
+        StoreFull if it cannot fit, having deleted nothing."""
+        limit = self.policies.max_bytes
+        if limit is None:
+            return False
+        if size > limit:
+            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
+        self._flush_touches()
+        for _ in range(8):
+            res = self._ev(
+                "reserve",
+                [self._k_idx, self._k_bytes, self._k_resb],
+                [
+                    str(cid),
+                    size,
+                    token,
+                    limit,
+                    time.time() + _STAGE_TTL_MS / 1000,
+                    self._owner(os.getpid()),
+                ],
+            )
+            if int(res[0]) != 2:
+                return int(res[0]) == 1
+            total = int(res[1])
+            victims = self._plan_eviction(total + size - limit)
+            if victims is None:
+                raise StoreFull(
+                    f"storing {size} bytes would exceed max_bytes={limit} "
+                    f"({total} bytes held; on_full={self.policies.on_full!r})"
+                )
+            for victim, mode in victims:
+                self._delete(victim, mode)
+        raise StoreFull(f"storing {size} bytes: could not make room under max_bytes={limit}")
+
+    def _plan_eviction(self, need: int) -> list[tuple[str, str]] | None:
+        """Victims that free at least ``need`` bytes: retained content first,
+        then (with ``on_full="evict"``) least recently used content without a
+        reader; None if not enough can be freed."""
+        retained = [_s(c) for c in self._r.zrange(self._k_ret, 0, -1)]
+        victims: list[tuple[str, str]] = []
+        sizes = self._sizes(retained)
+        for cid_text in retained:
+            if need <= 0:
+                break
+            victims.append((cid_text, "unref"))
+            need -= sizes.get(cid_text, 0)
+        if need > 0 and self.policies.on_full == "evict":
+            chosen = {c for c, _ in victims}
+            start = 0
+            while need > 0:
+                batch = [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]
+                if not batch:
+                    break
+                start += _BATCH
+                batch = [c for c in batch if c not in chosen and c not in retained]
+                sizes = self._sizes(batch)
+                readers = self._each(batch, lambda p, c: p.hlen(self._base(c) + "r"))
+                for cid_text, nreaders in zip(batch, readers, strict=True):
+                    if need <= 0:
+                        break
+                    if int(nreaders):
+                        continue
+                    victims.append((cid_text, "evict"))
+                    need -= sizes.get(cid_text, 0)
+        return victims if need <= 0 else None
+
+    def _sizes(self, cids: list[str]) -> dict[str, int]:
+        if not cids:
+            return {}
+        values = self._r.hmget(self._k_idx, cids)
+        return {c: int(_s(v).split(" ", 1)[0]) for c, v in zip(cids, values, strict=True) if v}
+
+    # -- the backend methods ---------------------------------------------------------
+
+    @_storage_errors
+    def _store(
+        self,
+        cid: ContentId,
+        data: memoryview,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        hashed: bool,
+    ) -> None:
+        self._maintain()
+        status, _ = self._hold(cid, lid, ttl, detached)
+        if status == 2:
+            self._count_dedup()
+        if status:
+            return
+        if not hashed:
+            _check_hash(cid, data)
+        size = len(data)
+        self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
+
+    def _upload(
+        self,
+        cid: ContentId,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        size: int,
+        chunks: Iterator[Any],
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """Write ``chunks`` to staging keys, then commit them with the lease in
+        one script. On any failure nothing becomes visible and the staging
+        keys, reservation and lease bookkeeping are removed (best effort; the
+        staging keys also expire, and collect() removes what is left)."""
+        token = f"{self.host_id}/{os.getpid()}/{uuid.uuid4().hex[:16]}"
+        base = self._base(cid)
+        prefix = f"{base}c:{token}:"
+        n = -(-size // self._chunk) if size else 0
+        expires_at = None if ttl is None else time.time() + ttl
+        owner = self._owner(lid.pid)
+        value = _lease_value(expires_at, detached, owner)
+        with self._lock:
+            self._active_tokens.add(token)
+        reserved = committed = False
+        written = 0
+        try:
+            reserved = self._make_room(cid, size, token)
+            inline: Any = None
+            for i, chunk in enumerate(chunks):
+                if n == 1:
+                    inline = chunk
+                    break
+                self._r.set(prefix + str(i), chunk, px=_STAGE_TTL_MS)
+                written = i + 1
+            if check is not None:
+                check()
+            keys = self._ckeys(cid)
+            args: list[Any] = [base, token, n, size, self._chunk, time.time(), str(lid), value]
+            if inline is not None:
+                args.append(inline)
+
+            def build(pipe: Any) -> None:
+                self._intent(pipe, cid, lid, expires_at, detached)
+                self._pipe_ev(pipe, "commit", keys[:2], args)
+
+            res = self._run_pipe(build)[-1]
+            status = int(res[0])
+            if status == -1:
+                raise IntegrityError(
+                    f"chunk {int(res[1])} of {cid} was lost by the server before commit"
+                )
+            committed = True
+            self._note_expiry(expires_at)
+            # The blob and lease are committed: the bookkeeping below is
+            # idempotent and, if it fails, repaired by collect().
+            with contextlib.suppress(redis.exceptions.RedisError):
+                if status == 3:
+                    self._ev("idx_commit", self._g_idx()[:4], [str(cid), size, token, time.time()])
+                    reserved = False
+                elif status == 2:
+                    self._count_dedup()
+                    if int(res[2]):
+                        self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+                self._touch(cid)
+                if self.policies.durability == "safe":
+                    self._wait_durable()
+        except BaseException:
+            if committed:
+                raise
+            with contextlib.suppress(redis.exceptions.RedisError):
+                if written:
+                    self._r.delete(*[prefix + str(i) for i in range(written)])
+            self._undo_intent(cid, lid, expires_at, detached)
+            raise
+        finally:
+            with self._lock:
+                self._active_tokens.discard(token)
+            if reserved:
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    self._ev("idx_remove", self._g_idx(), [str(cid), token])
+
+    def _wait_durable(self) -> None:
+        """With durability="safe", wait until the server has fsynced its AOF
+        (WAITAOF, Redis >= 7.2); servers without it or without an AOF keep
+        their own persistence settings."""
+        with contextlib.suppress(redis.exceptions.ResponseError):
+            self._r.execute_command("WAITAOF", 1, 0, 0)
+
+    @_storage_errors
+    def _store_file(
+        self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> tuple[ContentId, int]:
+        self._maintain()
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                f = open(source, "rb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
+            with f:
+                return self._store_stream(f, lid, algorithm, ttl, detached)
+        seekable = False
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            seekable = bool(source.seekable())
+        if seekable:
+            return self._store_stream(source, lid, algorithm, ttl, detached)
+        # One pass to a private temporary file: the content id must be known
+        # before the first chunk is written (chunks live in its hash slot).
+        with tempfile.TemporaryFile() as spool:
+            while True:
+                part = source.read(self._chunk)
+                if not part:
+                    break
+                if not isinstance(part, bytes | bytearray | memoryview):
+                    raise TypeError("source must be a binary file (its read() returned text)")
+                spool.write(part)
+            spool.seek(0)
+            return self._store_stream(spool, lid, algorithm, ttl, detached)
+
+    def _store_stream(
+        self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> tuple[ContentId, int]:
+        """Hash a seekable file from its position (first pass), then, unless
+        the content is present, upload it chunk by chunk while hashing again
+        (second pass); a file that changed in between raises IntegrityError."""
+        start = f.tell()
+        hasher = new_hasher(algorithm)
+        size = 0
+        while True:
+            part = f.read(self._chunk)
+            if not part:
+                break
+            if not isinstance(part, bytes | bytearray | memoryview):
+                raise TypeError("source must be a binary file (its read() returned text)")
+            hasher.update(part)
+            size += len(part)
+        cid = ContentId(algorithm, hasher.digest())
+        status, _ = self._hold(cid, lid, ttl, detached)
+        if status == 2:
+            self._count_dedup()
+        if status:
+            return cid, size
+        f.seek(start)
+        again = new_hasher(algorithm)
+        seen = [0]
+
+        def chunks() -> Iterator[bytes]:
+            while seen[0] < size:
+                part = f.read(min(self._chunk, size - seen[0]))
+                if not part:
+                    break
+                again.update(part)
+                seen[0] += len(part)
+                yield bytes(part)
+
+        def check() -> None:
+            if seen[0] != size or again.digest() != cid.digest:
+                raise IntegrityError("the file changed while it was being stored")
+
+        self._upload(cid, lid, ttl, detached, size, chunks(), check)
+        return cid, size
+
+    @_storage_errors
+    def _lease_by_content(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int:
+        self._maintain()
+        status, size = self._hold(cid, lid, ttl, detached)
+        if status == 0:
+            raise ContentNotFound(cid)
+        return size
+
+    def _lease_expired(self, cid: ContentId, lid: LeaseId) -> LeaseExpired:
+        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
+
+    def _open(self, cid: ContentId, lid: LeaseId, hold_id: str) -> list[Any]:
+        """Check the lease (and record a reader hold); the read script's answer."""
+        keys = self._ckeys(cid)
+        args = [
+            self._base(cid),
+            str(lid),
+            time.time(),
+            hold_id,
+            self._owner(os.getpid()),
+            self._chunk,
+        ]
+        if hold_id:
+            owner = self._owner(os.getpid())
+
+            def build(pipe: Any) -> None:
+                pipe.hsetnx(self._k_procs, owner, repr(own_start_time()))
+                pipe.sadd(self._proc_key(owner), f"R {cid} {hold_id}")
+                self._pipe_ev(pipe, "read", keys, args)
+
+            res = list(self._run_pipe(build)[-1])
+        else:
+            res = list(self._ev("read", keys, args))
+        status = int(res[0])
+        if status == 1:
+            self._touch(cid)
+            return res
+        if hold_id:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self._r.srem(self._proc_key(self._owner(os.getpid())), f"R {cid} {hold_id}")
+        if status == -1 and int(res[1]):
+            self._unreferenced(cid, int(res[2]))
+        raise self._lease_expired(cid, lid)
+
+    def _fetch(
+        self, cid: ContentId, token: str, n: int, cs: int, size: int, offset: int, length: int
+    ) -> bytes:
+        """Bytes [offset, offset+length) of one blob, fetching only the chunks
+        that hold them; IntegrityError (or LeaseExpired if the content is
+        gone) when a chunk is missing or short: never partial bytes."""
+        end = min(offset + length, size)
+        if end <= offset:
+            return b""
+        prefix = f"{self._base(cid)}c:{token}:"
+        first, last = offset // cs, (end - 1) // cs
+        parts: list[bytes] = []
+        i = first
+        while i <= last:
+            j = min(last + 1, i + max(1, _PIPE_BYTES // cs))
+            ranges = []
+            for k in range(i, j):
+                lo = max(offset, k * cs) - k * cs
+                hi = min(end, (k + 1) * cs) - k * cs
+                ranges.append((k, lo, hi))
+
+            def build(pipe: Any, rs: list[tuple[int, int, int]] = ranges) -> None:
+                for k, lo, hi in rs:
+                    if lo == 0 and hi == min(cs, size - k * cs):
+                        pipe.get(prefix + str(k))
+                    else:
+                        pipe.getrange(prefix + str(k), lo, hi - 1)
+
+            got = self._run_pipe(build)
+            for (k, lo, hi), piece in zip(ranges, got, strict=True):
+                if piece is None or len(piece) != hi - lo:
+                    self._chunk_lost(cid, token, k)
+                parts.append(piece)
+            i = j
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
+        current = self._r.hget(self._base(cid) + "m", "t")
+        if current is None or _s(current) != token:
+            raise LeaseExpired(f"content {cid} is gone from the server", content_id=cid)
+        raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
+
+    @_storage_errors
+    def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
+        self._maintain()
+        res = self._open(cid, lid, "")
+        size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
+        if len(res) > 5:
+            data = bytes(res[5])
+            if len(data) != size:
+                raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
+        else:
+            data = self._fetch(cid, token, n, cs, size, 0, size)
+        if len(data) != size:
+            raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
+        if self.policies.verify_reads:
+            _check_hash(cid, data)
+        return data
+
+    @_storage_errors
+    def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
+        self._maintain()
+        hold_id = uuid.uuid4().hex
+        res = self._open(cid, lid, hold_id)
+        size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
+        try:
+            if self.policies.verify_reads:
+                hasher = new_hasher(cid.algorithm)
+                for off in range(0, size, cs):
+                    hasher.update(self._fetch(cid, token, n, cs, size, off, cs))
+                if hasher.digest() != cid.digest:
+                    raise IntegrityError(f"data does not hash to {cid}")
+        except BaseException:
+            self._release_reader(cid, hold_id)
+            raise
+        pid = os.getpid()
+        ref = weakref.ref(self)
+
+        @_storage_errors
+        def fetch(offset: int, length: int) -> bytes:
+            storage = ref()
+            if storage is None or storage._closed:
+                raise StorageError("the storage is closed")
+            return storage._fetch(cid, token, n, cs, size, offset, length)
+
+        def release() -> None:
+            storage = ref()
+            if storage is None or storage._closed or os.getpid() != pid:
+                return
+            try:
+                storage._release_reader(cid, hold_id)
+            except redis.exceptions.RedisError:
+                with storage._lock:
+                    storage._pending_releases.append((cid, hold_id))
+
+        return BlobReader(RangeSource(fetch), size, release)
+
+    def _release_reader(self, cid: ContentId, hold_id: str) -> None:
+        res = self._ev("end", self._ckeys(cid), ["R", hold_id, "", time.time()])
+        if int(res[1]):
+            self._unreferenced(cid, int(res[2]))
+        self._r.srem(self._proc_key(self._owner(os.getpid())), f"R {cid} {hold_id}")
+
+    @_storage_errors
+    def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        self._maintain()
+        res = self._ev("end", self._ckeys(cid), ["L", str(lid), "", time.time()])
+        if int(res[1]):
+            self._unreferenced(cid, int(res[2]))
+        if int(res[0]):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.srem(self._proc_key(self._owner(lid.pid)), f"L {cid} {lid}")
+            pipe.zrem(self._k_exp, f"{cid} {lid}")
+            pipe.execute()
+
+    @_storage_errors
+    def _advise_of_pid(self, pid: int) -> None:
+        self._maintain()
+        start = process_start_time(pid)
+        if start is None:
+            return
+        owner = self._owner(pid)
+        known = self._r.hget(self._k_procs, owner)
+        if known is not None and start and float(_s(known)) and not is_alive(pid, float(_s(known))):
+            self._terminate(owner)
+            self._r.hdel(self._k_procs, owner)
+        self._vouch(pid)
+        self._r.hset(self._k_procs, owner, repr(start))
+
+    @_storage_errors
+    def _advise_pid_terminated(self, pid: int) -> None:
+        self._maintain()
+        owner = self._owner(pid)
+        self._terminate(owner)
+        self._r.hdel(self._k_procs, owner)
+
+    @_storage_errors
+    def _contains(self, cid: ContentId) -> bool:
+        self._maintain()
+        return bool(self._r.exists(self._base(cid) + "m"))
+
+    @_storage_errors
+    def _stat(self, cid: ContentId) -> BlobInfo:
+        self._maintain()
+        keys = self._ckeys(cid)
+        meta, leases, readers = self._run_pipe(
+            lambda p: [p.hmget(keys[0], "s", "cr", "a"), p.hvals(keys[1]), p.hlen(keys[2])]
+        )
+        if meta[0] is None:
+            raise ContentNotFound(cid)
+        now = time.time()
+        live = 0
+        for value in leases:
+            exp, _, _ = _parse_lease_value(value)
+            if exp is None or exp > now:
+                live += 1
+        return BlobInfo(cid, int(meta[0]), live, int(readers), float(meta[1]), float(meta[2]))
+
+    def _present(self) -> list[str]:
+        """Content ids in the LRU index whose meta exists."""
+        cids = [_s(c) for c in self._r.zrange(self._k_lru, 0, -1)]
+        found = self._each(cids, lambda p, c: p.exists(self._base(c) + "m"))
+        return [c for c, x in zip(cids, found, strict=True) if x]
+
+    @_storage_errors
+    def _iter_content(self) -> list[ContentId]:
+        self._maintain()
+        return [ContentId.parse(c) for c in self._present()]
+
+    def _all_leases(self, cids: list[str]) -> Iterator[tuple[str, str, Any, dict[Any, Any]]]:
+        """(content id, lease id, lease value, readers) for every content."""
+        for i in range(0, len(cids), _BATCH):
+            batch = cids[i : i + _BATCH]
+
+            def build(p: Any, b: list[str] = batch) -> None:
+                for c in b:
+                    p.hgetall(self._base(c) + "l")
+                    p.hgetall(self._base(c) + "r")
+
+            res = self._run_pipe(build)
+            for k, c in enumerate(batch):
+                leases, readers = res[2 * k], res[2 * k + 1]
+                if not leases:
+                    yield c, "", None, readers
+                for lid, value in leases.items():
+                    yield c, _s(lid), value, readers
+
+    @_storage_errors
+    def _iter_leases(self) -> list[LeaseInfo]:
+        self._maintain()
+        now = time.time()
+        out: list[LeaseInfo] = []
+        for cid_text, lid_text, value, _ in self._all_leases(self._present()):
+            if value is None:
+                continue
+            exp, detached, _owner = _parse_lease_value(value)
+            if exp is not None and exp <= now:
+                continue
+            lid = LeaseId.parse(lid_text)
+            out.append(LeaseInfo(lid, ContentId.parse(cid_text), lid.pid, exp, detached))
+        return out
+
+    @_storage_errors
+    def _stats(self) -> StorageStats:
+        self._maintain()
+        present = self._present()
+        now = time.time()
+        leases = readers = 0
+        owners: set[str] = set()
+        seen_readers: set[str] = set()
+        for cid_text, _lid, value, holds in self._all_leases(present):
+            if cid_text not in seen_readers:
+                seen_readers.add(cid_text)
+                readers += len(holds)
+                owners.update(_s(o) for o in holds.values())
+            if value is None:
+                continue
+            exp, _, _ = _parse_lease_value(value)
+            if exp is not None and exp <= now:
+                continue
+            leases += 1
+            owners.add(_parse_lease_value(value)[2])
+        total, reserved, dedup, retb, nret = self._run_pipe(
+            lambda p: [
+                p.get(self._k_bytes),
+                p.get(self._k_resb),
+                p.get(self._k_dedup),
+                p.get(self._k_retb),
+                p.zcard(self._k_ret),
+            ]
+        )
+        return StorageStats(
+            blobs=len(present),
+            bytes=int(total or 0) - int(reserved or 0),
+            leases=leases,
+            processes=len(owners),
+            dedup_hits=int(dedup or 0),
+            readers=readers,
+            retained_blobs=int(nret),
+            retained_bytes=int(retb or 0),
+        )
+
+    # -- collect and verify ----------------------------------------------------------
+
+    def _scan(self, pattern: str) -> list[str]:
+        return [_s(k) for k in self._r.scan_iter(match=pattern, count=_SCAN_COUNT)]
+
+    def _metas(self) -> dict[str, dict[str, str]]:
+        """Every content's meta found by scanning the keyspace (the repair view)."""
+        keys = [
+            k
+            for k in self._scan(f"{self._namespace}:{{*}}:m")
+            if not k.startswith(f"{self._namespace}:{{p:")
+        ]
+        out: dict[str, dict[str, str]] = {}
+        res = self._each(keys, lambda p, k: p.hgetall(k))
+        for key, meta in zip(keys, res, strict=True):
+            if meta:
+                cid_text = key[len(self._namespace) + 2 : -3]
+                out[cid_text] = {_s(k): _s(v) for k, v in meta.items()}
+        return out
+
+    def _writer_dead(self, token: str, heartbeats: dict[str, bool]) -> bool:
+        """Whether the writer named in an upload token is gone (so its staging
+        keys and reservation are leftovers)."""
+        host, pid_text = [*token.split("/"), "", ""][:2]
+        owner = f"{host}/{pid_text}"
+        if host == self.host_id and pid_text == str(os.getpid()):
+            with self._lock:
+                return token not in self._active_tokens
+        return self._is_dead(owner, 0.0, heartbeats.get(owner, False))
+
+    @_storage_errors
+    def _collect(self) -> CollectReport:
+        self._check_open()
+        self._ensure_process()
+        with self._reap_lock:
+            self._flush_touches()
+            before = self._r.get(self._k_bytes), self._r.get(self._k_resb)
+            before_blobs = len(self._present())
+            expired = self._expire()
+            leases, readers, procs = self._reap_dead()
+            self._next_reap = time.monotonic() + self.policies.reap_interval
+            more_leases, more_readers, rows = self._sweep()
+            after_blobs = len(self._present())
+            after = self._r.get(self._k_bytes), self._r.get(self._k_resb)
+        freed = (int(before[0] or 0) - int(before[1] or 0)) - (
+            int(after[0] or 0) - int(after[1] or 0)
+        )
+        return CollectReport(
+            leases_reaped=leases + expired + more_leases,
+            readers_reaped=readers + more_readers,
+            processes_reaped=procs,
+            blobs_deleted=max(before_blobs - after_blobs, 0),
+            bytes_freed=max(freed, 0),
+            rows_removed=rows,
+        )
+
+    def _sweep(self) -> tuple[int, int, int]:
+        """The repair pass of collect(): every content's leases and holds are
+        checked against their owners' liveness (so a crash between a
+        content's script and the global bookkeeping cannot leak), unreferenced
+        content not retained is deleted, and the global index, staging keys
+        and reservations of dead writers are reconciled. Returns (leases,
+        readers, index rows and keys removed)."""
+        metas = self._metas()
+        retained = {_s(c) for c in self._r.zrange(self._k_ret, 0, -1)}
+        owners: set[str] = set()
+        rows: list[tuple[str, str, Any, dict[Any, Any]]] = list(self._all_leases(list(metas)))
+        for _c, _l, value, holds in rows:
+            if value is not None:
+                owners.add(_parse_lease_value(value)[2])
+            owners.update(_s(o) for o in holds.values())
+        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_procs).items()}
+        owners.update(procs)
+        beats = self._heartbeats(sorted(owners))
+        dead = {o for o in owners if self._is_dead(o, float(procs.get(o) or 0), beats[o])}
+        now = time.time()
+        leases = readers = removed = 0
+        done_readers: set[str] = set()
+        for cid_text, lid_text, value, holds in rows:
+            if cid_text not in done_readers:
+                done_readers.add(cid_text)
+                for hold_id, owner in holds.items():
+                    if _s(owner) in dead:
+                        res = self._ev(
+                            "end", self._ckeys(cid_text), ["RO", _s(hold_id), _s(owner), now]
+                        )
+                        readers += int(res[0])
+            if value is None:
+                continue
+            exp, detached, owner = _parse_lease_value(value)
+            if exp is not None and exp <= now:
+                res = self._ev("end", self._ckeys(cid_text), ["LE", lid_text, "", now])
+                leases += int(res[0])
+            elif owner in dead and not detached:
+                res = self._ev("end", self._ckeys(cid_text), ["LO", lid_text, owner, now])
+                leases += int(res[0])
+        # Content nobody holds that is not in the retained set: finish its
+        # unreferenced step (retain or delete).
+        for cid_text, meta in metas.items():
+            keys = self._ckeys(cid_text)
+            nleases, nreaders = self._run_pipe(
+                lambda p, k=keys: [p.hvals(k[1]), p.hlen(k[2])]  # type: ignore[misc]
+            )
+            live = [v for v in nleases if (_parse_lease_value(v)[0] or math.inf) > now]
+            if not live and not int(nreaders) and cid_text not in retained:
+                self._unreferenced(ContentId.parse(cid_text), int(meta.get("s", 0)))
+        # The index: entries whose content is gone, reservations of dead
+        # writers; content missing from the index.
+        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_idx).items()}
+        metas = self._metas()
+        writers = {t.split(" ")[4] for t in index.values() if len(t.split(" ")) >= 5}
+        beats = self._heartbeats(sorted(writers | {self._owner(os.getpid())}))
+        for cid_text, value in index.items():
+            fields = value.split(" ")
+            found = metas.get(cid_text)
+            if found is not None and found.get("t") == fields[1]:
+                continue
+            if found is not None:
+                self._ev(
+                    "idx_commit", self._g_idx()[:4], [cid_text, found.get("s", 0), found["t"], now]
+                )
+                continue
+            if (
+                len(fields) >= 5
+                and fields[2] == "R"
+                and float(fields[3]) > now
+                and not self._writer_dead(fields[1], beats)
+            ):
+                continue
+            removed += int(self._ev("idx_remove", self._g_idx(), [cid_text, fields[1]]))
+        for cid_text, meta in metas.items():
+            if cid_text not in index:
+                self._ev(
+                    "idx_commit",
+                    self._g_idx()[:4],
+                    [cid_text, meta.get("s", 0), meta.get("t", ""), now],
+                )
+        # Staging chunks of dead writers and chunks no meta names.
+        stray = self._stray_chunks(metas, beats, include_live_staging=False)
+        removed += self._drop_stray(stray)
+        self._ev(
+            "retain",
+            [self._k_ret, self._k_rsz, self._k_retb],
+            ["", now, 0, self.policies.retain_bytes],
+        )
+        # Leases and reader hashes without a meta.
+        removed += self._drop_stray(self._orphan_hashes(metas))
+        return leases, readers, removed
+
+    def _stray_chunks(
+        self,
+        metas: dict[str, dict[str, str]],
+        beats: dict[str, bool],
+        *,
+        include_live_staging: bool,
+    ) -> list[str]:
+        """Chunk keys that belong to no committed blob: staging of dead writers
+        (and of live ones when ``include_live_staging``) and committed-looking
+        chunks no meta names."""
+        out: list[str] = []
+        pattern = f"{self._namespace}:{{*}}:c:*"
+        keys = self._scan(pattern)
+        writers: set[str] = set()
+        parsed: list[tuple[str, str, str, int]] = []
+        for key in keys:
+            m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:c:([^:]+):(\d+)", key)
+            if m is None:
+                continue
+            cid_text, token, index = m.group(1), m.group(2), int(m.group(3))
+            parsed.append((key, cid_text, token, index))
+            writers.add("/".join(token.split("/")[:2]))
+        missing = sorted(w for w in writers if w not in beats)
+        if missing:
+            beats = {**beats, **self._heartbeats(missing)}
+        for key, cid_text, token, index in parsed:
+            meta = metas.get(cid_text)
+            if meta is not None and meta.get("t") == token and index < int(meta.get("n", 0)):
+                continue
+            if (
+                self._r.pttl(key) > 0
+                and not include_live_staging
+                and not self._writer_dead(token, beats)
+            ):
+                continue
+            out.append(key)
+        return out
+
+    def _drop_stray(self, keys: list[str]) -> int:
+        """Delete content keys that no meta names, rechecking each atomically
+        in its content's slot (content committed since the scan is kept)."""
+        by_content: dict[str, list[str]] = {}
+        pattern = re.compile(re.escape(self._namespace) + r":\{([^}]*)\}:(.+)")
+        for key in keys:
+            m = pattern.fullmatch(key)
+            if m is not None:
+                by_content.setdefault(m.group(1), []).append(m.group(2))
+        deleted = 0
+        for cid_text, suffixes in by_content.items():
+            base = self._base(cid_text)
+            for i in range(0, len(suffixes), _BATCH):
+                batch = suffixes[i : i + _BATCH]
+                deleted += int(self._ev("drop_stray", [base + "m"], [base, *batch]))
+        return deleted
+
+    def _each(self, items: list[str], command: Callable[[Any, str], object]) -> list[Any]:
+        """``command(pipe, item)`` for every item, pipelined in batches; the replies."""
+        out: list[Any] = []
+        for i in range(0, len(items), _BATCH):
+            batch = items[i : i + _BATCH]
+
+            def build(pipe: Any, b: list[str] = batch) -> None:
+                for item in b:
+                    command(pipe, item)
+
+            out.extend(self._run_pipe(build))
+        return out
+
+    def _orphan_hashes(self, metas: dict[str, dict[str, str]]) -> list[str]:
+        out: list[str] = []
+        for suffix in ("l", "r"):
+            for key in self._scan(f"{self._namespace}:{{*}}:{suffix}"):
+                m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:[lr]", key)
+                if m is None or m.group(1).startswith("p:"):
+                    continue
+                if m.group(1) not in metas:
+                    out.append(key)
+        return out
+
+    @_storage_errors
+    def _verify(self, repair: bool) -> VerifyReport:
+        self._maintain()
+        metas = self._metas()
+        report = VerifyReport(checked=len(metas))
+        for cid_text, meta in sorted(metas.items()):
+            cid = ContentId.parse(cid_text)
+            size, n, cs, token = int(meta["s"]), int(meta["n"]), int(meta["c"]), meta["t"]
+            hasher = new_hasher(cid.algorithm)
+            prefix = f"{self._base(cid)}c:{token}:"
+            found = bad = 0
+            for i in range(n):
+                piece = self._r.get(prefix + str(i))
+                want = cs if i < n - 1 else size - (n - 1) * cs
+                if piece is None:
+                    bad += 1
+                    continue
+                found += 1
+                if len(piece) != want:
+                    bad += 1
+                hasher.update(piece)
+            if n and not found:
+                report.missing.append(cid)
+            elif bad or hasher.digest() != cid.digest:
+                report.corrupted.append(cid)
+        beats = self._heartbeats([self._owner(os.getpid())])
+        stray = self._stray_chunks(metas, beats, include_live_staging=False)
+        orphans = self._orphan_hashes(metas)
+        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_idx).items()}
+        stale = [
+            c
+            for c, v in index.items()
+            if c not in metas and not (len(v.split(" ")) >= 5 and v.split(" ")[2] == "R")
+        ]
+        report.orphaned.extend(stray + orphans + [f"{self._k_idx}/{c}" for c in stale])
+        if repair and report:
+            for cid in report.corrupted + report.missing:
+                self._delete(str(cid), "force")
+            self._drop_stray(stray + orphans)
+            for c in stale:
+                self._ev("idx_remove", self._g_idx(), [c, ""])
+            report.repaired = True
+        return report
+
+    @_storage_errors
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            hb = self._heartbeat
+        if hb is not None:
+            hb.stop.set()
+        with contextlib.suppress(Exception):
+            self._flush_touches()
+        with contextlib.suppress(Exception):
+            self._r.close()
+
+    # -- test support ----------------------------------------------------------
+
+    def _chunk_keys_for_tests(self, cid: ContentId) -> list[str]:
+        """The keys of a committed blob's chunks, in order (fault-injection hook)."""
+        meta = self._r.hgetall(self._base(cid) + "m")
+        token, n = _s(meta[b"t"]), int(meta[b"n"])
+        return [f"{self._base(cid)}c:{token}:{i}" for i in range(n)]
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (for tests and tools)."""
+        return self._r
+
+
+@contextlib.contextmanager
+def _storage_error_context() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
+    storage = ref()
+    if storage is None:
+        return
+    storage._lock = threading.RLock()
+    storage._reap_lock = threading.Lock()
+    storage._touches = {}
+    storage._active_tokens = set()
+    storage._pending_releases = []
+
+
+def _memory_chunks(data: memoryview, size: int) -> Iterator[memoryview]:
+    for off in range(0, len(data), size):
+        yield data[off : off + size]
+
+
+def _check_hash(cid: ContentId, data: Any) -> None:
+    hasher = new_hasher(cid.algorithm)
+    hasher.update(data)
+    if hasher.digest() != cid.digest:
+        raise IntegrityError(f"data does not hash to {cid}")
