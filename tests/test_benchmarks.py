@@ -22,7 +22,7 @@ FIELDS = {"name", "value", "unit", "baseline", "baseline_value", "ratio", "targe
 #: Every row of issue 7, by the id each row name starts with.
 ROW_IDS = [
     "1a", "1b", "2a", "2b", "3", "4a", "4b", "5a", "5b", "5c", "5d",
-    "6a", "6b", "6c", "6d", "7", "8a", "8b", "9", "10",
+    "6a", "6b", "6c", "6d", "6e", "6f", "7", "8a", "8b", "9", "10",
 ]  # fmt: skip
 
 
