@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
@@ -67,6 +67,7 @@ _COPY_CHUNK = 1 << 20
 _MAX_WRITE = 1 << 30
 _ACCESS_FLUSH_SECONDS = 1.0
 _ACCESS_FLUSH_ENTRIES = 512
+_SIZE_CACHE_ENTRIES = 1 << 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _TMP_NAME = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
@@ -84,12 +85,22 @@ _SQL_HELD = (
     "SELECT c.size FROM leases l JOIN content c ON c.cid = l.cid "
     "WHERE l.cid = ?1 AND l.lid = ?2 AND (l.expires_at IS NULL OR l.expires_at > ?3)"
 )
+# Holds a lease on content that is present: retained, read, or leased by an
+# unexpired lease (content whose only leases expired is gone, though its row
+# waits for the next expiry pass). A held but expired lease is renewed.
 _SQL_INSERT_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
-    "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content WHERE cid = ?1 "
+    "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content c WHERE c.cid = ?1 AND ("
+    "c.retained IS NOT NULL "
+    "OR EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND (expires_at IS NULL OR expires_at > ?7)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)) "
     "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
     "expires_at = excluded.expires_at, detached = excluded.detached "
     "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= ?7"
+)
+# The first lease of content just added in the same transaction.
+_SQL_INSERT_FIRST_LEASE = (
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
 )
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
 _SQL_REFERENCED = (
@@ -222,6 +233,7 @@ class _Tx:
     db: sqlite3.Connection
     now: float
     doomed: list[str] = field(default_factory=list)
+    flushed: list[tuple[float, str]] = field(default_factory=list)
     deleted: int = 0
     freed: int = 0
 
@@ -267,6 +279,7 @@ class DirectoryStorage(BlobStorage):
         self._mystart = 0.0
         self._proc_recorded = False
         self._access: dict[str, float] = {}
+        self._sizes: dict[str, int] = {}  # content sizes never change: a safe cache
         self._access_flush_at = 0.0
         self._next_reap = 0.0
         self._root_fd = -1
@@ -527,37 +540,62 @@ class DirectoryStorage(BlobStorage):
         return db
 
     @contextlib.contextmanager
-    def _write(self, *, maintain: bool = True) -> Iterator[_Tx]:
-        """A ``BEGIN IMMEDIATE`` transaction; ends expired leases first. Blob
+    def _write(
+        self, *, maintain: bool = True, expire: bool = True, flush: bool = False
+    ) -> Iterator[_Tx]:
+        """A ``BEGIN IMMEDIATE`` transaction; ends expired leases first (if
+        ``expire``) and writes recorded accesses (if ``flush`` or due). Blob
         files of content deleted in it are unlinked after it commits."""
         with self._lock:
-            db = self._op() if maintain else self._conn()
+            tx = self._begin(maintain=maintain, expire=expire, flush=flush)
             try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _error(f"cannot lock the index {self._index_path!r}", exc) from exc
-            tx = _Tx(db, time.time())
-            flushed: list[tuple[float, str]] = []
-            try:
-                if self._access:
-                    flushed = self._flush_access(db)
-                if db.execute(_SQL_EXPIRED, (tx.now,)).fetchone() is not None:
-                    self._expire(tx)
                 yield tx
-                db.execute("COMMIT")
             except BaseException as exc:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                for t, k in flushed:  # rolled back: record them again
-                    self._access[k] = max(t, self._access.get(k, t))
-                if isinstance(exc, sqlite3.Error):
-                    raise _error(f"index operation failed in {self._root!r}", exc) from exc
-                if isinstance(exc, OSError):
-                    raise _error(f"file operation failed in {self._root!r}", exc) from exc
-                raise
-            if tx.doomed:
-                self._unlink_unreferenced(db, tx.doomed)
+                self._abort(tx, exc)
+            self._commit(tx)
+
+    def _begin(self, *, maintain: bool = True, expire: bool = True, flush: bool = False) -> _Tx:
+        """Start a write transaction (call with the lock held; end it with
+        :meth:`_commit` or :meth:`_abort`)."""
+        db = self._op() if maintain else self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _error(f"cannot lock the index {self._index_path!r}", exc) from exc
+        tx = _Tx(db, time.time())
+        try:
+            if self._access and (
+                flush
+                or len(self._access) >= _ACCESS_FLUSH_ENTRIES
+                or time.monotonic() >= self._access_flush_at
+            ):
+                self._flush_access(tx)
+            if expire and db.execute(_SQL_EXPIRED, (tx.now,)).fetchone() is not None:
+                self._expire(tx)
+        except BaseException as exc:
+            self._abort(tx, exc)
+        return tx
+
+    def _commit(self, tx: _Tx) -> None:
+        try:
+            tx.db.execute("COMMIT")
+        except BaseException as exc:
+            self._abort(tx, exc)
+        if tx.doomed:
+            self._unlink_unreferenced(tx.db, tx.doomed)
+
+    def _abort(self, tx: _Tx, exc: BaseException) -> NoReturn:
+        """Roll ``tx`` back and raise ``exc`` (OS and SQLite errors as StorageError)."""
+        if tx.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                tx.db.execute("ROLLBACK")
+        for t, k in tx.flushed:  # rolled back: record them again
+            self._access[k] = max(t, self._access.get(k, t))
+        if isinstance(exc, sqlite3.Error):
+            raise _error(f"index operation failed in {self._root!r}", exc) from exc
+        if isinstance(exc, OSError):
+            raise _error(f"file operation failed in {self._root!r}", exc) from exc
+        raise exc
 
     def _unlink_unreferenced(self, db: sqlite3.Connection, keys: list[str]) -> None:
         """Unlink the files of ``keys`` that no row names, under the write lock
@@ -582,18 +620,23 @@ class DirectoryStorage(BlobStorage):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("COMMIT")
 
-    def _flush_access(self, db: sqlite3.Connection) -> list[tuple[float, str]]:
+    def _flush_access(self, tx: _Tx) -> None:
+        """Write the accesses recorded in this process (LRU order), in ``tx``."""
+        if not self._access:
+            return
         items = [(t, k) for k, t in self._access.items()]
         self._access.clear()
+        tx.flushed.extend(items)
         self._access_flush_at = time.monotonic() + _ACCESS_FLUSH_SECONDS
-        db.executemany("UPDATE content SET last_access = max(last_access, ?) WHERE cid = ?", items)
-        return items
+        tx.db.executemany(
+            "UPDATE content SET last_access = max(last_access, ?) WHERE cid = ?", items
+        )
 
     def _touch(self, key: str, now: float) -> None:
         """Record an access for LRU, written to the index in batches."""
         self._access[key] = now
         if len(self._access) >= _ACCESS_FLUSH_ENTRIES or time.monotonic() >= self._access_flush_at:
-            with self._write(maintain=False):
+            with self._write(maintain=False, expire=False, flush=True):
                 pass
 
     # -- directories and files --------------------------------------------------------
@@ -750,25 +793,42 @@ class DirectoryStorage(BlobStorage):
         return start
 
     def _hold(
-        self, tx: _Tx, key: str, lid: LeaseId, ttl: float | None, detached: bool
+        self,
+        tx: _Tx,
+        key: str,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        *,
+        first: bool = False,
     ) -> tuple[int | None, bool]:
-        """Hold ``(lid, key)``: (the size or None if absent, whether it is new)."""
+        """Hold ``(lid, key)``: (the size or None if absent, whether it is
+        new). ``first``: the content row was just inserted in ``tx``."""
         db = tx.db
         start = 0.0 if detached else self._start_of(db, lid.pid, tx.now)
         expires = None if ttl is None else tx.now + ttl
-        cur = db.execute(
-            _SQL_INSERT_LEASE,
-            (key, str(lid), lid.pid, start, expires, int(detached), tx.now),
-        )
-        row = db.execute(_SQL_CONTENT, (key,)).fetchone()
-        if row is None:
-            return None, False
-        if cur.rowcount <= 0:
-            return int(row[0]), False
-        if row[1] is not None:
-            db.execute("UPDATE content SET retained = NULL WHERE cid = ?", (key,))
+        lkey = str(lid)
+        if first:
+            db.execute(_SQL_INSERT_FIRST_LEASE, (key, lkey, lid.pid, start, expires, int(detached)))
+            inserted = 1
+        else:
+            inserted = db.execute(
+                _SQL_INSERT_LEASE, (key, lkey, lid.pid, start, expires, int(detached), tx.now)
+            ).rowcount
+        size = self._sizes.get(key)
+        if inserted <= 0 or size is None:
+            row = db.execute(_SQL_CONTENT, (key,)).fetchone()
+            if row is None:
+                return None, False
+            size = int(row[0])
+            if len(self._sizes) >= _SIZE_CACHE_ENTRIES:
+                self._sizes.clear()
+            self._sizes[key] = size
+            if inserted <= 0:
+                held = db.execute(_SQL_HELD, (key, lkey, tx.now)).fetchone() is not None
+                return (size if held else None), False
         self._access[key] = tx.now
-        return int(row[0]), True
+        return size, True
 
     def _count_dedup(self, db: sqlite3.Connection) -> None:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
@@ -830,6 +890,7 @@ class DirectoryStorage(BlobStorage):
         if limit is None:
             return
         db = tx.db
+        self._flush_access(tx)
         total = db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0]
         if total + size <= limit:
             return
@@ -939,12 +1000,14 @@ class DirectoryStorage(BlobStorage):
     def _lease_expired(cid: ContentId, lid: LeaseId) -> LeaseExpired:
         return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
 
-    def _read_op(self) -> sqlite3.Connection:
+    def _read_op(self, *, flush: bool = False) -> sqlite3.Connection:
         """Start a read-only operation (lock held): reap if due, end expired
-        leases if any, flush recorded accesses."""
+        leases if any, and (if ``flush``) write recorded accesses."""
         db = self._op()
-        if self._access or db.execute(_SQL_EXPIRED, (time.time(),)).fetchone() is not None:
-            with self._write(maintain=False):
+        if (flush and self._access) or db.execute(
+            _SQL_EXPIRED, (time.time(),)
+        ).fetchone() is not None:
+            with self._write(maintain=False, flush=flush):
                 pass
         return db
 
@@ -1010,7 +1073,7 @@ class DirectoryStorage(BlobStorage):
                         "VALUES (?, ?, ?, ?, NULL)",
                         (key, size, tx.now, tx.now),
                     )
-                    self._hold(tx, key, lid, ttl, detached)
+                    self._hold(tx, key, lid, ttl, detached, first=True)
         except BaseException:
             if placed:
                 self._discard_placed(cid, key)
@@ -1082,8 +1145,15 @@ class DirectoryStorage(BlobStorage):
     def _lease_by_content(
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
-        with self._write() as tx:
-            size, _new = self._hold(tx, str(cid), lid, ttl, detached)
+        key = str(cid)
+        with self._lock:
+            # Expired leases need not be ended first: the insert ignores them.
+            tx = self._begin(expire=False)
+            try:
+                size, _new = self._hold(tx, key, lid, ttl, detached)
+            except BaseException as exc:
+                self._abort(tx, exc)
+            self._commit(tx)
         if size is None:
             raise ContentNotFound(cid)
         return size
@@ -1160,11 +1230,17 @@ class DirectoryStorage(BlobStorage):
 
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         key = str(cid)
-        with self._write() as tx:
-            if tx.db.execute(
-                "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))
-            ).rowcount:
-                self._settle(tx, key)
+        with self._lock:
+            # No need to end expired leases first: settling ignores them.
+            tx = self._begin(expire=False)
+            try:
+                if tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))
+                ).rowcount:
+                    self._settle(tx, key)
+            except BaseException as exc:
+                self._abort(tx, exc)
+            self._commit(tx)
 
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
@@ -1199,7 +1275,7 @@ class DirectoryStorage(BlobStorage):
     def _stat(self, cid: ContentId) -> BlobInfo:
         key = str(cid)
         with self._lock:
-            db = self._read_op()
+            db = self._read_op(flush=True)
             now = time.time()
             row = db.execute(
                 "SELECT size, created, last_access, "
@@ -1404,7 +1480,7 @@ class DirectoryStorage(BlobStorage):
             db = self._db
             if db is not None and self._db_pid == os.getpid():
                 if self._access:
-                    with contextlib.suppress(StorageError), self._write(maintain=False):
+                    with contextlib.suppress(StorageError), self._write(maintain=False, flush=True):
                         pass
                 with contextlib.suppress(sqlite3.Error):
                     db.close()

@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS processes(
     start REAL NOT NULL,
     seen REAL NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS leases_unretain AFTER INSERT ON leases BEGIN
+    UPDATE content SET retained = NULL WHERE cid = NEW.cid AND retained IS NOT NULL;
+END;
 INSERT OR IGNORE INTO meta(key, value) VALUES ('last_reap', 0.0);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('dedup_hits', 0);
 """
@@ -88,6 +91,17 @@ def connect(path: str, *, safe: bool) -> sqlite3.Connection:
     return db
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ``script`` statement by statement inside the open transaction
+    (``executescript`` would commit it)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            db.execute(pending)
+            pending = ""
+
+
 def create_schema(db: sqlite3.Connection) -> None:
     """Create the tables if they do not exist; refuse a newer schema."""
     db.execute("BEGIN IMMEDIATE")
@@ -98,9 +112,7 @@ def create_schema(db: sqlite3.Connection) -> None:
                 f"the index has schema version {version}; this blobleases knows "
                 f"{SCHEMA_VERSION}: upgrade blobleases"
             )
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
+        _run_script(db, _SCHEMA)
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
