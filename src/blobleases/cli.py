@@ -136,7 +136,7 @@ def _store_url() -> str:
         return _state.store
     env = os.environ.get("BLOBLEASES_STORE")
     if env:
-        return env
+        return env if "://" in env else os.path.expanduser(env)
     from .directory import default_root
 
     return str(default_root())
@@ -164,9 +164,11 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_ttl(text: str) -> float:
+def parse_ttl(text: str | float) -> float:
     """Seconds from ``30``, ``30s``, ``10m``, ``2h``, ``1d``, ``1w`` or a sum
     such as ``1h30m``; raises typer.BadParameter (a usage error) otherwise."""
+    if isinstance(text, (int, float)):
+        text = str(text)
     value = text.strip().lower()
     seconds: float | None = None
     try:
@@ -193,9 +195,11 @@ def parse_ttl(text: str) -> float:
 _SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)(i?b?)")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str | int) -> int:
     """Bytes from ``65536``, ``64k``, ``64KiB``, ``1M``, ``1MB`` (K, M, G, T
     are powers of 1024 unless written KB, MB...: powers of 1000)."""
+    if isinstance(text, int):
+        text = str(text)
     match = _SIZE.fullmatch(text.strip().lower())
     if match is None:
         raise typer.BadParameter(f"{text!r} is not a size (use e.g. 65536, 64KiB, 1MiB)")
@@ -956,13 +960,14 @@ def demo(
     _use(None, json_output)
     if blobs < 2 * workers:
         raise typer.BadParameter(
-            f"--blobs ({blobs}) must be at least twice --workers ({workers})",
+            f"must be at least twice --workers ({workers}), not {blobs}",
             param_hint="'--blobs'",
         )
     url = store if store is not None else _state.store  # never $BLOBLEASES_STORE
     config = demo_module.DemoConfig(workers=workers, blobs=blobs, size=size, store=url)
     try:
-        result = demo_module.run_demo(config, console=None if _state.json else _out())
+        console = None if _state.json else Console(highlight=False)
+        result = demo_module.run_demo(config, console=console)
     except (BlobLeaseError, OSError, ValueError) as exc:
         if url is not None:
             raise CliError(f"demo on store {url!r}: {_one_line(exc)}") from exc
@@ -1038,4 +1043,5 @@ def _handle(exc: Exception) -> int:
         return _report(exc, where + _one_line(exc))
     if isinstance(exc, (BlobLeaseError, OSError, ValueError, TypeError, ImportError)):
         return _report(exc, _one_line(exc))
-    raise exc
+    hint = "" if _state.debug else " (rerun with --debug for the traceback)"
+    return _report(exc, f"internal error: {type(exc).__name__}: {_one_line(exc)}{hint}")

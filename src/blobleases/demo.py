@@ -236,20 +236,22 @@ class _Display:
         self.status = ""
         if self.live is not None:
             self.live.stop()
+            if not self.live.console.is_terminal:
+                self.live.console.line()  # the final frame ends without a newline
 
     def log(self, message: str) -> None:
         if self.console is not None:
             self.console.print(message, highlight=False)
 
     def render(self) -> RenderableType:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column("worker", justify="right")
         table.add_column("pid", justify="right")
         table.add_column("role")
         table.add_column("leases", justify="right")
-        table.add_column("verified reads", justify="right")
-        table.add_column("MB verified", justify="right")
-        table.add_column("failures", justify="right")
+        table.add_column("reads", justify="right")
+        table.add_column("MB read", justify="right")
+        table.add_column("bad", justify="right")
         table.add_column("status")
         for w in self.workers:
             base = w.index * _NCOUNTERS
@@ -323,8 +325,8 @@ def _run(
     where = "a temporary directory store" if temporary else storage.url
     if console is not None:
         console.print(
-            f"[bold]blobleases demo[/]: {config.workers} worker processes, {config.blobs} blobs "
-            f"of {size:,} bytes ({config.duplicates} duplicates) on {where}",
+            f"[bold]blobleases demo[/]: {config.workers} worker processes, {config.blobs} "
+            f"blobs of {_size_text(size)}, on {where}",
             highlight=False,
         )
 
@@ -379,18 +381,17 @@ def _run(
     display = _Display(console, workers, counters)
     with display:
         display.log(
-            f"[green]✓[/] producer stored {config.blobs} blobs: {unique} unique "
-            f"({stored_bytes / 1e6:.1f} MB) and [bold]{dedup_hits} dedup hits[/] "
-            f"in {store_seconds:.2f} s"
+            f"[green]✓[/] producer stored {config.blobs} blobs: {unique} unique, "
+            f"{dedup_hits} dedup hits ({stored_bytes / 1e6:.1f} MB in {store_seconds:.2f} s)"
         )
         display.status = "starting workers…"
         ready_ok = _await_ready(workers)
-        if not check("workers lease their blobs by content id", ready_ok, _worker_errors(workers)):
+        if not check("workers lease blobs by content id", ready_ok, _worker_errors(workers)):
             return _result(config, storage, workers, counters, invariants, t0, t_work, dedup_hits)
         total_leases = sum(w.leases for w in workers)
         display.log(
-            f"[green]✓[/] {config.workers} workers leased {total_leases} blobs by content id "
-            "and verified their hashes"
+            f"[green]✓[/] {config.workers} worker processes took {total_leases} leases by "
+            "content id; hashes verified"
         )
 
         # 3. The producer lets go: every blob is now held only by workers.
@@ -403,8 +404,8 @@ def _run(
             cids[i] for i in range(unique) if 0 in holders[i] and len(holders[i]) > 1
         ]
         display.log(
-            "[green]✓[/] producer dropped its leases: each blob is now held only by "
-            f"workers; {len(victim_only)} only by worker 0"
+            f"[green]✓[/] producer dropped its leases: {len(victim_only)} blobs are now "
+            "held by worker 0 alone"
         )
 
         # 4. Work: everyone re-reads and verifies; then SIGKILL the victim.
@@ -423,7 +424,7 @@ def _run(
         victim_held = [h for h in storage.iter_leases() if h.pid == victim.pid]
         present_before = all(storage.contains(c) for c in victim_only)
         check(
-            "the victim holds leases, some on content only it holds",
+            "the victim holds content no one else holds",
             bool(victim_held) and bool(victim_only) and present_before,
             f"{len(victim_held)} leases, {len(victim_only)} blobs only it holds",
         )
@@ -432,9 +433,8 @@ def _run(
         victim.status = "[bold red]SIGKILLed[/]"
         t_kill = time.monotonic()
         display.log(
-            f"[bold red]☠[/] SIGKILL → worker 0 (pid {victim.pid}) mid-work, holding "
-            f"{len(victim_held)} leases; {len(victim_only)} blobs "
-            f"({len(victim_only) * size / 1e6:.1f} MB) are held by nobody else"
+            f"[bold red]☠[/] SIGKILL worker 0 (pid {victim.pid}) mid-work: "
+            f"{len(victim_held)} leases, {len(victim_only)} blobs only it holds"
         )
 
         # 5. Watch the live processes reap its leases, then collect().
@@ -451,20 +451,18 @@ def _run(
         reaped_before_collect = remaining == 0 and bool(victim_held)
         if reaped_before_collect:
             display.log(
-                f"[green]✓[/] live processes reaped the {len(victim_held)} leases of dead pid "
-                f"{victim.pid} after {time.monotonic() - t_kill:.2f} s (no call needed)"
+                f"[green]✓[/] its {len(victim_held)} leases were reaped by the live workers "
+                f"{time.monotonic() - t_kill:.2f} s after the kill"
             )
         report = storage.collect()
         left = [h for h in storage.iter_leases() if h.pid == victim.pid]
         leases_reaped = len(victim_held) - len(left)
         gone = [c for c in victim_only if not storage.contains(c)]
         bytes_freed = len(gone) * size
+        mark = "[green]✓[/]" if not left and len(gone) == len(victim_only) else "[red]✗[/]"
         display.log(
-            f"[green]✓[/] collect(): reaped {report.leases_reaped} leases, deleted "
-            f"{report.blobs_deleted} blobs ({report.bytes_freed / 1e6:.1f} MB); "
-            f"the dead worker's {len(victim_held)} leases: {len(left)} left; "
-            f"content only it held: {len(victim_only) - len(gone)} of {len(victim_only)} "
-            "blobs left"
+            f"{mark} collect(): {len(left)} of its leases left; {len(gone)} of the "
+            f"{len(victim_only)} blobs only it held freed ({bytes_freed / 1e6:.1f} MB)"
         )
         check(
             "the killed worker's leases are reaped",
@@ -472,13 +470,13 @@ def _run(
             f"{leases_reaped} of {len(victim_held)} reaped",
         )
         check(
-            "content only the killed worker held is collected",
+            "content only it held is collected",
             len(gone) == len(victim_only) and bytes_freed > 0,
             f"{len(gone)} of {len(victim_only)} blobs gone, {bytes_freed} bytes freed",
         )
         kept = [c for c in shared_with_victim if storage.contains(c)]
         check(
-            "content the killed worker shared is kept",
+            "content it shared is kept",
             len(kept) == len(shared_with_victim),
             f"{len(kept)} of {len(shared_with_victim)} shared blobs present",
         )
@@ -492,15 +490,15 @@ def _run(
         leases_after = sum(w.leases for w in survivors)
         fails = sum(int(counters[w.index * _NCOUNTERS + _FAILS]) for w in survivors)
         check(
-            "every other lease reads verified bytes, before and after the reap",
+            "every other lease reads verified bytes",
             finished and fails == 0 and reads_after == leases_after,
             f"{reads_after} of {leases_after} leases verified after the reap, "
             f"{fails} failed reads" + (f": {survivors_failures(survivors)}" if fails else ""),
         )
         if finished and fails == 0:
             display.log(
-                f"[green]✓[/] {len(survivors)} survivors re-read all {leases_after} of their "
-                "leases after the reap: every byte verified"
+                f"[green]✓[/] {len(survivors)} survivors re-read their {leases_after} leases "
+                "after the reap: all bytes verified"
             )
         for w in survivors:
             w.process.join(timeout=WAIT_TIMEOUT)
@@ -517,30 +515,31 @@ def _run(
         storage.collect()
         leaked = [c for c in cids if storage.contains(c)]
         check(
-            "nothing leaks: every blob is gone once its last lease ends",
+            "nothing leaks",
             not leaked,
             f"{len(leaked)} of {unique} blobs still present",
         )
         if temporary:
             st = storage.stats()
             check(
-                "the store is empty at the end",
+                "the store ends empty",
                 st.blobs == 0 and st.leases == 0,
                 f"{st.blobs} blobs, {st.leases} leases",
             )
         check(
-            "dedup: duplicate stores found their content present",
+            "duplicates are dedup hits",
             dedup_hits >= config.duplicates,
             f"{dedup_hits} dedup hits for {config.duplicates} duplicates",
         )
         vreport = storage.verify()
         check(
-            "verify() finds nothing wrong",
+            "verify() is clean",
             not vreport,
             f"{len(vreport.corrupted)} corrupted, {len(vreport.missing)} missing, "
             f"{len(vreport.orphaned)} orphaned",
         )
-        display.log("[green]✓[/] nothing leaked; verify() finds nothing wrong")
+        if not leaked and not vreport:
+            display.log("[green]✓[/] nothing leaked; verify() is clean")
 
     result = _result(
         config,
@@ -659,32 +658,34 @@ def _result(
     )
 
 
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % (scale // 1024 or 1) == 0:
+            return f"{n / scale:g} {unit}"
+    return f"{n} bytes"
+
+
 def _print_summary(console: Console, result: DemoResult) -> None:
-    table = Table(title="blobleases demo", box=box.ROUNDED, title_style="bold")
-    for name in (
-        "blobs",
-        "bytes",
-        "dedup hits",
-        "throughput",
-        "leases reaped",
-        "bytes freed",
-        "seconds",
-    ):
-        table.add_column(name, justify="right")
-    table.add_row(
-        f"{result.blobs} ({result.unique_blobs} unique)",
-        f"{result.bytes / 1e6:.1f} MB",
-        str(result.dedup_hits),
-        f"{result.throughput_mb_s:.0f} MB/s",
-        f"{result.leases_reaped} of {result.victim_leases}",
-        f"{result.bytes_freed / 1e6:.1f} MB",
-        f"{result.seconds:.1f}",
+    held = len([inv for inv in result.invariants if inv.ok])
+    verdict = (
+        f"[bold green]all {held} invariants hold[/]"
+        if result.ok
+        else f"[bold red]{len(result.failed)} of {len(result.invariants)} invariants failed[/]"
     )
+    table = Table(box=box.ROUNDED, show_header=False, title="blobleases demo", title_style="bold")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("blobs", f"{result.blobs} ({result.unique_blobs} unique)")
+    table.add_row("bytes", f"{result.bytes / 1e6:.1f} MB")
+    table.add_row("dedup hits", str(result.dedup_hits))
+    table.add_row("throughput", f"{result.throughput_mb_s:.0f} MB/s verified reads")
+    table.add_row("leases reaped", f"{result.leases_reaped} of {result.victim_leases}")
+    table.add_row("bytes freed", f"{result.bytes_freed / 1e6:.1f} MB")
+    table.add_row("seconds", f"{result.seconds:.1f}")
     console.print(table)
     for inv in result.invariants:
-        mark = "[green]✓[/]" if inv.ok else "[bold red]✗[/]"
-        console.print(f"{mark} {inv.name} [dim]({inv.detail})[/]", highlight=False)
-    if result.ok:
-        console.print("[bold green]all invariants hold[/]")
-    else:
-        console.print(f"[bold red]{len(result.failed)} invariant(s) failed[/]")
+        if inv.ok:
+            console.print(f"[green]✓[/] {inv.name}", highlight=False)
+        else:
+            console.print(f"[bold red]✗ {inv.name}[/]: {inv.detail}", highlight=False)
+    console.print(verdict)
