@@ -41,28 +41,26 @@ local function mark_if_unreferenced(m, l, r, now)
 end
 
 local function delete_content(m, l, r, base)
-  local meta = redis.call('HMGET', m, 's', 'n', 't')
+  local meta = redis.call('HMGET', m, 's', 'n')
   local n = tonumber(meta[2]) or 0
-  if meta[3] then
-    local prefix = base .. 'c:' .. meta[3] .. ':'
-    for i = 0, n - 1 do
-      redis.call('UNLINK', prefix .. i)
-    end
+  for i = 0, n - 1 do
+    redis.call('UNLINK', base .. 'd:' .. i)
   end
   redis.call('UNLINK', m, l, r)
   return tonumber(meta[1]) or 0
 end
 
--- Hold a lease on present content. Returns {status, size, was_unreferenced}:
--- status 0 absent, 1 already held, 2 newly held.
+-- Hold a lease on present content. Returns {status, size, was_unreferenced,
+-- token}: status 0 absent, 1 already held, 2 newly held.
 local function hold(m, l, lid, val, now)
   local s = redis.call('HGET', m, 's')
   if not s then
     return {0, 0, 0}
   end
+  local t = redis.call('HGET', m, 't')
   local cur = redis.call('HGET', l, lid)
   if cur and not is_expired(cur, now) then
-    return {1, tonumber(s), 0}
+    return {1, tonumber(s), 0, t}
   end
   redis.call('HSET', l, lid, val)
   local u = redis.call('HGET', m, 'u')
@@ -71,7 +69,27 @@ local function hold(m, l, lid, val, now)
   if u and u ~= '' then
     was = 1
   end
-  return {2, tonumber(s), was}
+  return {2, tonumber(s), was, t}
+end
+
+-- After a lease or hold ended: {1, 0, 0} while referenced; else delete the
+-- content at once when it is larger than the retention limit (returning
+-- {1, 2, size, token}) or mark it unreferenced for the caller to retain
+-- ({1, 1, size}).
+local function after_end(m, l, r, base, now, retain_limit)
+  local s = redis.call('HGET', m, 's')
+  if not s then
+    return {1, 0, 0}
+  end
+  if mark_if_unreferenced(m, l, r, now) == 0 then
+    return {1, 0, 0}
+  end
+  if tonumber(s) > retain_limit then
+    local t = redis.call('HGET', m, 't')
+    delete_content(m, l, r, base)
+    return {1, 2, tonumber(s), t}
+  end
+  return {1, 1, tonumber(s)}
 end
 
 --@ hold
@@ -80,10 +98,11 @@ return hold(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 
 --@ commit
 -- KEYS meta, leases; ARGV base, token, chunk count, size, chunk size, now,
--- lease id, lease value, [data of the only chunk]
--- Returns hold()'s triple when the content is already present (our chunks
--- are dropped), {3, size, 0} when committed, {-1, bad chunk index} when a
--- staged chunk is missing or has the wrong length (nothing committed).
+-- lease id, lease value. The staged chunks c:<token>:<i> become the blob's
+-- chunks d:<i>. Returns hold()'s answer when the content is already present
+-- (the staged chunks are dropped), {3, size, 0, token} when committed,
+-- {-1, bad chunk index} when a staged chunk is missing or has the wrong
+-- length (nothing committed).
 local m, l = KEYS[1], KEYS[2]
 local n, size, cs = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = tonumber(ARGV[6])
@@ -93,9 +112,6 @@ if redis.call('EXISTS', m) == 1 then
     redis.call('UNLINK', prefix .. i)
   end
   return hold(m, l, ARGV[7], ARGV[8], now)
-end
-if ARGV[9] then
-  redis.call('SET', prefix .. '0', ARGV[9])
 end
 for i = 0, n - 1 do
   local want = cs
@@ -110,19 +126,21 @@ for i = 0, n - 1 do
   end
 end
 for i = 0, n - 1 do
-  redis.call('PERSIST', prefix .. i)
+  local final = ARGV[1] .. 'd:' .. i
+  redis.call('RENAME', prefix .. i, final)
+  redis.call('PERSIST', final)
 end
 local t = tostring(now)
 redis.call('HSET', m, 's', size, 'n', n, 'c', cs, 't', ARGV[2], 'cr', t, 'a', t, 'u', '')
 redis.call('HSET', l, ARGV[7], ARGV[8])
-return {3, size, 0}
+return {3, size, 0, ARGV[2]}
 
 --@ read
 -- KEYS meta, leases, readers; ARGV base, lease id, now, hold id, owner,
--- inline limit. Returns {0} when the lease is not held (or the content is
--- gone), {-1, unreferenced, size} when it just expired, else
--- {1, size, chunk count, chunk size, token[, data of the only chunk]}; with a
--- hold id the reader's hold is recorded.
+-- unused. Returns {0} when the lease is not held (or the content is gone),
+-- {-1, ...} when it just expired, else {1, size, chunk count, chunk size,
+-- token}; with a hold id the reader's hold is recorded. ARGV[7] is the retention limit
+-- (see after_end).
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[3])
 local meta = redis.call('HMGET', m, 's', 'n', 'c', 't')
@@ -135,26 +153,21 @@ if not v then
 end
 if is_expired(v, now) then
   redis.call('HDEL', l, ARGV[2])
-  return {-1, mark_if_unreferenced(m, l, r, now), tonumber(meta[1])}
+  local res = after_end(m, l, r, ARGV[1], now, tonumber(ARGV[7]))
+  res[1] = -1
+  return res
 end
 redis.call('HSET', m, 'a', tostring(now))
 if ARGV[4] ~= '' then
   redis.call('HSET', r, ARGV[4], ARGV[5])
 end
-local out = {1, tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3]), meta[4]}
-if tonumber(meta[2]) == 1 and tonumber(meta[1]) <= tonumber(ARGV[6]) then
-  local data = redis.call('GET', ARGV[1] .. 'c:' .. meta[4] .. ':0')
-  if data then
-    out[6] = data
-  end
-end
-return out
+return {1, tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3]), meta[4]}
 
 --@ end
--- KEYS meta, leases, readers; ARGV mode, id, owner, now. Modes: L (drop a
--- lease), LO (end a non-detached lease of owner), LE (end a lease if
--- expired), R (release a reader hold), RO (release owner's reader hold).
--- Returns {ended, unreferenced, size}.
+-- KEYS meta, leases, readers; ARGV mode, id, owner, now, base, retention
+-- limit. Modes: L (drop a lease), LO (end a non-detached lease of owner), LE
+-- (end a lease if expired), R (release a reader hold), RO (release owner's
+-- reader hold). Returns {0, 0, 0} if nothing ended, else after_end's answer.
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local mode, id, owner, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local ended = 0
@@ -180,11 +193,7 @@ end
 if ended == 0 then
   return {0, 0, 0}
 end
-local s = redis.call('HGET', m, 's')
-if not s then
-  return {1, 0, 0}
-end
-return {1, mark_if_unreferenced(m, l, r, now), tonumber(s)}
+return after_end(m, l, r, ARGV[5], now, tonumber(ARGV[6]))
 
 --@ delete
 -- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
@@ -310,10 +319,11 @@ end
 return 0
 
 --@ drop_stray
--- KEYS meta; ARGV base, then key suffixes of one content ("c:<token>:<i>",
--- "l" or "r"). Deletes each unless, now, the meta names it: chunks of the
--- committed token below the chunk count, and the leases and readers hashes
--- while the content exists. Returns how many were deleted.
+-- KEYS meta; ARGV base, then key suffixes of one content ("d:<i>",
+-- "c:<token>:<i>", "l" or "r"). Deletes each unless, now, the meta names it:
+-- chunks below the chunk count, and the leases and readers hashes while the
+-- content exists (staged chunks are never named). Returns how many were
+-- deleted.
 local meta = redis.call('HMGET', KEYS[1], 't', 'n')
 local deleted = 0
 for i = 2, #ARGV do
@@ -323,8 +333,8 @@ for i = 2, #ARGV do
     if suffix == 'l' or suffix == 'r' then
       keep = true
     else
-      local token, index = string.match(suffix, '^c:(.+):(%d+)$')
-      keep = token == meta[1] and tonumber(index) < tonumber(meta[2])
+      local index = string.match(suffix, '^d:(%d+)$')
+      keep = index ~= nil and tonumber(index) < tonumber(meta[2])
     end
   end
   if not keep then

@@ -7,7 +7,9 @@ every key of one content lives in one cluster slot):
 * ``P:{cid}:m`` meta hash (size, chunk count, chunk size, upload token,
   created, last access, unreferenced-since), ``P:{cid}:l`` leases hash
   (lease id -> ``expires|detached|owner``), ``P:{cid}:r`` reader holds
-  (hold id -> owner), ``P:{cid}:c:<token>:<i>`` the chunks.
+  (hold id -> owner), ``P:{cid}:d:<i>`` the chunks, and
+  ``P:{cid}:c:<token>:<i>`` chunks being uploaded (with a TTL), renamed into
+  place by the commit script.
 * Global bookkeeping under the namespace's own hash tag ``P:{P}:...``: the
   index of content and sizes with the byte total (and reservations of
   uploads in progress), the LRU order, the retained set, dedup hits, known
@@ -475,10 +477,7 @@ class RedisStorage(BlobStorage):
         ended = 0
         for member in due:
             cid_text, lid_text = _s(member).split(" ", 1)
-            res = self._ev("end", self._ckeys(cid_text), ["LE", lid_text, "", now])
-            ended += int(res[0])
-            if int(res[1]):
-                self._unreferenced(ContentId.parse(cid_text), int(res[2]))
+            ended += self._end(cid_text, "LE", lid_text)
             self._r.zrem(self._k_exp, member)
         first = self._r.zrange(self._k_exp, 0, 0, withscores=True)
         self._next_expiry = float(first[0][1]) if first else math.inf
@@ -517,18 +516,13 @@ class RedisStorage(BlobStorage):
         key = self._proc_key(owner)
         members = [_s(m) for m in self._r.smembers(key)]
         leases = readers = 0
-        now = time.time()
         for member in members:
             kind, cid_text, ident = member.split(" ", 2)
-            mode = "LO" if kind == "L" else "RO"
-            res = self._ev("end", self._ckeys(cid_text), [mode, ident, owner, now])
-            if int(res[0]):
+            if self._end(cid_text, "LO" if kind == "L" else "RO", ident, owner):
                 if kind == "L":
                     leases += 1
                 else:
                     readers += 1
-            if int(res[1]):
-                self._unreferenced(ContentId.parse(cid_text), int(res[2]))
         if members:
             self._r.srem(key, *members)
         host, _, pid_text = owner.rpartition("/")
@@ -551,6 +545,25 @@ class RedisStorage(BlobStorage):
                 raise
 
     # -- content lifecycle -----------------------------------------------------------
+
+    def _end(self, cid_text: str, mode: str, ident: str, owner: str = "") -> int:
+        """End one lease or reader hold (see the end script); unreferenced
+        content is deleted or retained. Returns 1 if something ended."""
+        res = self._ev("end", self._ckeys(cid_text), self._end_args(cid_text, mode, ident, owner))
+        self._ended(cid_text, res)
+        return int(res[0])
+
+    def _end_args(self, cid_text: str, mode: str, ident: str, owner: str) -> list[Any]:
+        return [mode, ident, owner, time.time(), self._base(cid_text), self.policies.retain_bytes]
+
+    def _ended(self, cid_text: str, res: list[Any]) -> None:
+        """Finish what the end (or read) script started: remove the index entry
+        of content it deleted, retain content it left unreferenced."""
+        state = int(res[1])
+        if state == 2:
+            self._ev("idx_remove", self._g_idx(), [cid_text, _s(res[3])])
+        elif state == 1:
+            self._unreferenced(ContentId.parse(cid_text), int(res[2]))
 
     def _unreferenced(self, cid: ContentId, size: int) -> None:
         """Content just lost its last lease and reader: retain or delete it."""
@@ -620,7 +633,7 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, lid, expires_at, detached)
             self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
 
-        status, size, was_unref = (int(x) for x in self._run_pipe(build)[-1])
+        status, size, was_unref = (int(x) for x in self._run_pipe(build)[-1][:3])
         if status == 0:
             self._undo_intent(cid, lid, expires_at, detached)
         elif status == 2:
@@ -720,6 +733,12 @@ class RedisStorage(BlobStorage):
         hashed: bool,
     ) -> None:
         self._maintain()
+        size = len(data)
+        if size <= self._chunk and (hashed or _hash_ok(cid, data)):
+            # One round trip: the commit script holds the lease instead when
+            # the content is present (a dedup hit costs the bytes' transfer).
+            self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
+            return
         status, _ = self._hold(cid, lid, ttl, detached)
         if status == 2:
             self._count_dedup()
@@ -727,7 +746,6 @@ class RedisStorage(BlobStorage):
             return
         if not hashed:
             _check_hash(cid, data)
-        size = len(data)
         self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
 
     def _upload(
@@ -753,14 +771,14 @@ class RedisStorage(BlobStorage):
         value = _lease_value(expires_at, detached, owner)
         with self._lock:
             self._active_tokens.add(token)
-        reserved = committed = False
+        reserved = committed = indexed = False
         written = 0
         try:
             reserved = self._make_room(cid, size, token)
-            inline: Any = None
+            last: Any = None
             for i, chunk in enumerate(chunks):
-                if n == 1:
-                    inline = chunk
+                if i == n - 1:
+                    last = chunk  # sent with the commit
                     break
                 self._r.set(prefix + str(i), chunk, px=_STAGE_TTL_MS)
                 written = i + 1
@@ -768,14 +786,21 @@ class RedisStorage(BlobStorage):
                 check()
             keys = self._ckeys(cid)
             args: list[Any] = [base, token, n, size, self._chunk, time.time(), str(lid), value]
-            if inline is not None:
-                args.append(inline)
+            index_args = [str(cid), size, token, time.time()]
 
             def build(pipe: Any) -> None:
+                if last is not None:
+                    pipe.set(prefix + str(n - 1), last, px=_STAGE_TTL_MS)
                 self._intent(pipe, cid, lid, expires_at, detached)
                 self._pipe_ev(pipe, "commit", keys[:2], args)
+                # Sent with the commit to save a round trip; corrected below
+                # when the commit found the content present.
+                self._pipe_ev(pipe, "idx_commit", self._g_idx()[:4], index_args)
 
-            res = self._run_pipe(build)[-1]
+            indexed = True
+            written = n
+            res = self._run_pipe(build)[-2]
+            reserved = False
             status = int(res[0])
             if status == -1:
                 raise IntegrityError(
@@ -786,10 +811,11 @@ class RedisStorage(BlobStorage):
             # The blob and lease are committed: the bookkeeping below is
             # idempotent and, if it fails, repaired by collect().
             with contextlib.suppress(redis.exceptions.RedisError):
-                if status == 3:
-                    self._ev("idx_commit", self._g_idx()[:4], [str(cid), size, token, time.time()])
-                    reserved = False
-                elif status == 2:
+                if status in (1, 2):
+                    self._ev(
+                        "idx_commit", self._g_idx()[:4], [str(cid), size, _s(res[3]), time.time()]
+                    )
+                if status == 2:
                     self._count_dedup()
                     if int(res[2]):
                         self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
@@ -807,7 +833,7 @@ class RedisStorage(BlobStorage):
         finally:
             with self._lock:
                 self._active_tokens.discard(token)
-            if reserved:
+            if (reserved or indexed) and not committed:
                 with contextlib.suppress(redis.exceptions.RedisError):
                     self._ev("idx_remove", self._g_idx(), [str(cid), token])
 
@@ -904,8 +930,11 @@ class RedisStorage(BlobStorage):
     def _lease_expired(self, cid: ContentId, lid: LeaseId) -> LeaseExpired:
         return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
 
-    def _open(self, cid: ContentId, lid: LeaseId, hold_id: str) -> list[Any]:
-        """Check the lease (and record a reader hold); the read script's answer."""
+    def _open(
+        self, cid: ContentId, lid: LeaseId, hold_id: str, *, with_first_chunk: bool = False
+    ) -> tuple[list[Any], Any]:
+        """Check the lease (and record a reader hold): the read script's answer
+        and, ``with_first_chunk``, the blob's first chunk fetched alongside."""
         keys = self._ckeys(cid)
         args = [
             self._base(cid),
@@ -914,27 +943,30 @@ class RedisStorage(BlobStorage):
             hold_id,
             self._owner(os.getpid()),
             self._chunk,
+            self.policies.retain_bytes,
         ]
-        if hold_id:
-            owner = self._owner(os.getpid())
+        owner = self._owner(os.getpid())
 
-            def build(pipe: Any) -> None:
+        def build(pipe: Any) -> None:
+            if hold_id:
                 pipe.hsetnx(self._k_procs, owner, repr(own_start_time()))
                 pipe.sadd(self._proc_key(owner), f"R {cid} {hold_id}")
-                self._pipe_ev(pipe, "read", keys, args)
+            self._pipe_ev(pipe, "read", keys, args)
+            if with_first_chunk:
+                pipe.get(self._base(cid) + "d:0")
 
-            res = list(self._run_pipe(build)[-1])
-        else:
-            res = list(self._ev("read", keys, args))
+        replies = self._run_pipe(build)
+        first = replies[-1] if with_first_chunk else None
+        res = list(replies[-2] if with_first_chunk else replies[-1])
         status = int(res[0])
         if status == 1:
             self._touch(cid)
-            return res
+            return res, first
         if hold_id:
             with contextlib.suppress(redis.exceptions.RedisError):
                 self._r.srem(self._proc_key(self._owner(os.getpid())), f"R {cid} {hold_id}")
-        if status == -1 and int(res[1]):
-            self._unreferenced(cid, int(res[2]))
+        if status == -1:
+            self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
 
     def _fetch(
@@ -943,10 +975,16 @@ class RedisStorage(BlobStorage):
         """Bytes [offset, offset+length) of one blob, fetching only the chunks
         that hold them; IntegrityError (or LeaseExpired if the content is
         gone) when a chunk is missing or short: never partial bytes."""
+        parts = self._fetch_parts(cid, token, n, cs, size, offset, length)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetch_parts(
+        self, cid: ContentId, token: str, n: int, cs: int, size: int, offset: int, length: int
+    ) -> list[bytes]:
         end = min(offset + length, size)
         if end <= offset:
-            return b""
-        prefix = f"{self._base(cid)}c:{token}:"
+            return [b""]
+        prefix = f"{self._base(cid)}d:"
         first, last = offset // cs, (end - 1) // cs
         parts: list[bytes] = []
         i = first
@@ -971,25 +1009,30 @@ class RedisStorage(BlobStorage):
                     self._chunk_lost(cid, token, k)
                 parts.append(piece)
             i = j
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
     def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
         current = self._r.hget(self._base(cid) + "m", "t")
-        if current is None or _s(current) != token:
+        if current is None:
             raise LeaseExpired(f"content {cid} is gone from the server", content_id=cid)
         raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
 
     @_storage_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         self._maintain()
-        res = self._open(cid, lid, "")
+        res, first = self._open(cid, lid, "", with_first_chunk=True)
         size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
-        if len(res) > 5:
-            data = bytes(res[5])
-            if len(data) != size:
-                raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
-        else:
-            data = self._fetch(cid, token, n, cs, size, 0, size)
+        # The first chunk was fetched with the lease check (not atomically:
+        # content-addressed chunks of a re-stored blob hold the same bytes).
+        want = min(cs, size)
+        if first is None or len(first) != want:
+            if size:
+                self._chunk_lost(cid, token, 0)
+            first = b""
+        parts = [first]
+        if n > 1:
+            parts += self._fetch_parts(cid, token, n, cs, size, cs, size - cs)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
         if self.policies.verify_reads:
@@ -1000,7 +1043,7 @@ class RedisStorage(BlobStorage):
     def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
         self._maintain()
         hold_id = uuid.uuid4().hex
-        res = self._open(cid, lid, hold_id)
+        res, _ = self._open(cid, lid, hold_id)
         size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
         try:
             if self.policies.verify_reads:
@@ -1035,22 +1078,31 @@ class RedisStorage(BlobStorage):
         return BlobReader(RangeSource(fetch), size, release)
 
     def _release_reader(self, cid: ContentId, hold_id: str) -> None:
-        res = self._ev("end", self._ckeys(cid), ["R", hold_id, "", time.time()])
-        if int(res[1]):
-            self._unreferenced(cid, int(res[2]))
-        self._r.srem(self._proc_key(self._owner(os.getpid())), f"R {cid} {hold_id}")
+        key = self._proc_key(self._owner(os.getpid()))
+        cid_text = str(cid)
+
+        def build(pipe: Any) -> None:
+            self._pipe_ev(pipe, "end", self._ckeys(cid), self._end_args(cid_text, "R", hold_id, ""))
+            pipe.srem(key, f"R {cid} {hold_id}")
+
+        self._ended(cid_text, self._run_pipe(build)[0])
 
     @_storage_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         self._maintain()
-        res = self._ev("end", self._ckeys(cid), ["L", str(lid), "", time.time()])
-        if int(res[1]):
-            self._unreferenced(cid, int(res[2]))
-        if int(res[0]):
-            pipe = self._r.pipeline(transaction=False)
-            pipe.srem(self._proc_key(self._owner(lid.pid)), f"L {cid} {lid}")
+        cid_text = str(cid)
+        member = f"L {cid} {lid}"
+
+        def build(pipe: Any) -> None:
+            self._pipe_ev(
+                pipe, "end", self._ckeys(cid), self._end_args(cid_text, "L", str(lid), "")
+            )
+            # Dropping a lease that is not held leaves no bookkeeping to remove,
+            # so these are harmless either way.
+            pipe.srem(self._proc_key(self._owner(lid.pid)), member)
             pipe.zrem(self._k_exp, f"{cid} {lid}")
-            pipe.execute()
+
+        self._ended(cid_text, self._run_pipe(build)[0])
 
     @_storage_errors
     def _advise_of_pid(self, pid: int) -> None:
@@ -1262,19 +1314,14 @@ class RedisStorage(BlobStorage):
                 done_readers.add(cid_text)
                 for hold_id, owner in holds.items():
                     if _s(owner) in dead:
-                        res = self._ev(
-                            "end", self._ckeys(cid_text), ["RO", _s(hold_id), _s(owner), now]
-                        )
-                        readers += int(res[0])
+                        readers += self._end(cid_text, "RO", _s(hold_id), _s(owner))
             if value is None:
                 continue
             exp, detached, owner = _parse_lease_value(value)
             if exp is not None and exp <= now:
-                res = self._ev("end", self._ckeys(cid_text), ["LE", lid_text, "", now])
-                leases += int(res[0])
+                leases += self._end(cid_text, "LE", lid_text)
             elif owner in dead and not detached:
-                res = self._ev("end", self._ckeys(cid_text), ["LO", lid_text, owner, now])
-                leases += int(res[0])
+                leases += self._end(cid_text, "LO", lid_text, owner)
         # Content nobody holds that is not in the retained set: finish its
         # unreferenced step (retain or delete).
         for cid_text, meta in metas.items():
@@ -1339,31 +1386,26 @@ class RedisStorage(BlobStorage):
         (and of live ones when ``include_live_staging``) and committed-looking
         chunks no meta names."""
         out: list[str] = []
-        pattern = f"{self._namespace}:{{*}}:c:*"
-        keys = self._scan(pattern)
-        writers: set[str] = set()
-        parsed: list[tuple[str, str, str, int]] = []
-        for key in keys:
-            m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:c:([^:]+):(\d+)", key)
+        ns = re.escape(self._namespace)
+        for key in self._scan(f"{self._namespace}:{{*}}:d:*"):
+            m = re.fullmatch(ns + r":\{([^}]*)\}:d:(\d+)", key)
             if m is None:
                 continue
-            cid_text, token, index = m.group(1), m.group(2), int(m.group(3))
-            parsed.append((key, cid_text, token, index))
-            writers.add("/".join(token.split("/")[:2]))
+            meta = metas.get(m.group(1))
+            if meta is None or int(m.group(2)) >= int(meta.get("n", 0)):
+                out.append(key)
+        staged: list[tuple[str, str]] = []
+        for key in self._scan(f"{self._namespace}:{{*}}:c:*"):
+            m = re.fullmatch(ns + r":\{([^}]*)\}:c:([^:]+):(\d+)", key)
+            if m is not None:
+                staged.append((key, m.group(2)))
+        writers = {"/".join(token.split("/")[:2]) for _, token in staged}
         missing = sorted(w for w in writers if w not in beats)
         if missing:
             beats = {**beats, **self._heartbeats(missing)}
-        for key, cid_text, token, index in parsed:
-            meta = metas.get(cid_text)
-            if meta is not None and meta.get("t") == token and index < int(meta.get("n", 0)):
-                continue
-            if (
-                self._r.pttl(key) > 0
-                and not include_live_staging
-                and not self._writer_dead(token, beats)
-            ):
-                continue
-            out.append(key)
+        for key, token in staged:
+            if include_live_staging or self._writer_dead(token, beats):
+                out.append(key)
         return out
 
     def _drop_stray(self, keys: list[str]) -> int:
@@ -1414,9 +1456,9 @@ class RedisStorage(BlobStorage):
         report = VerifyReport(checked=len(metas))
         for cid_text, meta in sorted(metas.items()):
             cid = ContentId.parse(cid_text)
-            size, n, cs, token = int(meta["s"]), int(meta["n"]), int(meta["c"]), meta["t"]
+            size, n, cs = int(meta["s"]), int(meta["n"]), int(meta["c"])
             hasher = new_hasher(cid.algorithm)
-            prefix = f"{self._base(cid)}c:{token}:"
+            prefix = f"{self._base(cid)}d:"
             found = bad = 0
             for i in range(n):
                 piece = self._r.get(prefix + str(i))
@@ -1470,8 +1512,7 @@ class RedisStorage(BlobStorage):
     def _chunk_keys_for_tests(self, cid: ContentId) -> list[str]:
         """The keys of a committed blob's chunks, in order (fault-injection hook)."""
         meta = self._r.hgetall(self._base(cid) + "m")
-        token, n = _s(meta[b"t"]), int(meta[b"n"])
-        return [f"{self._base(cid)}c:{token}:{i}" for i in range(n)]
+        return [f"{self._base(cid)}d:{i}" for i in range(int(meta[b"n"]))]
 
     @property
     def client(self) -> Any:
@@ -1501,6 +1542,12 @@ def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
 def _memory_chunks(data: memoryview, size: int) -> Iterator[memoryview]:
     for off in range(0, len(data), size):
         yield data[off : off + size]
+
+
+def _hash_ok(cid: ContentId, data: Any) -> bool:
+    hasher = new_hasher(cid.algorithm)
+    hasher.update(data)
+    return bool(hasher.digest() == cid.digest)
 
 
 def _check_hash(cid: ContentId, data: Any) -> None:
