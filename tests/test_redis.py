@@ -1,0 +1,485 @@
+"""RedisStorage on real servers: hosts that die, servers that restart, hang
+or drop connections, and a 200 MiB blob read in bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blobleases import (
+    ContentId,
+    ContentNotFound,
+    LeaseExpired,
+    LeaseId,
+    StorageError,
+    open_storage,
+)
+from blobleases.redis_storage import RedisStorage
+from blobleases.testing import blob, wait_until
+from redis_fixtures import unavailable
+from redis_servers import RedisServer, RedisUnavailable
+
+pytestmark = pytest.mark.redis
+
+
+def _namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def _keys_of(storage: RedisStorage, cid: ContentId) -> list[bytes]:
+    """Every key of one content (its hash tag) in the storage's namespace."""
+    return list(storage.client.scan_iter(match=f"{storage.namespace}:{{{cid}}}:*"))
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private standalone server (these tests stop and restart it)."""
+    try:
+        server = RedisServer(tmp_path / "redis")
+    except RedisUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
+def persistent_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private server with an append-only file fsynced at every write."""
+    try:
+        server = RedisServer(tmp_path / "redis-aof", persistence=True)
+    except RedisUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+# == Acceptance 2: two hosts, one SIGKILLed ============================================
+
+_HOST_PROGRAM = r"""
+import sys
+from blobleases import ContentId, LeaseId
+from blobleases.redis_storage import RedisStorage
+
+url, namespace, host = sys.argv[1:4]
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+                       reap_interval=0.1)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "store":
+        data = bytes.fromhex(words[1]) * int(words[2])
+        lid = LeaseId.new()
+        cid = storage.store_bytes(data, lid)
+        print(cid, lid, flush=True)
+    elif words[0] == "lease":
+        lid = LeaseId.new()
+        storage.lease_by_content(ContentId.parse(words[1]), lid)
+        print(lid, flush=True)
+    elif words[0] == "read":
+        data = storage.get_data(ContentId.parse(words[1]), LeaseId.parse(words[2]))
+        print(ContentId.for_bytes(data), flush=True)
+    elif words[0] == "collect":
+        print(storage.collect().leases_reaped, flush=True)
+"""
+
+
+class _Host:
+    """A process standing for one host (its own host id) using the store."""
+
+    def __init__(self, url: str, namespace: str, host: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOST_PROGRAM, url, namespace, host],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, line: str) -> list[str]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        assert answer, f"host process died answering {line!r}"
+        return answer.split()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_two_hosts_one_killed(redis_server: RedisServer) -> None:
+    namespace = _namespace()
+    a = _Host(redis_server.url, namespace, "host-a")
+    b = _Host(redis_server.url, namespace, "host-b")
+    observer = RedisStorage(redis_server.url, namespace=namespace, host_id="observer")
+    try:
+        shared_text, a_shared = a.ask("store 0a0b0c 5000")
+        unshared_text, _ = a.ask("store 0d0e0f 7000")
+        shared, unshared = ContentId.parse(shared_text), ContentId.parse(unshared_text)
+        (b_lease,) = b.ask(f"lease {shared}")
+        assert b.ask(f"read {shared} {b_lease}") == [shared_text]
+        assert len(list(observer.iter_leases())) == 3
+        a_pid = a.process.pid
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait()
+        # Host a's leases go once its heartbeat lapses: any client reaps them.
+        assert wait_until(lambda: not observer.contains(unshared), timeout=30)
+        assert wait_until(lambda: all(i.pid != a_pid for i in observer.iter_leases()), timeout=30)
+        observer.collect()
+        assert observer.contains(shared)
+        assert b.ask(f"read {shared} {b_lease}") == [shared_text]
+        with pytest.raises(LeaseExpired):
+            observer.get_data(shared, LeaseId.parse(a_shared))
+        assert [i.lease_id for i in observer.iter_leases()] == [LeaseId.parse(b_lease)]
+        assert not observer.verify()
+    finally:
+        a.close()
+        b.close()
+        observer.close()
+
+
+def test_local_dead_process_reaped_without_waiting_for_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """On the same host, a dead pid is seen dead at once (its start time)."""
+    namespace = _namespace()
+    host = _Host(redis_server.url, namespace, "same-host")
+    storage = RedisStorage(
+        redis_server.url, namespace=namespace, host_id="same-host", heartbeat_ttl=60
+    )
+    try:
+        cid_text, _ = host.ask("store 01 100")
+        host.process.kill()
+        host.process.wait()
+        report = storage.collect()
+        assert report.leases_reaped == 1 and report.processes_reaped == 1
+        assert not storage.contains(ContentId.parse(cid_text))
+    finally:
+        host.close()
+        storage.close()
+
+
+def test_forked_child_keeps_its_own_heartbeat(redis_server: RedisServer) -> None:
+    storage = RedisStorage(redis_server.url, namespace=_namespace(), heartbeat_ttl=1.0)
+    try:
+        cid = storage.store_bytes(b"parent", LeaseId.new())
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by exit code
+            code = 1
+            try:
+                lid = LeaseId.new()
+                child_cid = storage.store_bytes(b"child", lid)
+                hb = storage.client.exists(storage._hb_key(storage._owner(os.getpid())))
+                ok = storage.get_data(child_cid, lid) == b"child" and storage.contains(cid)
+                storage.advise_lease_dropped(lid, child_cid)
+                code = 0 if ok and hb else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert not storage.contains(ContentId.for_bytes(b"child"))
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+# == Acceptance 3: the server restarts, drops connections, does not answer ===============
+
+
+def test_restart_without_persistence_reports_loss(own_server: RedisServer) -> None:
+    storage = RedisStorage(own_server.url, namespace=_namespace(), chunk_size=4096)
+    try:
+        data = blob(20_000, 1)
+        lid = LeaseId.new()
+        cid = storage.store_bytes(data, lid)
+        reader = storage.get_reader(cid, lid)
+        assert reader.read(100) == data[:100]
+        own_server.restart(kill=True)
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid, lid)
+        with pytest.raises(LeaseExpired):
+            reader.read()  # the rest of the blob is gone: never wrong bytes
+        reader.close()
+        with pytest.raises(ContentNotFound):
+            storage.lease_by_content(cid, LeaseId.new())
+        # The store works again (scripts reloaded, connections renewed).
+        lid2 = LeaseId.new()
+        assert storage.store_bytes(data, lid2) == cid
+        assert storage.get_data(cid, lid2) == data
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+def test_restart_with_persistence_keeps_leased_content(persistent_server: RedisServer) -> None:
+    namespace = _namespace()
+    storage = RedisStorage(persistent_server.url, namespace=namespace, chunk_size=4096)
+    try:
+        data = blob(50_000, 2)
+        lid = LeaseId.new()
+        cid = storage.store_bytes(data, lid)
+        persistent_server.restart(kill=True)
+        assert storage.get_data(cid, lid) == data
+        with storage.get_reader(cid, lid) as reader:
+            reader.seek(40_000)
+            assert reader.read(100) == data[40_000:40_100]
+        storage.advise_lease_dropped(lid, cid)
+        assert not storage.contains(cid)
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+def test_server_killed_mid_store_leaves_nothing_after_collect(
+    persistent_server: RedisServer,
+) -> None:
+    """The server dies while chunks are being written: the store fails with
+    StorageError; after a restart no partial blob is visible and collect()
+    removes the staged chunks."""
+    storage = RedisStorage(
+        persistent_server.url, namespace=_namespace(), chunk_size=64 * 1024, socket_timeout=2
+    )
+    data = os.urandom(64 * 1024 * 400)
+    cid = ContentId.for_bytes(data)
+    failure: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            storage.store(cid, data, LeaseId.new())
+        except BaseException as exc:
+            failure.append(exc)
+
+    watcher = RedisStorage(persistent_server.url, namespace=storage.namespace)
+    try:
+        thread = threading.Thread(target=store)
+        thread.start()
+        assert wait_until(lambda: len(_keys_of(watcher, cid)) >= 5, timeout=30)
+        persistent_server.stop(kill=True)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert len(failure) == 1 and isinstance(failure[0], StorageError)
+        assert failure[0].__cause__ is not None
+        persistent_server.start()
+        assert not storage.contains(cid)
+        staged = _keys_of(storage, cid)
+        assert staged, "the AOF kept the staged chunks written before the kill"
+        assert all(b":c:" in key for key in staged)
+        report = storage.collect()
+        assert report.rows_removed >= len(staged)
+        assert _keys_of(storage, cid) == []
+        assert not storage.verify()
+        stats = storage.stats()
+        assert (stats.blobs, stats.bytes, stats.leases) == (0, 0, 0)
+    finally:
+        storage.close()
+        watcher.close()
+
+
+def _store_while_killing_connections(
+    storage: RedisStorage, killer: RedisStorage, data: bytes
+) -> None:
+    cid = ContentId.for_bytes(data)
+    lid = LeaseId.new()
+    outcome: list[BaseException | None] = []
+
+    def store() -> None:
+        try:
+            storage.store(cid, data, lid)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=store)
+    thread.start()
+    wait_until(lambda: len(_keys_of(killer, cid)) >= 2 or not thread.is_alive())
+    for _ in range(5):
+        killer.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    thread.join(60)
+    assert not thread.is_alive() and len(outcome) == 1
+    if outcome[0] is None:
+        assert storage.get_data(cid, lid) == data
+        storage.advise_lease_dropped(lid, cid)
+    else:
+        assert isinstance(outcome[0], StorageError), outcome[0]
+        assert not storage.contains(cid)
+    storage.collect()
+    assert not storage.contains(cid)
+    assert _keys_of(storage, cid) == []
+
+
+def test_connections_killed_mid_store(own_server: RedisServer) -> None:
+    """CLIENT KILL from another connection while a store runs: the store
+    either succeeds (redis-py retried) or fails with StorageError; either way
+    no partial blob is visible and collect() leaves nothing behind."""
+    storage = RedisStorage(own_server.url, namespace=_namespace(), chunk_size=64 * 1024)
+    killer = RedisStorage(own_server.url, namespace=storage.namespace)
+    try:
+        for seed in range(3):
+            data = blob(64 * 1024 * 60 + seed, seed)
+            _store_while_killing_connections(storage, killer, data)
+        assert not storage.verify()
+    finally:
+        storage.close()
+        killer.close()
+
+
+def test_silent_listener_gives_storage_error() -> None:
+    """A socket that accepts connections and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        with pytest.raises(StorageError, match="cannot reach redis") as info:
+            RedisStorage(f"redis://127.0.0.1:{port}", socket_timeout=0.5)
+        assert info.value.__cause__ is not None
+
+
+def test_stopped_server_gives_storage_error_then_recovers(own_server: RedisServer) -> None:
+    storage = RedisStorage(own_server.url, namespace=_namespace(), socket_timeout=0.5)
+    try:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"still here", lid)
+        own_server.pause()
+        try:
+            with pytest.raises(StorageError) as info:
+                storage.get_data(cid, lid)
+            assert info.value.__cause__ is not None
+            with pytest.raises(StorageError):
+                storage.store_bytes(b"not stored", LeaseId.new())
+        finally:
+            own_server.resume()
+        assert storage.get_data(cid, lid) == b"still here"
+        assert not storage.contains(ContentId.for_bytes(b"not stored"))
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+def test_unreachable_server_gives_storage_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StorageError):
+        RedisStorage(f"redis://127.0.0.1:{port}", socket_timeout=0.5)
+
+
+# == Acceptance 4: a 200 MiB blob in bounded client memory ================================
+
+
+def test_200_mib_blob_streams_in_bounded_memory(redis_server: RedisServer, tmp_path: Path) -> None:
+    chunk = 4 << 20
+    size = 200 << 20
+    path = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for i in range(size // (1 << 20)):
+            part = hashlib.sha256(i.to_bytes(4, "little")).digest() * (1 << 15)
+            digest.update(part)
+            f.write(part)
+    expected = ContentId("sha256", digest.digest())
+    storage = RedisStorage(redis_server.url, namespace=_namespace(), chunk_size=chunk)
+    try:
+        lid = LeaseId.new()
+        tracemalloc.start()
+        try:
+            cid = storage.store_file(path, lid)
+            assert cid == expected
+            with storage.get_reader(cid, lid) as reader, open(path, "rb") as f:
+                assert reader.size == size
+                for offset in (0, 5, chunk - 3, 77 * chunk + 1234, size - 10, 3 * chunk):
+                    reader.seek(offset)
+                    f.seek(offset)
+                    assert reader.read(1 << 20) == f.read(1 << 20)
+                reader.seek(0)
+                whole = hashlib.sha256()
+                while block := reader.read(chunk):
+                    whole.update(block)
+                assert whole.digest() == expected.digest
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 6 * chunk, f"peak client allocation {peak} bytes"
+        assert storage.stat(cid).size == size
+        storage.advise_lease_dropped(lid, cid)
+        assert not storage.contains(cid)
+        assert _keys_of(storage, cid) == []
+    finally:
+        storage.close()
+
+
+# == Urls, namespaces, the extra ===========================================================
+
+
+def test_url_keeps_namespace_and_password_and_repr_hides_it(redis_server: RedisServer) -> None:
+    storage = RedisStorage(redis_server.url, namespace="ns-1")
+    try:
+        assert storage.url == f"{redis_server.url}?namespace=ns-1"
+        again = open_storage(storage.url)
+        try:
+            assert isinstance(again, RedisStorage) and again.namespace == "ns-1"
+        finally:
+            again.close()
+    finally:
+        storage.close()
+    default = RedisStorage(redis_server.url)
+    try:
+        assert default.url == redis_server.url
+    finally:
+        default.close()
+    with pytest.raises(StorageError) as info:
+        RedisStorage(redis_server.url.replace("//", "//user:secret@"))
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"namespace": "a b"}, ValueError, "namespace"),
+        ({"chunk_size": 10}, ValueError, "chunk_size"),
+        ({"chunk_size": "big"}, TypeError, "chunk_size"),
+        ({"heartbeat_ttl": 0}, ValueError, "heartbeat_ttl"),
+        ({"host_id": "a/b"}, ValueError, "host_id"),
+    ],
+)
+def test_bad_arguments_name_themselves(
+    redis_server: RedisServer, kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        RedisStorage(redis_server.url, **kwargs)
+
+
+def test_core_package_imports_without_redis() -> None:
+    program = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import blobleases\n"
+        "try:\n"
+        "    blobleases.RedisStorage\n"
+        "except ImportError as exc:\n"
+        "    assert 'blobleases[redis]' in str(exc), exc\n"
+        "    print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr
