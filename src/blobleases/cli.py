@@ -327,6 +327,8 @@ def _new_progress() -> Progress:
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
     )
 
 
@@ -434,6 +436,7 @@ def put(
             _check_readable(name)
     storage = _storage()
     results: list[dict[str, Any]] = []
+    pending: list[str] = []
     progress: Progress | None = None
     try:
         for name in files:
@@ -460,13 +463,17 @@ def put(
             }
             results.append(entry)
             if not _state.json:
-                if progress is not None:
-                    progress.console.file.flush()
-                sys.stdout.write(f"{cid}  {lid}  {name}\n")
-                sys.stdout.flush()
+                pending.append(f"{cid}  {lid}  {name}\n")
+                if progress is None:  # while a bar is live, lines wait for it to end
+                    sys.stdout.write("".join(pending))
+                    sys.stdout.flush()
+                    pending.clear()
     finally:
         if progress is not None:
             progress.stop()
+        if pending:
+            sys.stdout.write("".join(pending))
+            sys.stdout.flush()
     if _state.json:
         _print_json(results)
 
