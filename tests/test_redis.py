@@ -21,6 +21,7 @@ import pytest
 from blobleases import (
     ContentId,
     ContentNotFound,
+    IntegrityError,
     LeaseExpired,
     LeaseId,
     StorageError,
@@ -483,3 +484,39 @@ def test_core_package_imports_without_redis() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, check=False
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_keys_lost_by_redis_are_detected(redis_server: RedisServer) -> None:
+    """Keys Redis itself drops (eviction under maxmemory, a lost replica) give
+    IntegrityError or LeaseExpired, never wrong bytes; verify() reports them
+    and repair() removes what is left."""
+    storage = RedisStorage(redis_server.url, namespace=_namespace(), chunk_size=4096)
+    try:
+        chunkless = blob(10_000, 3)
+        lid1 = LeaseId.new()
+        cid1 = storage.store_bytes(chunkless, lid1)
+        metaless = blob(10_000, 4)
+        lid2 = LeaseId.new()
+        cid2 = storage.store_bytes(metaless, lid2)
+        storage.client.delete(storage._chunk_keys_for_tests(cid1)[1])
+        storage.client.delete(f"{storage.namespace}:{{{cid2}}}:m")
+        with pytest.raises(IntegrityError):
+            storage.get_data(cid1, lid1)
+        with storage.get_reader(cid1, lid1) as reader:
+            assert reader.read(4096) == chunkless[:4096]
+            with pytest.raises(IntegrityError):
+                reader.read(4096)
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid2, lid2)
+        report = storage.verify()
+        assert report.corrupted == [cid1]
+        assert any(str(cid2) in key for key in report.orphaned)
+        assert storage.verify(repair=True).repaired
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid1, lid1)
+        storage.collect()
+        assert not storage.verify()
+        stats = storage.stats()
+        assert (stats.blobs, stats.bytes, stats.leases) == (0, 0, 0)
+    finally:
+        storage.close()

@@ -73,9 +73,9 @@ local function hold(m, l, lid, val, now)
 end
 
 -- After a lease or hold ended: {1, 0, 0} while referenced; else delete the
--- content at once when it is larger than the retention limit (returning
--- {1, 2, size, token}) or mark it unreferenced for the caller to retain
--- ({1, 1, size}).
+-- content at once when it is larger than the retention limit, or that limit
+-- is 0 (returning {1, 2, size, token}), or mark it unreferenced for the
+-- caller to retain ({1, 1, size}).
 local function after_end(m, l, r, base, now, retain_limit)
   local s = redis.call('HGET', m, 's')
   if not s then
@@ -84,7 +84,7 @@ local function after_end(m, l, r, base, now, retain_limit)
   if mark_if_unreferenced(m, l, r, now) == 0 then
     return {1, 0, 0}
   end
-  if tonumber(s) > retain_limit then
+  if retain_limit <= 0 or tonumber(s) > retain_limit then
     local t = redis.call('HGET', m, 't')
     delete_content(m, l, r, base)
     return {1, 2, tonumber(s), t}

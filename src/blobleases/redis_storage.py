@@ -567,7 +567,7 @@ class RedisStorage(BlobStorage):
 
     def _unreferenced(self, cid: ContentId, size: int) -> None:
         """Content just lost its last lease and reader: retain or delete it."""
-        if size <= self.policies.retain_bytes:
+        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
             victims = self._ev(
                 "retain",
                 [self._k_ret, self._k_rsz, self._k_retb],
