@@ -92,3 +92,10 @@ def test_demo_rejects_bad_settings() -> None:
         proc = run_demo(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and "Error:" in proc.stderr
+
+
+def test_demo_needs_a_store_other_processes_can_open() -> None:
+    proc = run_demo(*SMALL, "--store", "memory://")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "memory://" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -284,6 +284,9 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     """Run the demo; show it live on ``console`` (None: silently)."""
     t0 = time.perf_counter()
     storage, temporary = _open_store(config)
+    if not storage.shareable:
+        storage.close()
+        raise ValueError(f"the demo needs a store that other processes can open, not {storage.url}")
     ctx = multiprocessing.get_context("spawn")
     counters = ctx.RawArray("q", config.workers * _NCOUNTERS)
     stop = ctx.RawValue("b", 0)
