@@ -425,8 +425,9 @@ def put(
 ) -> None:
     """Store files; print content ids and lease ids.
 
-    Prints one line per file: content id, lease id, file name. The lease is detached (it does not end when this command exits): it lasts
-    until 'blobleases drop LEASE' or its --ttl.
+    Prints one line per file: content id, lease id, file name. The lease is
+    detached (it does not end when this command exits): it lasts until
+    'blobleases drop LEASE' or its --ttl. Identical content is stored once.
     """
     _use(store, json_output)
     if files.count("-") > 1:
@@ -439,8 +440,8 @@ def put(
     pending: list[str] = []
     progress: Progress | None = None
     try:
+        manager = BlobManager(storage)
         for name in files:
-            lid = LeaseId.new()
             source, size = _open_source(name)
             with contextlib.ExitStack() as stack:
                 if source is not sys.stdin.buffer:
@@ -452,13 +453,15 @@ def put(
                         progress.start()
                     task = progress.add_task(f"storing {Path(name).name}", total=size)
                     feed = _counting(source, progress, task)
-                cid = storage.store_file(feed, lid, ttl=ttl, detached=True)
+                # A detached lease: never ended by this process exiting.
+                lease = manager.store_file(feed, ttl=ttl, detached=True)
+            cid, lid = lease.content_id, lease.lease_id
             expires = None if ttl is None else time.time() + ttl
             entry = {
                 "file": name,
                 "content_id": str(cid),
                 "lease_id": str(lid),
-                "size": _size_of(storage, cid),
+                "size": lease.size,
                 "expires_at": expires,
             }
             results.append(entry)
@@ -507,13 +510,6 @@ def _counting(source: IO[bytes], progress: Progress, task: TaskID) -> IO[bytes]:
         progress.advance(task, n)
 
     return io.BufferedReader(_CountingReader(source, advance), buffer_size=_CHUNK)
-
-
-def _size_of(storage: BlobStorage, cid: ContentId) -> int | None:
-    try:
-        return storage.stat(cid).size
-    except ContentNotFound:
-        return None
 
 
 @contextlib.contextmanager
@@ -614,7 +610,7 @@ def _atomic_write(target: Path, reader: BlobReader, cid: ContentId) -> int:
         raise CliError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
     progress: Progress | None = None
     try:
-        with open(fd, "wb", buffering=0) as f:
+        with open(fd, "wb") as f:
             advance: Callable[[int], None] | None = None
             if _want_progress(reader.size):
                 progress = _new_progress()
