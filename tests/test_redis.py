@@ -44,6 +44,13 @@ def _keys_of(storage: RedisStorage, cid: ContentId) -> list[bytes]:
     return list(storage.client.scan_iter(match=f"{storage.namespace}:{{{cid}}}:*"))
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def any_url(request: pytest.FixtureRequest) -> str:
+    """The url of the shared standalone server, then of the cluster."""
+    fixture = "redis_server" if request.param == "standalone" else "redis_cluster"
+    return str(request.getfixturevalue(fixture).url)
+
+
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private standalone server (these tests stop and restart it)."""
@@ -129,11 +136,11 @@ class _Host:
                 stream.close()
 
 
-def test_two_hosts_one_killed(redis_server: RedisServer) -> None:
+def test_two_hosts_one_killed(any_url: str) -> None:
     namespace = _namespace()
-    a = _Host(redis_server.url, namespace, "host-a")
-    b = _Host(redis_server.url, namespace, "host-b")
-    observer = RedisStorage(redis_server.url, namespace=namespace, host_id="observer")
+    a = _Host(any_url, namespace, "host-a")
+    b = _Host(any_url, namespace, "host-b")
+    observer = RedisStorage(any_url, namespace=namespace, host_id="observer")
     try:
         shared_text, a_shared = a.ask("store 0a0b0c 5000")
         unshared_text, _ = a.ask("store 0d0e0f 7000")
@@ -160,15 +167,11 @@ def test_two_hosts_one_killed(redis_server: RedisServer) -> None:
         observer.close()
 
 
-def test_local_dead_process_reaped_without_waiting_for_heartbeat(
-    redis_server: RedisServer,
-) -> None:
+def test_local_dead_process_reaped_without_waiting_for_heartbeat(any_url: str) -> None:
     """On the same host, a dead pid is seen dead at once (its start time)."""
     namespace = _namespace()
-    host = _Host(redis_server.url, namespace, "same-host")
-    storage = RedisStorage(
-        redis_server.url, namespace=namespace, host_id="same-host", heartbeat_ttl=60
-    )
+    host = _Host(any_url, namespace, "same-host")
+    storage = RedisStorage(any_url, namespace=namespace, host_id="same-host", heartbeat_ttl=60)
     try:
         cid_text, _ = host.ask("store 01 100")
         host.process.kill()

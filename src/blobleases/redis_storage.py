@@ -402,9 +402,11 @@ class RedisStorage(BlobStorage):
             if self._heartbeat is not None and self._heartbeat.pid == os.getpid():
                 return
             self._pid = os.getpid()
-            self._heartbeat = _Heartbeat(
-                self._r, lambda pid: self._hb_key(self._owner(pid)), self._hb_ttl
-            )
+            prefix = self._hb_key(self._owner(0))[:-1]
+            heartbeat = _Heartbeat(self._r, lambda pid: f"{prefix}{pid}", self._hb_ttl)
+            self._heartbeat = heartbeat
+            # An unclosed storage that is garbage-collected stops its thread.
+            weakref.finalize(self, heartbeat.stop.set)
 
     def _vouch(self, pid: int) -> float:
         """Record a local pid as alive (its heartbeat kept by this handle);
