@@ -328,8 +328,8 @@ def _run(
     where = "a temporary directory store" if temporary else storage.url
     if console is not None:
         console.print(
-            f"[bold]blobleases demo[/]: {config.workers} worker processes, {config.blobs} "
-            f"blobs of {_size_text(size)}, on {where}",
+            f"[bold]blobleases demo[/]: {config.workers} workers, {config.blobs} blobs of "
+            f"{_size_text(size)}, on {where}",
             highlight=False,
         )
 
@@ -496,7 +496,7 @@ def _run(
             "every other lease reads verified bytes",
             finished and fails == 0 and reads_after == leases_after,
             f"{reads_after} of {leases_after} leases verified after the reap, "
-            f"{fails} failed reads" + (f": {survivors_failures(survivors)}" if fails else ""),
+            f"{fails} failed reads" + (f": {_failures_text(survivors)}" if fails else ""),
         )
         if finished and fails == 0:
             display.log(
@@ -566,7 +566,7 @@ def _run(
     return result
 
 
-def survivors_failures(survivors: list[_Worker]) -> str:
+def _failures_text(survivors: list[_Worker]) -> str:
     return "; ".join(f for w in survivors for f in w.failures[:3])
 
 
