@@ -10,6 +10,7 @@ their repetitions, and reports the median (``--stat best`` for best-of).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import fnmatch
 import json
 import os
@@ -73,7 +74,7 @@ def _selected(number: str, name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def run_groups(ctx: Context, patterns: Sequence[str]) -> None:
+def run_groups(ctx: Context, patterns: Sequence[str], profile_dir: str | None = None) -> None:
     for number, name, fn in GROUPS:
         if not _selected(number, name, patterns):
             continue
@@ -82,13 +83,21 @@ def run_groups(ctx: Context, patterns: Sequence[str]) -> None:
         ctx.log(f"[{time.strftime('%H:%M:%S')}] row {number} ({name}) ...")
         t0 = time.perf_counter()
         reason = ""
+        profiler = cProfile.Profile() if profile_dir else None
         try:
-            fn(ctx)
+            if profiler is not None:
+                profiler.runcall(fn, ctx)
+            else:
+                fn(ctx)
         except Unavailable as exc:
             reason = f"not available: {exc}"
         except Exception as exc:
             reason = f"error: {type(exc).__name__}: {exc}"
             ctx.log(traceback.format_exc())
+        if profiler is not None and profile_dir:
+            out = os.path.join(profile_dir, f"{number}-{name}.prof")
+            profiler.dump_stats(out)
+            ctx.log(f"    profile: {out} (python -m pstats {out})")
         group_rows = ctx.rows[first:]
         if reason:
             for row in group_rows:
@@ -228,6 +237,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="scratch directory (default: a new one in $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a cProfile of each row group (candidate and baselines) to DIR/<row>.prof",
+    )
     return parser.parse_args(argv)
 
 
@@ -247,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
     t0 = time.perf_counter()
     try:
-        run_groups(ctx, patterns)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+        run_groups(ctx, patterns, args.profile)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

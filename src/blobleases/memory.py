@@ -44,6 +44,11 @@ class _Lease:
     detached: bool
 
 
+#: Shared by every lease without a ttl that is not detached (leases are never
+#: mutated), so the common acquire allocates no record.
+_PLAIN = _Lease(None, False)
+
+
 class MemoryStorage(BlobStorage):
     """Blobs held in this process (threads share it; other processes do not).
 
@@ -131,22 +136,33 @@ class MemoryStorage(BlobStorage):
             self._pids[pid] = process_start_time(pid)
 
     def _hold(self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool) -> None:
+        # A hot path (every acquire): lookups are kept few and inlined.
         key = (lid, cid)
-        if key in self._leases:
+        leases = self._leases
+        if key in leases:
             return
         blob = self._blobs[cid]
-        expires_at = None if ttl is None else time.time() + ttl
-        self._leases[key] = _Lease(expires_at, detached)
-        blob.leases += 1
-        if expires_at is not None:
+        if ttl is None:
+            expires_at = None
+            leases[key] = _Lease(None, True) if detached else _PLAIN
+        else:
+            expires_at = time.time() + ttl
+            leases[key] = _Lease(expires_at, detached)
             heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
+        blob.leases += 1
         if not detached:
-            self._note_pid(lid.pid)
-            self._by_pid.setdefault(lid.pid, set()).add(key)
-        if cid in self._retained:
+            pid = lid.pid
+            if pid not in self._pids:
+                self._note_pid(pid)
+            keys = self._by_pid.get(pid)
+            if keys is None:
+                keys = self._by_pid[pid] = set()
+            keys.add(key)
+        if self._retained and cid in self._retained:
             del self._retained[cid]
             self._retained_bytes -= blob.size
-        self._touch(cid, blob)
+        blob.last_access = time.time()
+        self._order.move_to_end(cid)
 
     def _touch(self, cid: ContentId, blob: _Blob) -> None:
         blob.last_access = time.time()
@@ -321,7 +337,8 @@ class MemoryStorage(BlobStorage):
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
         with self._lock:
-            self._maintain()
+            if self._closed or self._expiries or time.monotonic() >= self._next_reap:
+                self._maintain()
             blob = self._blobs.get(cid)
             if blob is None:
                 raise ContentNotFound(cid)
@@ -349,7 +366,8 @@ class MemoryStorage(BlobStorage):
 
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         with self._lock:
-            self._maintain()
+            if self._closed or self._expiries or time.monotonic() >= self._next_reap:
+                self._maintain()
             self._end_lease(lid, cid)
 
     def _advise_of_pid(self, pid: int) -> None:
