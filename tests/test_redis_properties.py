@@ -33,9 +33,19 @@ _SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-StandaloneMachine = storage_state_machine(lambda: _factory("standalone"), _CHILD.pid)
+# Hypothesis keys a state machine's saved examples by the source of its class:
+# subclasses defined here keep the Redis examples apart from other backends'.
+
+
+class StandaloneMachine(storage_state_machine(lambda: _factory("standalone"), _CHILD.pid)):  # type: ignore[misc]
+    """Redis standalone: its own example database key."""
+
+
+class ClusterMachine(storage_state_machine(lambda: _factory("cluster"), _CHILD.pid)):  # type: ignore[misc]
+    """Redis Cluster: its own example database key."""
+
+
 StandaloneMachine.TestCase.settings = _SETTINGS
-ClusterMachine = storage_state_machine(lambda: _factory("cluster"), _CHILD.pid)
 ClusterMachine.TestCase.settings = _SETTINGS
 
 
