@@ -73,6 +73,7 @@ _STAGE_TTL_MS = 3600 * 1000
 _PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
 _SCAN_COUNT = 1000
 _BATCH = 256
+_READ_SIZE = 1 << 20
 
 
 def default_host_id() -> str:
@@ -254,6 +255,9 @@ class RedisStorage(BlobStorage):
         options: dict[str, Any] = {
             "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(socket_timeout),
+            # redis-py's parser reads replies in pieces of this size: the 64 KiB
+            # default makes a 1 MiB reply about three times slower to read.
+            "socket_read_size": _READ_SIZE,
         }
         try:
             if self._cluster:
