@@ -110,18 +110,45 @@ _SQL_REFERENCED = (
 )
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
 
-# Connections inherited through fork: never used and never closed in the
-# child (closing one could disturb the parent's locks), only kept alive.
-_INHERITED: list[sqlite3.Connection] = []
+# Fork safety. SQLite keeps per-process bookkeeping of the locks each open
+# file holds; a child that inherits a connection inherits that bookkeeping
+# but not the kernel locks behind it. A new connection in the child would
+# trust the stale bookkeeping (and skip taking the locks that tell other
+# processes it is there: the parent closing its connection would then
+# delete the WAL under the child). So every storage's lock is taken before
+# fork (no thread is inside SQLite at the fork), and the child closes the
+# inherited connection at once (releasing nothing of the parent's: fcntl
+# locks belong to the parent process) before it opens its own.
 _INSTANCES: weakref.WeakSet[DirectoryStorage] = weakref.WeakSet()
+_FORK_HELD: list[DirectoryStorage] = []
+# Inherited connections whose close failed in the child: kept, never used.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _before_fork() -> None:
+    held = list(_INSTANCES)
+    for storage in held:
+        storage._lock.acquire()
+    _FORK_HELD[:] = held
+
+
+def _after_fork_in_parent() -> None:
+    held, _FORK_HELD[:] = list(_FORK_HELD), []
+    for storage in held:
+        storage._lock.release()
 
 
 def _after_fork_in_child() -> None:
-    for storage in list(_INSTANCES):
+    held, _FORK_HELD[:] = list(_FORK_HELD), []
+    for storage in held:
         storage._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def default_root() -> Path:
@@ -394,6 +421,7 @@ class DirectoryStorage(BlobStorage):
         self._db = db
         self._db_pid = os.getpid()
         self._mypid = self._db_pid
+        self._mystart = own_start_time()
 
     @staticmethod
     def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
@@ -504,10 +532,14 @@ class DirectoryStorage(BlobStorage):
     # -- connection, fork, transactions --------------------------------------------------
 
     def _after_fork(self) -> None:
+        """In a forked child: a fresh lock, and the inherited connection closed."""
         self._lock = threading.RLock()
-        if self._db is not None:
-            _INHERITED.append(self._db)
-            self._db = None
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                _INHERITED.append(db)
         self._access = {}
 
     def _conn(self) -> sqlite3.Connection:

@@ -1,0 +1,722 @@
+"""DirectoryStorage: bad input and faults, security, fork safety, urls and roots.
+
+Real files and real SQLite; faults are made on disk with ``blob_path``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+from blobleases import (
+    BlobManager,
+    ContentId,
+    IntegrityError,
+    LeaseExpired,
+    LeaseId,
+    StorageError,
+    open_storage,
+    register_storage,
+)
+from blobleases.directory import DirectoryStorage, default_root
+from blobleases.testing import blob
+
+
+def put(storage: DirectoryStorage, data: bytes) -> tuple[ContentId, LeaseId]:
+    lid = LeaseId.new()
+    return storage.store_bytes(data, lid), lid
+
+
+def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tmp_files(storage: DirectoryStorage) -> list[str]:
+    return os.listdir(storage.root / "tmp")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DirectoryStorage:
+    storage = DirectoryStorage(tmp_path / "store")
+    yield storage
+    storage.close()
+
+
+# == layout and permissions ===========================================================
+
+
+def test_layout_and_modes(store: DirectoryStorage) -> None:
+    cid, _ = put(store, blob(1000))
+    path = store.blob_path(cid)
+    assert path == store.root / "blobs" / "sha256" / cid.hex[:2] / cid.hex
+    assert path.read_bytes() == blob(1000)
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((store.root / "index.sqlite3").stat().st_mode) == 0o600
+    assert store.url == "file://" + str(store.root)
+    assert tmp_files(store) == []
+
+
+def test_blake3_blob_path(store: DirectoryStorage) -> None:
+    pytest.importorskip("blake3")
+    lid = LeaseId.new()
+    cid = store.store_bytes(b"blake", lid, algorithm="blake3")
+    assert store.blob_path(cid).parent.parent.name == "blake3"
+    assert store.blob_path(cid).read_bytes() == b"blake"
+
+
+def test_bad_path_arguments(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="path"):
+        DirectoryStorage(12)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="path"):
+        DirectoryStorage(b"/tmp/x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="path"):
+        DirectoryStorage("")
+    with pytest.raises(ValueError, match="max_bytes"):
+        DirectoryStorage(tmp_path / "s", max_bytes=-1)
+    with pytest.raises(TypeError, match="content_id"):
+        DirectoryStorage(tmp_path / "s").blob_path("sha256-00")  # type: ignore[arg-type]
+
+
+def test_root_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "afile"
+    path.write_bytes(b"keep me")
+    with pytest.raises(StorageError, match="not a directory"):
+        DirectoryStorage(path)
+    assert path.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_root_writable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    root = tmp_path / "open"
+    root.mkdir()
+    (root / "precious").write_bytes(b"x")
+    root.chmod(mode)
+    with pytest.raises(StorageError, match="writable by group or others"):
+        DirectoryStorage(root)
+    assert (root / "precious").read_bytes() == b"x"
+    assert sorted(os.listdir(root)) == ["precious"]
+
+
+def test_root_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        root = tmp_path / "theirs"
+        root.mkdir(mode=0o700)
+        os.chown(root, 65534, 65534)
+    else:
+        root = Path("/")  # owned by root, not by this user
+    with pytest.raises(StorageError, match="owned by uid"):
+        DirectoryStorage(root)
+
+
+_READ_ONLY_CHILD = """
+import sys
+from blobleases import ContentId, LeaseId, StorageError
+from blobleases.directory import DirectoryStorage
+try:
+    DirectoryStorage(sys.argv[1])
+except StorageError as exc:
+    print("refused:", exc)
+else:
+    print("opened")
+"""
+
+
+def test_read_only_root_is_refused_and_loses_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "ro"
+    with DirectoryStorage(root, durability="safe") as storage:
+        cid, _ = put(storage, blob(5000, 1))
+        storage.lease_by_content(cid, LeaseId.new(), detached=True)
+    before = sorted(p.name for p in root.rglob("*"))
+    if os.geteuid() == 0:
+        # root ignores permission bits: make the filesystem itself read-only
+        # in a private mount namespace.
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare to make a read-only mount as root")
+        script = (
+            f"mount --bind {root} {root} && mount -o remount,ro,bind {root} {root} && "
+            f"exec {sys.executable} -c '{_READ_ONLY_CHILD}' {root}"
+        )
+        result = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60
+        )
+        if "refused" not in result.stdout and "opened" not in result.stdout:
+            pytest.skip(f"cannot make a read-only mount here: {result.stderr.strip()}")
+    else:
+        root.chmod(0o500)
+        try:
+            result = run_python(_READ_ONLY_CHILD, str(root))
+        finally:
+            root.chmod(0o700)
+    assert "refused:" in result.stdout and "not writable" in result.stdout, result
+    assert sorted(p.name for p in root.rglob("*")) == before
+    with DirectoryStorage(root) as storage:
+        assert storage.contains(cid)
+        assert not storage.verify()
+
+
+# == symlinks ================================================================================
+
+
+def test_symlink_in_place_of_a_blob_is_never_followed(tmp_path: Path) -> None:
+    with DirectoryStorage(tmp_path / "s") as storage:
+        data = blob(4000, 2)
+        cid, lid = put(storage, data)
+        other, other_lid = put(storage, blob(4000, 3))
+        outside = tmp_path / "outside.bin"
+        outside.write_bytes(data)  # even the right bytes are not read through a link
+        path = storage.blob_path(cid)
+        path.unlink()
+        path.symlink_to(outside)
+        with pytest.raises(IntegrityError, match="symlink"):
+            storage.get_data(cid, lid)
+        with pytest.raises(IntegrityError, match="symlink"):
+            storage.get_reader(cid, lid)
+        report = storage.verify()
+        assert report.corrupted == [cid] and not report.missing and not report.orphaned
+        storage.verify(repair=True)
+        assert not path.is_symlink() and not path.exists()
+        assert outside.read_bytes() == data  # the link's target is untouched
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid, lid)
+        assert storage.get_data(other, other_lid) == blob(4000, 3)
+        assert not storage.verify()
+
+
+def test_symlinked_directories_inside_the_root_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    with DirectoryStorage(root) as storage:
+        cid, _ = put(storage, blob(100, 4))
+        storage.lease_by_content(cid, LeaseId.new(), detached=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    shutil.rmtree(root / "tmp")
+    (root / "tmp").symlink_to(elsewhere)
+    with pytest.raises(StorageError, match="symlink"):
+        DirectoryStorage(root)
+    (root / "tmp").unlink()
+    # a shard directory replaced by a link: storing into it is refused
+    (root / "tmp").mkdir(mode=0o700)
+    data = blob(100, 5)
+    target = ContentId.for_bytes(data)
+    shard = root / "blobs" / "sha256" / target.hex[:2]
+    if shard.exists():
+        pytest.skip("the two blobs share a shard")
+    shard.symlink_to(elsewhere)
+    with DirectoryStorage(root) as storage:
+        with pytest.raises(StorageError, match="symlink"):
+            storage.store(target, data, LeaseId.new())
+        assert not storage.contains(target)
+        assert storage.contains(cid)
+        assert tmp_files(storage) == []
+    assert os.listdir(elsewhere) == []
+
+
+# == corrupted, truncated, missing blobs =========================================================
+
+
+def test_corrupted_blob_of_same_size(tmp_path: Path) -> None:
+    with DirectoryStorage(tmp_path / "s") as storage:
+        data = blob(10_000, 6)
+        cid, lid = put(storage, data)
+        keep, keep_lid = put(storage, blob(10_000, 7))
+        path = storage.blob_path(cid)
+        bad = bytearray(data)
+        bad[0] ^= 1
+        path.write_bytes(bytes(bad))
+        assert storage.get_data(cid, lid) == bytes(bad)  # size-only checks by default
+        assert storage.verify().corrupted == [cid]
+        assert storage.verify(repair=True).repaired
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid, lid)
+        assert not path.exists()
+        assert storage.get_data(keep, keep_lid) == blob(10_000, 7)
+    with DirectoryStorage(tmp_path / "v", verify_reads=True) as storage:
+        cid, lid = put(storage, data)
+        storage.blob_path(cid).write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError, match="hash"):
+            storage.get_data(cid, lid)
+        with pytest.raises(IntegrityError, match="hash"):
+            storage.get_reader(cid, lid)
+        assert storage.stats().readers == 0  # the failed reader left no hold
+
+
+def test_truncated_blob_never_gives_short_bytes(store: DirectoryStorage) -> None:
+    data = blob(100_000, 8)
+    cid, lid = put(store, data)
+    os.truncate(store.blob_path(cid), 1000)
+    with pytest.raises(IntegrityError, match="1000 bytes"):
+        store.get_data(cid, lid)
+    with pytest.raises(IntegrityError):
+        store.get_reader(cid, lid)
+    assert store.stats().readers == 0
+    assert store.verify().corrupted == [cid]
+
+
+def test_missing_blob_file(store: DirectoryStorage) -> None:
+    cid, lid = put(store, blob(3000, 9))
+    keep, keep_lid = put(store, blob(3000, 10))
+    store.blob_path(cid).unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        store.get_data(cid, lid)
+    report = store.verify()
+    assert report.missing == [cid] and not report.corrupted
+    collected = store.collect()
+    assert collected.rows_removed == 1
+    assert not store.contains(cid)
+    with pytest.raises(LeaseExpired):
+        store.get_data(cid, lid)
+    assert store.get_data(keep, keep_lid) == blob(3000, 10)
+    assert not store.verify()
+
+
+def test_orphaned_files_reported_and_collected(store: DirectoryStorage) -> None:
+    cid, lid = put(store, blob(100, 11))
+    orphan_id = ContentId.for_bytes(b"orphan")
+    orphan = store.blob_path(orphan_id)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"orphan")
+    junk = store.blob_path(cid).parent / "not-a-blob"
+    junk.write_bytes(b"junk")
+    dead_temp = store.root / "tmp" / f"999999999-1-{'0' * 16}.tmp"
+    dead_temp.write_bytes(b"half")
+    report = store.verify()
+    assert sorted(report.orphaned) == sorted(map(str, (orphan, junk, dead_temp)))
+    assert orphan.exists()  # reporting changes nothing
+    assert store.collect().files_removed == 3
+    assert not orphan.exists() and not junk.exists() and not dead_temp.exists()
+    assert store.get_data(cid, lid) == blob(100, 11)
+    assert not store.verify()
+
+
+def test_temp_file_of_a_live_writer_is_left_alone(store: DirectoryStorage) -> None:
+    live = store.root / "tmp" / store._temp_name()
+    live.write_bytes(b"being written")
+    assert not store.verify()
+    store.collect()
+    assert live.exists()
+    live.unlink()
+
+
+# == deleted index ================================================================================
+
+
+def test_deleted_index_is_refused_then_rebuilt(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    data = blob(20_000, 12)
+    with DirectoryStorage(root) as storage:
+        cid, _ = put(storage, data)
+        bad, _ = put(storage, blob(500, 13))
+    for name in ("index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"):
+        (root / name).unlink(missing_ok=True)
+    with pytest.raises(StorageError, match="missing") as info:
+        DirectoryStorage(root)
+    assert "rebuild_index" in str(info.value)
+    assert not (root / "index.sqlite3").exists()  # refusing created nothing
+    (root / "blobs" / "sha256" / bad.hex[:2] / bad.hex).write_bytes(b"x" * 500)
+    with DirectoryStorage.rebuild_index(root) as storage:
+        assert storage.contains(cid) and not storage.contains(bad)
+        assert not (root / "blobs" / "sha256" / bad.hex[:2] / bad.hex).exists()
+        lid = LeaseId.new()
+        storage.lease_by_content(cid, lid)
+        assert storage.get_data(cid, lid) == data
+        storage.collect()  # unreferenced rebuilt content beyond retain_bytes goes
+        assert storage.contains(cid)
+        assert storage.stats().blobs == 1
+        assert not storage.verify()
+    with DirectoryStorage(root) as storage:
+        assert storage.contains(cid)
+
+
+# == failures leave nothing half-done ==================================================================
+
+
+def test_failed_stores_leave_nothing(store: DirectoryStorage, tmp_path: Path) -> None:
+    cid = ContentId.for_bytes(b"right")
+    with pytest.raises(IntegrityError):
+        store.store(cid, b"wrong", LeaseId.new())
+
+    class Broken:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("readinto is used when present")
+
+        def readinto(self, buf: memoryview) -> int:
+            self.calls += 1
+            if self.calls > 2:
+                raise OSError(5, "Input/output error")
+            buf[:1000] = b"a" * 1000
+            return 1000
+
+    with pytest.raises(StorageError, match="Input/output error") as info:
+        store.store_file(Broken(), LeaseId.new())  # type: ignore[arg-type]
+    assert isinstance(info.value.__cause__, OSError)
+    (tmp_path / "text.txt").write_text("some text")
+    with open(tmp_path / "text.txt") as text, pytest.raises(TypeError, match="binary"):
+        store.store_file(text, LeaseId.new())  # type: ignore[arg-type]
+    assert tmp_files(store) == []
+    assert store.stats().blobs == 0 and list(store.iter_leases()) == []
+    assert [p for p in (store.root / "blobs").rglob("*") if not p.is_dir()] == []
+
+
+def test_store_full_with_refuse_changes_no_file(tmp_path: Path) -> None:
+    with DirectoryStorage(tmp_path / "s", max_bytes=5000) as storage:
+        cid, lid = put(storage, blob(4000, 14))
+        from blobleases import StoreFull
+
+        with pytest.raises(StoreFull):
+            put(storage, blob(4000, 15))
+        assert tmp_files(storage) == []
+        assert not storage.blob_path(ContentId.for_bytes(blob(4000, 15))).exists()
+        assert storage.get_data(cid, lid) == blob(4000, 14)
+        assert not storage.verify()
+
+
+_FULL_DISK_CHILD = """
+import os, sys
+from blobleases import ContentId, LeaseId, StorageError
+from blobleases.directory import DirectoryStorage
+root = sys.argv[1]
+with DirectoryStorage(root) as storage:
+    small = os.urandom(200_000)
+    lid = LeaseId.new()
+    cid = storage.store_bytes(small, lid)
+    try:
+        storage.store_bytes(os.urandom(4_000_000), LeaseId.new())
+    except StorageError as exc:
+        print("refused:", exc, "| cause:", type(exc.__cause__).__name__)
+    else:
+        print("stored?!")
+    print("tmp:", os.listdir(os.path.join(root, "tmp")))
+    print("small ok:", storage.get_data(cid, lid) == small)
+    print("blobs:", storage.stats().blobs)
+    print("verify:", bool(storage.verify()))
+"""
+
+
+def test_store_into_a_full_filesystem(tmp_path: Path) -> None:
+    """A real full filesystem: a 1 MiB tmpfs mounted in a private mount
+    namespace (needs unshare and mount rights, else skipped)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount a small tmpfs")
+    mount = tmp_path / "small"
+    mount.mkdir(mode=0o700)
+    script = (
+        f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {mount} && "
+        f"exec {sys.executable} -c '{_FULL_DISK_CHILD}' {mount}/store"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0 and "refused" not in result.stdout:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()[-300:]}")
+    out = result.stdout
+    assert "refused:" in out and "No space left on device" in out, out + result.stderr
+    assert "cause: OSError" in out
+    assert "tmp: []" in out
+    assert "small ok: True" in out and "blobs: 1" in out and "verify: False" in out
+
+
+# == closing ============================================================================================
+
+
+def test_operations_after_close_raise_storage_error(tmp_path: Path) -> None:
+    storage = DirectoryStorage(tmp_path / "s")
+    cid, lid = put(storage, blob(10, 16))
+    storage.close()
+    storage.close()
+    for call in (
+        lambda: storage.get_data(cid, lid),
+        lambda: storage.lease_by_content(cid, LeaseId.new()),
+        lambda: storage.advise_lease_dropped(lid, cid),
+        lambda: storage.contains(cid),
+        lambda: storage.stats(),
+        lambda: storage.collect(),
+        lambda: storage.verify(),
+        lambda: put(storage, b"more"),
+    ):
+        with pytest.raises(StorageError, match="closed"):
+            call()
+
+
+def test_reader_outlives_close_of_its_lease_and_getbuffer_view(store: DirectoryStorage) -> None:
+    data = blob(200_000, 17)
+    cid, lid = put(store, data)
+    reader = store.get_reader(cid, lid)
+    view = reader.getbuffer()
+    store.advise_lease_dropped(lid, cid)
+    reader.close()  # the user still holds a view of the mapping
+    assert not store.contains(cid)
+    assert bytes(view[:100]) == data[:100] and len(view) == len(data)
+    del view
+    gc.collect()
+
+
+def test_durability_safe_round_trip(tmp_path: Path) -> None:
+    with DirectoryStorage(tmp_path / "s", durability="safe") as storage:
+        cid, lid = put(storage, blob(50_000, 18))
+        mode = storage._conn().execute("PRAGMA synchronous").fetchone()[0]
+        assert mode == 2  # FULL
+        assert storage.get_data(cid, lid) == blob(50_000, 18)
+    with DirectoryStorage(tmp_path / "f") as storage:
+        assert storage._conn().execute("PRAGMA synchronous").fetchone()[0] == 0  # OFF
+
+
+def test_index_is_wal(store: DirectoryStorage) -> None:
+    db = sqlite3.connect(store.root / "index.sqlite3")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+# == fork safety =========================================================================================
+
+
+def _fork_and_wait(child: object) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            signal.alarm(30)  # a deadlocked child fails instead of hanging
+            code = child()  # type: ignore[operator]
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_fork_child_uses_its_own_connection(store: DirectoryStorage) -> None:
+    data = blob(30_000, 19)
+    cid, lid = put(store, data)
+    parent_db = store._conn()
+
+    def child() -> int:
+        mine = LeaseId.new()
+        store.lease_by_content(cid, mine)
+        ok = store.get_data(cid, mine) == data
+        ok = ok and store._conn() is not parent_db
+        new, new_lid = put(store, b"from the child")
+        with store.get_reader(new, new_lid) as reader:
+            ok = ok and reader.read() == b"from the child"
+        store.advise_lease_dropped(mine, cid)
+        store.lease_by_content(new, LeaseId.new(), detached=True)
+        return 0 if ok else 3
+
+    assert _fork_and_wait(child) == 0
+    assert store._conn() is parent_db
+    assert store.get_data(cid, lid) == data
+    assert store.contains(ContentId.for_bytes(b"from the child"))
+    assert not store.verify()
+
+
+def test_fork_while_another_thread_holds_the_lock(store: DirectoryStorage) -> None:
+    cid, lid = put(store, blob(1000, 20))
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            other = LeaseId.new()
+            store.lease_by_content(cid, other)
+            store.advise_lease_dropped(other, cid)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        codes = []
+        for _ in range(5):
+
+            def child() -> int:
+                mine = LeaseId.new()
+                store.lease_by_content(cid, mine)
+                return 0 if store.get_data(cid, mine) == blob(1000, 20) else 3
+
+            codes.append(_fork_and_wait(child))
+    finally:
+        stop.set()
+        thread.join()
+    assert codes == [0] * 5
+    store.collect()  # the children's leases are reaped: they are dead
+    assert [i.lease_id for i in store.iter_leases()] == [lid]
+
+
+def test_child_keeps_writing_after_the_parent_closes(tmp_path: Path) -> None:
+    """The child's index writes must not go to a WAL the parent deletes when
+    it closes what it thinks is the last connection."""
+    storage = DirectoryStorage(tmp_path / "s")
+    cid, _ = put(storage, b"parent")
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+
+    def child() -> int:
+        os.close(go_w)
+        storage.contains(cid)  # the child connects before the parent closes
+        os.write(ready_w, b"r")
+        os.read(go_r, 1)
+        for i in range(20):
+            storage.store_bytes(b"child %d" % i, LeaseId.new(), detached=True)
+        return 0
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"r"
+    os.close(ready_r)
+    storage.close()
+    os.write(go_w, b"x")
+    os.close(go_w)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with DirectoryStorage(tmp_path / "s") as again:
+        assert all(again.contains(ContentId.for_bytes(b"child %d" % i)) for i in range(20))
+        assert not again.verify()
+
+
+def test_lease_inherited_by_forked_child_is_not_ended_by_it(store: DirectoryStorage) -> None:
+    register_storage(store)
+    lease = BlobManager(store).store(blob(500, 21))
+
+    def child() -> int:
+        lease.close()
+        gc.collect()
+        return 0
+
+    assert _fork_and_wait(child) == 0
+    assert lease.get_data() == blob(500, 21)
+    lease.close()
+    assert not store.contains(lease.content_id)
+
+
+# == urls, roots, temporary, shared memory =====================================================================
+
+_REOPEN_CHILD = """
+import sys, hashlib
+from blobleases import ContentId, LeaseId, open_storage
+storage = open_storage(sys.argv[1])
+cid = ContentId.parse(sys.argv[2])
+lid = LeaseId.new()
+storage.lease_by_content(cid, lid)
+print(type(storage).__name__, storage.url, hashlib.sha256(storage.get_data(cid, lid)).hexdigest())
+storage.advise_lease_dropped(lid, cid)
+storage.close()
+"""
+
+
+def _reopened_elsewhere(url: str, cid: ContentId) -> list[str]:
+    result = run_python(_REOPEN_CHILD, url, str(cid))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_open_storage_path_and_file_url(tmp_path: Path) -> None:
+    root = tmp_path / "with space%and percent"
+    by_path = open_storage(str(root))
+    assert isinstance(by_path, DirectoryStorage) and by_path.root == root
+    cid, _ = put(by_path, blob(100, 22))
+    by_url = open_storage(by_path.url)
+    assert isinstance(by_url, DirectoryStorage) and by_url.root == root
+    assert by_url.contains(cid)
+    assert _reopened_elsewhere(by_path.url, cid) == [
+        "DirectoryStorage",
+        by_path.url,
+        hashlib.sha256(blob(100, 22)).hexdigest(),
+    ]
+    by_url.close()
+    by_path.close()
+
+
+def test_temporary_store_is_private_and_removed_on_close() -> None:
+    storage = open_storage("temp://")
+    assert isinstance(storage, DirectoryStorage)
+    root = storage.root
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert storage.url == "file://" + str(root)
+    cid, _ = put(storage, blob(100, 23))
+    assert _reopened_elsewhere(storage.url, cid)[0] == "DirectoryStorage"
+    storage.close()
+    assert not root.exists()
+
+
+def test_temporary_store_removed_when_garbage_collected() -> None:
+    storage = DirectoryStorage.temporary()
+    root = storage.root
+    del storage
+    gc.collect()
+    assert not root.exists()
+
+
+def test_shared_memory_store() -> None:
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage = open_storage(f"shm://{name}")
+    try:
+        assert isinstance(storage, DirectoryStorage)
+        assert storage.url == f"shm://{name}"
+        assert storage.root == Path(f"/dev/shm/blobleases-{os.geteuid()}/{name}")
+        assert stat.S_IMODE(storage.root.parent.stat().st_mode) == 0o700
+        cid, _ = put(storage, blob(1000, 24))
+        assert _reopened_elsewhere(storage.url, cid) == [
+            "DirectoryStorage",
+            f"shm://{name}",
+            hashlib.sha256(blob(1000, 24)).hexdigest(),
+        ]
+        with pytest.raises(ValueError, match="name"):
+            DirectoryStorage.shared_memory("../escape")
+        with pytest.raises(ValueError):
+            open_storage("shm://a/b")
+    finally:
+        root = storage.root
+        storage.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BLOBLEASES_STORE", str(tmp_path / "env-store"))
+    assert default_root() == tmp_path / "env-store"
+    monkeypatch.delenv("BLOBLEASES_STORE")
+    assert default_root() == Path(platformdirs.user_cache_dir("blobleases"))
+
+
+def test_two_handles_in_one_process_share_the_store(tmp_path: Path) -> None:
+    a = DirectoryStorage(tmp_path / "s")
+    b = DirectoryStorage(tmp_path / "s")
+    try:
+        cid, lid = put(a, blob(2000, 25))
+        other = LeaseId.new()
+        b.lease_by_content(cid, other)
+        a.advise_lease_dropped(lid, cid)
+        assert b.get_data(cid, other) == blob(2000, 25)
+        assert b.stats().dedup_hits == 0
+        b.store(cid, blob(2000, 25), LeaseId.new())
+        assert a.stats().dedup_hits == 1
+    finally:
+        a.close()
+        b.close()
