@@ -92,6 +92,31 @@ local function after_end(m, l, r, base, now, retain_limit)
   return {1, 1, tonumber(s)}
 end
 
+-- Remove a content's index entry (only if it still names ``token``, unless
+-- that is empty); keys: idx, bytes, reserved bytes, lru, retained, retained
+-- sizes, retained bytes. Returns 1 if removed.
+local function index_remove(k, cid, token)
+  local v = redis.call('HGET', k[1], cid)
+  if not v then
+    return 0
+  end
+  local sz, t, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+  if token ~= '' and t ~= token then
+    return 0
+  end
+  redis.call('HDEL', k[1], cid)
+  redis.call('DECRBY', k[2], tonumber(sz))
+  if kind == 'R' then
+    redis.call('DECRBY', k[3], tonumber(sz))
+  end
+  redis.call('ZREM', k[4], cid)
+  if redis.call('ZREM', k[5], cid) == 1 then
+    redis.call('DECRBY', k[7], tonumber(redis.call('HGET', k[6], cid) or 0))
+  end
+  redis.call('HDEL', k[6], cid)
+  return 1
+end
+
 --@ hold
 -- KEYS meta, leases; ARGV lease id, lease value, now
 return hold(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
@@ -164,10 +189,13 @@ end
 return {1, tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3]), meta[4]}
 
 --@ end
--- KEYS meta, leases, readers; ARGV mode, id, owner, now, base, retention
--- limit. Modes: L (drop a lease), LO (end a non-detached lease of owner), LE
--- (end a lease if expired), R (release a reader hold), RO (release owner's
--- reader hold). Returns {0, 0, 0} if nothing ended, else after_end's answer.
+-- KEYS meta, leases, readers[, the 7 index keys of idx_remove]; ARGV mode,
+-- id, owner, now, base, retention limit, content id. Modes: L (drop a
+-- lease), LO (end a non-detached lease of owner), LE (end a lease if
+-- expired), R (release a reader hold), RO (release owner's reader hold).
+-- Returns {0, 0, 0} if nothing ended, else after_end's answer; with the
+-- index keys (a standalone server has no slots to respect) a deleted
+-- content's index entry is removed too and the state is 3.
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local mode, id, owner, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local ended = 0
@@ -193,7 +221,12 @@ end
 if ended == 0 then
   return {0, 0, 0}
 end
-return after_end(m, l, r, ARGV[5], now, tonumber(ARGV[6]))
+local res = after_end(m, l, r, ARGV[5], now, tonumber(ARGV[6]))
+if res[2] == 2 and #KEYS >= 10 then
+  index_remove({KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]}, ARGV[7], res[4])
+  res[2] = 3
+end
+return res
 
 --@ delete
 -- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
@@ -243,25 +276,7 @@ return 1
 --@ idx_remove
 -- KEYS idx, bytes, reserved bytes, lru, retained, retained sizes, retained
 -- bytes; ARGV content id, token ('' for any). Returns 1 if removed.
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then
-  return 0
-end
-local sz, t, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
-if ARGV[2] ~= '' and t ~= ARGV[2] then
-  return 0
-end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DECRBY', KEYS[2], tonumber(sz))
-if kind == 'R' then
-  redis.call('DECRBY', KEYS[3], tonumber(sz))
-end
-redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
-  redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[6], ARGV[1]) or 0))
-end
-redis.call('HDEL', KEYS[6], ARGV[1])
-return 1
+return index_remove(KEYS, ARGV[1], ARGV[2])
 
 --@ reserve
 -- KEYS idx, bytes, reserved bytes; ARGV content id, size, token, max bytes,

@@ -555,12 +555,28 @@ class RedisStorage(BlobStorage):
     def _end(self, cid_text: str, mode: str, ident: str, owner: str = "") -> int:
         """End one lease or reader hold (see the end script); unreferenced
         content is deleted or retained. Returns 1 if something ended."""
-        res = self._ev("end", self._ckeys(cid_text), self._end_args(cid_text, mode, ident, owner))
+        res = self._ev(
+            "end", self._end_keys(cid_text), self._end_args(cid_text, mode, ident, owner)
+        )
         self._ended(cid_text, res)
         return int(res[0])
 
+    def _end_keys(self, cid_text: str) -> list[str]:
+        """The end script's keys: with the index keys on a standalone server
+        (no slots), so a deleted content is unindexed in the same script."""
+        keys = self._ckeys(cid_text)
+        return keys if self._cluster else keys + self._g_idx()
+
     def _end_args(self, cid_text: str, mode: str, ident: str, owner: str) -> list[Any]:
-        return [mode, ident, owner, time.time(), self._base(cid_text), self.policies.retain_bytes]
+        return [
+            mode,
+            ident,
+            owner,
+            time.time(),
+            self._base(cid_text),
+            self.policies.retain_bytes,
+            cid_text,
+        ]
 
     def _ended(self, cid_text: str, res: list[Any]) -> None:
         """Finish what the end (or read) script started: remove the index entry
@@ -1088,7 +1104,9 @@ class RedisStorage(BlobStorage):
         cid_text = str(cid)
 
         def build(pipe: Any) -> None:
-            self._pipe_ev(pipe, "end", self._ckeys(cid), self._end_args(cid_text, "R", hold_id, ""))
+            self._pipe_ev(
+                pipe, "end", self._end_keys(cid_text), self._end_args(cid_text, "R", hold_id, "")
+            )
             pipe.srem(key, f"R {cid} {hold_id}")
 
         self._ended(cid_text, self._run_pipe(build)[0])
@@ -1101,7 +1119,7 @@ class RedisStorage(BlobStorage):
 
         def build(pipe: Any) -> None:
             self._pipe_ev(
-                pipe, "end", self._ckeys(cid), self._end_args(cid_text, "L", str(lid), "")
+                pipe, "end", self._end_keys(cid_text), self._end_args(cid_text, "L", str(lid), "")
             )
             # Dropping a lease that is not held leaves no bookkeeping to remove,
             # so these are harmless either way.
