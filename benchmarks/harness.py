@@ -168,6 +168,8 @@ class Sizes:
     reap_reps: int
     scale_small: int  # row 8
     scale_large: int
+    scale_reps: int  # many short interleaved repetitions: rows 8 are noise-prone
+    scale_batch: int
     redis_batch: int  # row 9
 
     @classmethod
@@ -189,6 +191,8 @@ class Sizes:
                 reap_reps=3,
                 scale_small=10_000,
                 scale_large=1_000_000,
+                scale_reps=15,
+                scale_batch=3000,
                 redis_batch=64,
             )
         if mode == "quick":
@@ -208,6 +212,8 @@ class Sizes:
                 reap_reps=1,
                 scale_small=10_000,
                 scale_large=100_000,
+                scale_reps=9,
+                scale_batch=2000,
                 redis_batch=32,
             )
         if mode == "tiny":
@@ -227,6 +233,8 @@ class Sizes:
                 reap_reps=1,
                 scale_small=100,
                 scale_large=400,
+                scale_reps=2,
+                scale_batch=50,
                 redis_batch=4,
             )
         raise ValueError(f"unknown mode {mode!r}")

@@ -116,7 +116,7 @@ def _scale(
     )
     ctx.log(f"    {row.note}")
     rng = random.Random(7)
-    n = s.lease_batch
+    n = s.scale_batch
     lids = [LeaseId.new() for _ in range(n)]
     small_pick = [rng.choice(small_cids) for _ in range(n)]
     large_pick = [rng.choice(large_cids) for _ in range(n)]
@@ -159,7 +159,7 @@ def scale_rows(ctx: Context) -> None:
     )
     mem_small, mem_large = MemoryStorage(), MemoryStorage()
     try:
-        big, little = interleave(s.reps, _scale(ctx, "memory", mem_small, mem_large, r_mem))
+        big, little = interleave(s.scale_reps, _scale(ctx, "memory", mem_small, mem_large, r_mem))
         r_mem.value = ctx.summary(big) * 1e6
         r_mem.baseline_value = ctx.summary(little) * 1e6
     finally:
@@ -171,7 +171,9 @@ def scale_rows(ctx: Context) -> None:
     ds_small = ds_large = None
     try:
         ds_small, ds_large = ds(small_path), ds(large_path)
-        big, little = interleave(s.reps, _scale(ctx, "DirectoryStorage", ds_small, ds_large, r_ds))
+        big, little = interleave(
+            s.scale_reps, _scale(ctx, "DirectoryStorage", ds_small, ds_large, r_ds)
+        )
         r_ds.value = ctx.summary(big) * 1e6
         r_ds.baseline_value = ctx.summary(little) * 1e6
     finally:

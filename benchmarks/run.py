@@ -143,7 +143,7 @@ def issue4_lines(rows: Sequence[Row]) -> list[str]:
         if measured is None:
             verdict = "n/a (not measured)"
         else:
-            shown = f"{measured:.2f}x" if on == "ratio" else f"{fmt(measured)}/s"
+            shown = f"{measured:.3f}x" if on == "ratio" else f"{fmt(measured)}/s"
             verdict = f"{shown}: {'met' if measured >= threshold else 'MISSED'}"
         lines.append(f"issue 4: {text} (row {prefix.strip()}): {verdict}")
     return lines
