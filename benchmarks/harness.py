@@ -348,6 +348,24 @@ class Context:
         return summarise(samples, self.stat, lower_is_better)
 
 
+def source_version() -> str:
+    """The git commit of the code measured (``-dirty`` if the tree has changes)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--exclude", "*"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """nproc, CPU model, memory, Python and OS, for the report."""
     model = platform.processor() or "unknown"
@@ -374,4 +392,5 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "os": f"{platform.system()} {platform.release()}",
+        "commit": source_version(),
     }

@@ -162,7 +162,7 @@ def print_table(rows: Sequence[Row], info: dict[str, Any], plain: bool) -> None:
     title = (
         f"blobleases benchmarks ({info['mode']} mode, {info['stat']} of interleaved repetitions) "
         f"on {info['nproc']} x {info['cpu']}, {info['memory_gib']} GiB, "
-        f"Python {info['python']}, {info['os']}"
+        f"Python {info['python']}, {info['os']}, commit {info['commit']}"
     )
     footer = issue4_lines(rows) + notes_lines(rows)
     if not plain:
@@ -198,7 +198,8 @@ def print_table(rows: Sequence[Row], info: dict[str, Any], plain: bool) -> None:
 def markdown(rows: Sequence[Row], info: dict[str, Any], command: str) -> str:
     out = [
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gib']} GiB RAM, "
-        f"Python {info['python']}, {info['os']}. Mode: {info['mode']}, "
+        f"Python {info['python']}, {info['os']}, commit {info['commit']}. "
+        f"Mode: {info['mode']}, "
         f"{info['stat']} of interleaved repetitions. Command: `{command}`",
         "",
         "| " + " | ".join(HEADERS) + " |",
