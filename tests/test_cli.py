@@ -241,6 +241,15 @@ def test_store_from_environment(tmp_path: Path, sample: Path) -> None:
     assert (tmp_path / "env-store").is_dir()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG_CACHE_HOME is Linux's")
+def test_default_store_is_the_user_cache_directory(tmp_path: Path, sample: Path) -> None:
+    env = _env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    ok(cli("put", str(sample), store=None, env=env))
+    stats = json.loads(ok(cli("stats", "--json", store=None, env=env)))
+    assert stats["store"].endswith(str(tmp_path / "cache" / "blobleases"))
+    assert stats["blobs"] == 1
+
+
 def test_command_options_may_follow_the_command(store: Path, sample: Path) -> None:
     put(store, sample)
     proc = subprocess.run(
