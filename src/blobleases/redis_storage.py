@@ -1411,12 +1411,19 @@ class RedisStorage(BlobStorage):
         chunks no meta names."""
         out: list[str] = []
         ns = re.escape(self._namespace)
+        candidates: list[tuple[str, str, int]] = []
         for key in self._scan(f"{self._namespace}:{{*}}:d:*"):
             m = re.fullmatch(ns + r":\{([^}]*)\}:d:(\d+)", key)
             if m is None:
                 continue
             meta = metas.get(m.group(1))
             if meta is None or int(m.group(2)) >= int(meta.get("n", 0)):
+                candidates.append((key, m.group(1), int(m.group(2))))
+        # Content committed since the snapshot is not stray: look again.
+        now = self._current(sorted({c for _, c, _ in candidates}))
+        for key, cid_text, index in candidates:
+            current = now.get(cid_text)
+            if current is None or index >= int(current[1]):
                 out.append(key)
         staged: list[tuple[str, str]] = []
         for key in self._scan(f"{self._namespace}:{{*}}:c:*"):
@@ -1463,21 +1470,29 @@ class RedisStorage(BlobStorage):
         return out
 
     def _orphan_hashes(self, metas: dict[str, dict[str, str]]) -> list[str]:
-        out: list[str] = []
+        """Leases and readers hashes of content that has no meta."""
+        candidates: list[tuple[str, str]] = []
         for suffix in ("l", "r"):
             for key in self._scan(f"{self._namespace}:{{*}}:{suffix}"):
                 m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:[lr]", key)
                 if m is None or m.group(1).startswith("p:"):
                     continue
                 if m.group(1) not in metas:
-                    out.append(key)
-        return out
+                    candidates.append((key, m.group(1)))
+        now = self._current(sorted({c for _, c in candidates}))
+        return [key for key, cid_text in candidates if cid_text not in now]
+
+    def _current(self, cids: list[str]) -> dict[str, tuple[str, int]]:
+        """(token, chunk count) of those contents that exist now."""
+        res = self._each(cids, lambda p, c: p.hmget(self._base(c) + "m", "t", "n"))
+        return {c: (_s(t), int(n)) for c, (t, n) in zip(cids, res, strict=True) if t is not None}
 
     @_storage_errors
     def _verify(self, repair: bool) -> VerifyReport:
         self._maintain()
         metas = self._metas()
         report = VerifyReport(checked=len(metas))
+        tokens: dict[ContentId, str] = {}
         for cid_text, meta in sorted(metas.items()):
             cid = ContentId.parse(cid_text)
             size, n, cs = int(meta["s"]), int(meta["n"]), int(meta["c"])
@@ -1494,9 +1509,13 @@ class RedisStorage(BlobStorage):
                 if len(piece) != want:
                     bad += 1
                 hasher.update(piece)
+            broken = bool(n and not found) or bool(bad) or hasher.digest() != cid.digest
+            if broken and self._current([cid_text]).get(cid_text, ("", 0))[0] != meta["t"]:
+                continue  # deleted or stored anew while it was being read
+            tokens[cid] = meta["t"]
             if n and not found:
                 report.missing.append(cid)
-            elif bad or hasher.digest() != cid.digest:
+            elif broken:
                 report.corrupted.append(cid)
         beats = self._heartbeats([self._owner(os.getpid())])
         stray = self._stray_chunks(metas, beats, include_live_staging=False)
@@ -1507,10 +1526,12 @@ class RedisStorage(BlobStorage):
             for c, v in index.items()
             if c not in metas and not (len(v.split(" ")) >= 5 and v.split(" ")[2] == "R")
         ]
+        now = self._current(stale)
+        stale = [c for c in stale if c not in now]
         report.orphaned.extend(stray + orphans + [f"{self._k_idx}/{c}" for c in stale])
         if repair and report:
             for cid in report.corrupted + report.missing:
-                self._delete(str(cid), "force")
+                self._delete(str(cid), "force", tokens[cid])
             self._drop_stray(stray + orphans)
             for c in stale:
                 self._ev("idx_remove", self._g_idx(), [c, ""])
