@@ -720,3 +720,35 @@ def test_two_handles_in_one_process_share_the_store(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+# == the store/delete race, forced ==================================================================
+
+
+def test_unlink_after_delete_spares_a_file_a_racing_store_recreated(tmp_path: Path) -> None:
+    """Force the interleaving: A's drop commits the row's deletion; before A
+    unlinks the file, B stores the same content again (no row: B writes and
+    renames its own file and adds a row). A must then leave the file alone."""
+    a = DirectoryStorage(tmp_path / "s")
+    b = DirectoryStorage(tmp_path / "s")
+    data = blob(10_000, 30)
+    cid, lid = put(a, data)
+    b_lid = LeaseId.new()
+    original = a._unlink_unreferenced
+
+    def store_in_between(db: sqlite3.Connection, keys: list[str]) -> None:
+        assert not b.contains(cid)  # A's deletion has committed
+        b.store(cid, data, b_lid)  # B finds no row and writes the file again
+        original(db, keys)
+
+    a._unlink_unreferenced = store_in_between  # type: ignore[method-assign]
+    try:
+        a.advise_lease_dropped(lid, cid)
+    finally:
+        del a._unlink_unreferenced
+    assert b.get_data(cid, b_lid) == data
+    assert a.blob_path(cid).read_bytes() == data
+    assert b.stats().dedup_hits == 0
+    assert not a.verify()
+    a.close()
+    b.close()

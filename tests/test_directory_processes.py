@@ -247,3 +247,58 @@ def test_spawned_worker_with_nothing_registered_opens_the_store(tmp_path: Path) 
         digest, url, _pid = pool.submit(_receive, ticket).result(timeout=120).split()
     assert (digest, url) == _expected(storage, blob(10_000, 6))
     storage.close()
+
+
+# == store racing delete of the same content =================================================
+
+_CHURNER = textwrap.dedent(
+    """
+    import sys, time
+    from blobleases import ContentId, LeaseId
+    from blobleases.directory import DirectoryStorage
+
+    storage = DirectoryStorage(sys.argv[1])
+    data = bytes(range(256)) * 400
+    cid = ContentId.for_bytes(data)
+    deadline = time.monotonic() + float(sys.argv[2])
+    rounds = 0
+    while time.monotonic() < deadline:
+        lid = LeaseId.new()
+        storage.store(cid, data, lid)
+        if storage.get_data(cid, lid) != data:
+            sys.exit("wrong bytes")
+        with storage.get_reader(cid, lid) as reader:
+            if reader.read() != data:
+                sys.exit("wrong bytes from a reader")
+        storage.advise_lease_dropped(lid, cid)
+        rounds += 1
+    print(rounds)
+    """
+)
+
+
+def test_stores_racing_deletes_of_the_same_content_never_lose_it(tmp_path: Path) -> None:
+    """Each process stores, reads and drops one blob in a loop, so the last
+    drop of one process (deleting the blob) races the store of another
+    (deduplicating against it, or writing it again): a held lease must
+    always read its bytes, and nothing may be left over."""
+    storage = DirectoryStorage(tmp_path / "s")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHURNER, str(storage.root), "2.0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert int(out) > 0
+    storage.collect()
+    assert storage.stats().blobs == 0
+    assert [p for p in storage.root.rglob("*") if p.is_file() and "blobs" in p.parts] == []
+    assert os.listdir(storage.root / "tmp") == []
+    assert not storage.verify()
+    storage.close()
