@@ -523,3 +523,124 @@ def test_keys_lost_by_redis_are_detected(redis_server: RedisServer) -> None:
         assert (stats.blobs, stats.bytes, stats.leases) == (0, 0, 0)
     finally:
         storage.close()
+
+
+# == Many processes, one SIGKILLed mid-work ===================================================
+
+_WORKER_PROGRAM = r"""
+import random, sys
+from blobleases import ContentId, ContentNotFound, LeaseId
+from blobleases.redis_storage import RedisStorage
+from blobleases.testing import blob
+
+url, namespace, host, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+                       reap_interval=0.2, chunk_size=16 * 1024)
+payloads = [blob(n, k) for k, n in enumerate((10, 5000, 16 * 1024, 40_000, 100_000, 70_001))]
+ids = [ContentId.for_bytes(p) for p in payloads]
+rng = random.Random(seed)
+held = []
+for op in range(200):
+    if op % 10 == 0:
+        print("op", op, flush=True)
+    k = rng.randrange(len(ids))
+    x = rng.random()
+    if x < 0.35:
+        lid = LeaseId.new()
+        storage.store(ids[k], payloads[k], lid)
+        held.append((ids[k], lid))
+    elif x < 0.5:
+        lid = LeaseId.new()
+        try:
+            storage.lease_by_content(ids[k], lid)
+            held.append((ids[k], lid))
+        except ContentNotFound:
+            pass
+    elif x < 0.7 and held:
+        cid, lid = held.pop(rng.randrange(len(held)))
+        storage.advise_lease_dropped(lid, cid)
+    elif x < 0.85 and held:
+        cid, lid = rng.choice(held)
+        with storage.get_reader(cid, lid) as reader:
+            reader.seek(rng.randrange(max(reader.size, 1)))
+            reader.read(20_000)
+            reader.seek(0)
+            assert ContentId.for_bytes(reader.read()) == cid
+    elif x < 0.9:
+        storage.collect()
+    elif held:
+        cid, lid = rng.choice(held)
+        assert ContentId.for_bytes(storage.get_data(cid, lid)) == cid
+print("done", len(held), flush=True)
+for line in sys.stdin:
+    if line.strip() == "check":
+        bad = [str(c) for c, l in held if ContentId.for_bytes(storage.get_data(c, l)) != c]
+        print("checked", len(held), *bad, flush=True)
+    elif line.strip() == "drop":
+        for cid, lid in held:
+            storage.advise_lease_dropped(lid, cid)
+        print("dropped", flush=True)
+        break
+"""
+
+
+def test_processes_on_two_hosts_one_killed_mid_work(any_url: str) -> None:
+    namespace = _namespace()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER_PROGRAM, any_url, namespace, host, str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for seed, host in enumerate(("h1", "h1", "h2", "h2"))
+    ]
+    observer = RedisStorage(any_url, namespace=namespace, host_id="observer")
+    victim, survivors = workers[0], workers[1:]
+    try:
+        assert victim.stdout is not None
+        while (line := victim.stdout.readline()) and line.strip() != "op 100":
+            pass
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        for worker in survivors:
+            assert worker.stdout is not None
+            while (line := worker.stdout.readline()) and not line.startswith("done"):
+                pass
+            assert line.startswith("done"), "a worker failed"
+        assert wait_until(
+            lambda: all(i.pid != victim.pid for i in observer.iter_leases()), timeout=30
+        )
+        observer.collect()
+        for worker in survivors:
+            assert worker.stdin is not None and worker.stdout is not None
+            worker.stdin.write("check\n")
+            worker.stdin.flush()
+            answer = worker.stdout.readline().split()
+            assert answer[:1] == ["checked"] and len(answer) == 2, answer
+        assert not observer.verify()
+        for worker in survivors:
+            assert worker.stdin is not None and worker.stdout is not None
+            worker.stdin.write("drop\n")
+            worker.stdin.flush()
+            assert worker.stdout.readline().strip() == "dropped"
+            worker.wait(30)
+        observer.collect()
+        stats = observer.stats()
+        assert (stats.blobs, stats.bytes, stats.leases, stats.readers) == (0, 0, 0, 0)
+        assert not observer.verify()
+        leftovers = [
+            k
+            for k in observer.client.scan_iter(match=f"{namespace}:{{sha256-*")
+            if not k.endswith(b":m")
+        ]
+        assert leftovers == []
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+            for stream in (worker.stdin, worker.stdout):
+                if stream is not None:
+                    stream.close()
+        observer.close()
