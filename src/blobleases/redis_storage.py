@@ -259,15 +259,17 @@ class RedisStorage(BlobStorage):
             # default makes a 1 MiB reply about three times slower to read.
             "socket_read_size": _READ_SIZE,
         }
+        # Two retries with a short backoff: a dropped connection is renewed at
+        # once, and a server that does not answer fails within about three
+        # socket timeouts.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
         try:
             if self._cluster:
-                self._r: Any = redis.cluster.RedisCluster.from_url(client_url, **options)
-            else:
-                self._r = redis.Redis.from_url(
-                    client_url,
-                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-                    **options,
+                self._r: Any = redis.cluster.RedisCluster.from_url(
+                    client_url, retry=retry, **options
                 )
+            else:
+                self._r = redis.Redis.from_url(client_url, retry=retry, **options)
             self._r.ping()
         except redis.exceptions.RedisError as exc:
             raise StorageError(f"cannot reach redis at {self._safe_url()}: {exc}") from exc
