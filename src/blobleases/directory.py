@@ -354,6 +354,8 @@ class DirectoryStorage(BlobStorage):
         if create:
             try:
                 os.mkdir(name, 0o700, dir_fd=parent)
+                if self._safe:
+                    os.fsync(parent)
             except FileExistsError:
                 pass
             except OSError as exc:
