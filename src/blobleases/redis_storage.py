@@ -673,7 +673,9 @@ class RedisStorage(BlobStorage):
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
         """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
         per policy; True if reserved (False: the content is indexed already).
-        StoreFull if it cannot fit, having deleted nothing."""
+        StoreFull when the victims the policy allows cannot free enough, before
+        anything is deleted (under concurrent stores, room freed for this one
+        may be taken by another, and StoreFull comes after evicting)."""
         limit = self.policies.max_bytes
         if limit is None:
             return False
@@ -719,14 +721,14 @@ class RedisStorage(BlobStorage):
             victims.append((cid_text, "unref"))
             need -= sizes.get(cid_text, 0)
         if need > 0 and self.policies.on_full == "evict":
-            chosen = {c for c, _ in victims}
+            chosen = {c for c, _ in victims} | set(retained)
             start = 0
             while need > 0:
                 batch = [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]
                 if not batch:
                     break
                 start += _BATCH
-                batch = [c for c in batch if c not in chosen and c not in retained]
+                batch = [c for c in batch if c not in chosen]
                 sizes = self._sizes(batch)
                 readers = self._each(batch, lambda p, c: p.hlen(self._base(c) + "r"))
                 for cid_text, nreaders in zip(batch, readers, strict=True):
