@@ -215,7 +215,10 @@ class Handoff:
             with no_gc():
                 t0 = time.perf_counter()
                 shm = SharedMemory(create=True, size=len(data))
-                shm.buf[: len(data)] = data
+                buf = shm.buf
+                assert buf is not None
+                buf[: len(data)] = data
+                del buf
                 self.workers.send(pickle.dumps(("shm", shm.name)))
                 self.workers.wait(expected)
                 elapsed = time.perf_counter() - t0
@@ -361,7 +364,7 @@ def ray_rows(ctx: Context) -> None:
         higher_is_better=False,
     )
     try:
-        import ray
+        import ray  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
         raise Unavailable("ray is not installed (optional row)") from exc
     directory_storage()
@@ -372,7 +375,7 @@ def ray_rows(ctx: Context) -> None:
         store = shm_store(f"blobleases-bench-ray-{os.getpid()}")
         h = Handoff(workers, s.handoff)
 
-        @ray.remote  # type: ignore[misc]
+        @ray.remote  # type: ignore[misc, untyped-decorator, unused-ignore]
         def ray_touch(array: Any) -> int:
             return touch(array)
 

@@ -66,6 +66,7 @@ def reap_rows(ctx: Context) -> None:
             create_times.append(value)
             storage = ds(path)
             before = storage.stats()
+            assert proc.pid is not None
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()
             t0 = time.perf_counter()

@@ -20,7 +20,7 @@ __all__ = ["get_rows", "lease_rows", "small_rows", "store_rows"]
 
 def _diskcache() -> object:
     try:
-        import diskcache
+        import diskcache  # type: ignore[import-untyped]
     except ImportError as exc:
         raise Unavailable("diskcache is not installed (pip install diskcache)") from exc
     return diskcache
