@@ -103,6 +103,11 @@ _SQL_INSERT_FIRST_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
 )
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
+_SQL_HELD_PRESENT = (
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 "
+    "AND (expires_at IS NULL OR expires_at > ?3)), "
+    "EXISTS(SELECT 1 FROM content WHERE cid = ?1)"
+)
 _SQL_REFERENCED = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
     "AND (expires_at IS NULL OR expires_at > ?2)) "
@@ -261,6 +266,7 @@ class _Tx:
     now: float
     doomed: list[str] = field(default_factory=list)
     flushed: list[tuple[float, str]] = field(default_factory=list)
+    stale: bool = False  # a hold found a row whose leases all expired
     deleted: int = 0
     freed: int = 0
 
@@ -351,7 +357,7 @@ class DirectoryStorage(BlobStorage):
     def _subdir(self, parent: int, name: str, shown: str, *, create: bool) -> int:
         """Open (creating if asked) directory ``name`` under ``parent``
         without following a symlink; StorageError if it is not ours."""
-        if create:
+        if create and self._lstat(parent, name) is None:
             try:
                 os.mkdir(name, 0o700, dir_fd=parent)
                 if self._safe:
@@ -690,12 +696,15 @@ class DirectoryStorage(BlobStorage):
             alg_fd = self._alg_fds.get(cid.algorithm)
             try:
                 if alg_fd is None:
-                    if not create and self._lstat(self._blobs_fd, cid.algorithm) is None:
+                    fresh = self._lstat(self._blobs_fd, cid.algorithm) is None
+                    if fresh and not create:
                         return None
                     alg_fd = self._subdir(
                         self._blobs_fd, cid.algorithm, f"blobs/{cid.algorithm}", create=True
                     )
                     self._alg_fds[cid.algorithm] = alg_fd
+                    if fresh:
+                        self._make_shards(alg_fd)
                 if not create and self._lstat(alg_fd, hexid[:2]) is None:
                     return None
                 fd = self._subdir(
@@ -705,6 +714,16 @@ class DirectoryStorage(BlobStorage):
                 raise _error(f"cannot open the blob directory of {cid}", exc) from exc
             self._shard_fds[key] = fd
             return fd
+
+    def _make_shards(self, alg_fd: int) -> None:
+        """Create the 256 shard directories of a new algorithm directory at
+        once: creating them one by one would cost the first few hundred
+        stores a directory creation each."""
+        for i in range(256):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(f"{i:02x}", 0o700, dir_fd=alg_fd)
+        if self._safe:
+            os.fsync(alg_fd)
 
     def _temp_name(self) -> str:
         start = round((self._mystart or own_start_time()) * 1_000_000)
@@ -860,6 +879,7 @@ class DirectoryStorage(BlobStorage):
             self._sizes[key] = size
             if inserted <= 0:
                 held = db.execute(_SQL_HELD, (key, lkey, tx.now)).fetchone() is not None
+                tx.stale = not held
                 return (size if held else None), False
         self._access[key] = tx.now
         return size, True
@@ -1059,10 +1079,9 @@ class DirectoryStorage(BlobStorage):
         key = str(cid)
         with self._lock:
             db = self._op()
-            now = time.time()
-            if db.execute(_SQL_HELD, (key, str(lid), now)).fetchone() is not None:
-                return
-            present = db.execute(_SQL_CONTENT, (key,)).fetchone() is not None
+            held, present = db.execute(_SQL_HELD_PRESENT, (key, str(lid), time.time())).fetchone()
+        if held:
+            return
         if present:
             with self._write() as tx:
                 size, new = self._hold(tx, key, lid, ttl, detached)
@@ -1090,8 +1109,12 @@ class DirectoryStorage(BlobStorage):
         hit if the content appeared meanwhile). Removes the temporary file."""
         placed = False
         try:
-            with self._write() as tx:
+            with self._write(expire=False) as tx:
                 have, new = self._hold(tx, key, lid, ttl, detached)
+                if have is None and tx.stale:
+                    # a row whose only leases expired: end them, then retry
+                    self._expire(tx)
+                    have, new = self._hold(tx, key, lid, ttl, detached)
                 if have is not None:
                     if new:
                         self._count_dedup(tx.db)
@@ -1107,6 +1130,7 @@ class DirectoryStorage(BlobStorage):
                         "VALUES (?, ?, ?, ?, NULL)",
                         (key, size, tx.now, tx.now),
                     )
+                    self._sizes[key] = size
                     self._hold(tx, key, lid, ttl, detached, first=True)
         except BaseException:
             if placed:
