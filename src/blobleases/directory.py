@@ -88,6 +88,9 @@ _SQL_HELD = (
 # Holds a lease on content that is present: retained, read, or leased by an
 # unexpired lease (content whose only leases expired is gone, though its row
 # waits for the next expiry pass). A held but expired lease is renewed.
+_SQL_HELD_ONLY = (
+    "SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
+)
 _SQL_INSERT_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
     "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content c WHERE c.cid = ?1 AND ("
@@ -1221,11 +1224,18 @@ class DirectoryStorage(BlobStorage):
         with self._lock:
             db = self._op()
             now = time.time()
-            row = db.execute(_SQL_HELD, (key, str(lid), now)).fetchone()
-            if row is None:
+            size = self._sizes.get(key)
+            if size is None:
+                row = db.execute(_SQL_HELD, (key, str(lid), now)).fetchone()
+                if row is None:
+                    raise self._lease_expired(cid, lid)
+                size = int(row[0])
+                self._sizes[key] = size
+            elif db.execute(_SQL_HELD_ONLY, (key, str(lid), now)).fetchone() is None:
                 raise self._lease_expired(cid, lid)
-            self._touch(key, now)
-        size = int(row[0])
+            self._access[key] = now
+            if time.monotonic() >= self._access_flush_at:
+                self._touch(key, now)
         fd = self._open_blob(cid, lid, size)
         try:
             data = _read_exact(fd, size) if size else b""
