@@ -26,6 +26,25 @@ Leases and reader holds record their process's pid and start time; those of
 dead processes (or of an earlier process whose pid was reused) are reaped by
 any process at most every ``reap_interval`` seconds (the last reap time is
 shared through the index) and always by ``collect()``.
+
+Choices where the contract is silent:
+
+* A deleted index is refused (StorageError naming
+  :meth:`DirectoryStorage.rebuild_index`), never silently recreated: the
+  leases it recorded cannot be recovered, and processes that still have the
+  old index open would keep using it. ``rebuild_index`` re-indexes the blob
+  files that hash right, as unreferenced content.
+* Content whose only leases expired counts as absent at once (leasing it
+  raises ContentNotFound); its row goes at the next expiry pass (any write,
+  read-only introspection, reap or collect).
+* Accesses for LRU eviction are written to the index in batches (at most a
+  second late, and before any eviction or ``stat()`` in this process).
+* One SQLite connection per handle and process, serialized by a lock; file
+  reads and writes happen outside the lock.
+* A reader still open when its storage is closed keeps its hold until its
+  process ends (the store is not reachable to release it).
+* The caller must not change a buffer while it is being stored: it is
+  hashed and written as given, without a copy.
 """
 
 from __future__ import annotations
