@@ -238,7 +238,9 @@ def test_restart_without_persistence_reports_loss(own_server: RedisServer) -> No
 
 def test_restart_with_persistence_keeps_leased_content(persistent_server: RedisServer) -> None:
     namespace = _namespace()
-    storage = RedisStorage(persistent_server.url, namespace=namespace, chunk_size=4096)
+    storage = RedisStorage(
+        persistent_server.url, namespace=namespace, chunk_size=4096, durability="safe"
+    )
     try:
         data = blob(50_000, 2)
         lid = LeaseId.new()

@@ -42,12 +42,6 @@ class _RedisTests(BlobStorageTests):
         data = storage.client.get(key)
         storage.client.set(key, data[: len(data) // 2])
 
-
-class TestRedisStandalone(_RedisTests):
-    @pytest.fixture(autouse=True)
-    def _server(self, redis_server: RedisServer) -> None:
-        self.url = redis_server.url
-
     def test_url_reopens_the_same_store(self, storage: BlobStorage) -> None:
         from blobleases import LeaseId, open_storage
 
@@ -59,6 +53,12 @@ class TestRedisStandalone(_RedisTests):
             assert again.get_data(cid, lid) == b"shared by url"
         finally:
             again.close()
+
+
+class TestRedisStandalone(_RedisTests):
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: RedisServer) -> None:
+        self.url = redis_server.url
 
 
 class TestRedisCluster(_RedisTests):
