@@ -1364,7 +1364,7 @@ class RedisStorage(BlobStorage):
         # writers; content missing from the index.
         index = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_idx).items()}
         metas = self._metas()
-        writers = {t.split(" ")[4] for t in index.values() if len(t.split(" ")) >= 5}
+        writers = {"/".join(v.split(" ")[1].split("/")[:2]) for v in index.values()}
         beats = self._heartbeats(sorted(writers | {self._owner(os.getpid())}))
         for cid_text, value in index.items():
             fields = value.split(" ")
@@ -1376,12 +1376,11 @@ class RedisStorage(BlobStorage):
                     "idx_commit", self._g_idx()[:4], [cid_text, found.get("s", 0), found["t"], now]
                 )
                 continue
-            if (
-                len(fields) >= 5
-                and fields[2] == "R"
-                and float(fields[3]) > now
-                and not self._writer_dead(fields[1], beats)
-            ):
+            # No meta: a leftover, unless its upload is still in flight (on a
+            # cluster the index update can land before the commit).
+            reservation = len(fields) >= 5 and fields[2] == "R"
+            expired = reservation and float(fields[3]) <= now
+            if not expired and not self._writer_dead(fields[1], beats):
                 continue
             removed += int(self._ev("idx_remove", self._g_idx(), [cid_text, fields[1]]))
         for cid_text, meta in metas.items():
