@@ -169,18 +169,20 @@ class MemoryStorage(BlobStorage):
         self._order.move_to_end(cid)
 
     def _end_lease(self, lid: LeaseId, cid: ContentId, *, unindex: bool = True) -> None:
-        lease = self._leases.pop((lid, cid), None)
+        key = (lid, cid)
+        lease = self._leases.pop(key, None)
         if lease is None:
             return
         if unindex and not lease.detached:
             keys = self._by_pid.get(lid.pid)
             if keys is not None:
-                keys.discard((lid, cid))
+                keys.discard(key)
                 if not keys:
                     del self._by_pid[lid.pid]
         blob = self._blobs[cid]
         blob.leases -= 1
-        self._maybe_unreferenced(cid, blob)
+        if not blob.leases and not blob.readers:
+            self._maybe_unreferenced(cid, blob)
 
     def _release_reader(self, hold_id: int) -> None:
         entry = self._readers.pop(hold_id, None)
