@@ -771,3 +771,45 @@ def test_storing_content_whose_only_lease_expired(tmp_path: Path, retain: int) -
         assert storage.stats().dedup_hits == (1 if retain else 0)
         assert [i.lease_id for i in storage.iter_leases()] == [lid]
         assert not storage.verify()
+
+
+# == pid reuse ===================================================================================
+
+
+def test_leases_of_an_earlier_process_with_a_reused_pid_are_reaped(tmp_path: Path) -> None:
+    """A lease recorded for this pid by an earlier process (its start time
+    differs) is reaped although the pid is alive; this process's own lease
+    on the same pid stays. The earlier process is simulated by rewriting the
+    start time recorded in the index."""
+    with DirectoryStorage(tmp_path / "s", reap_interval=3600) as storage:
+        old_cid, old_lid = put(storage, blob(100, 40))
+        mine_cid, mine_lid = put(storage, blob(100, 41))
+        db = storage._conn()
+        db.execute("UPDATE leases SET start = start - 1000 WHERE lid = ?", (str(old_lid),))
+        report = storage.collect()
+        assert report.leases_reaped == 1 and report.processes_reaped == 1
+        assert not storage.contains(old_cid)
+        with pytest.raises(LeaseExpired):
+            storage.get_data(old_cid, old_lid)
+        assert storage.get_data(mine_cid, mine_lid) == blob(100, 41)
+
+
+def test_advise_of_pid_ends_leases_of_the_previous_holder_of_the_pid(tmp_path: Path) -> None:
+    with DirectoryStorage(tmp_path / "s", reap_interval=3600) as storage:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            theirs = LeaseId.new(pid=child.pid)
+            cid, _ = put(storage, blob(100, 42))
+            storage.lease_by_content(cid, theirs)
+            db = storage._conn()
+            db.execute("UPDATE leases SET start = start - 1000 WHERE lid = ?", (str(theirs),))
+            storage.advise_of_pid(child.pid)  # records the live process: the old lease ends
+            with pytest.raises(LeaseExpired):
+                storage.get_data(cid, theirs)
+            fresh = LeaseId.new(pid=child.pid)
+            storage.lease_by_content(cid, fresh)
+            storage.collect()
+            assert storage.get_data(cid, fresh) == blob(100, 42)  # the live process's lease
+        finally:
+            child.kill()
+            child.wait()
