@@ -4,6 +4,7 @@ or drop connections, and a 200 MiB blob read in bounded memory."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -257,6 +258,50 @@ def test_restart_with_persistence_keeps_leased_content(persistent_server: RedisS
         storage.close()
 
 
+class _GatedFile(io.BytesIO):
+    """A seekable file that, on the second pass (store_file hashes first,
+    then uploads), stops before its ``stop_at``-th read until ``go`` is set."""
+
+    def __init__(self, data: bytes, stop_at: int) -> None:
+        super().__init__(data)
+        self.second_pass = False
+        self.reads = 0
+        self.stop_at = stop_at
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET, /) -> int:
+        if self.tell() > 0:
+            self.second_pass = True
+        return super().seek(pos, whence)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.second_pass:
+            self.reads += 1
+            if self.reads == self.stop_at:
+                self.reached.set()
+                self.go.wait(60)
+        return super().read(size)
+
+
+def _store_in_thread(
+    storage: RedisStorage, source: _GatedFile, lid: LeaseId
+) -> tuple[threading.Thread, list[BaseException | None]]:
+    outcome: list[BaseException | None] = []
+
+    def store() -> None:
+        try:
+            storage.store_file(source, lid)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=store)
+    thread.start()
+    assert source.reached.wait(60), "the upload did not start"
+    return thread, outcome
+
+
 def test_server_killed_mid_store_leaves_nothing_after_collect(
     persistent_server: RedisServer,
 ) -> None:
@@ -266,30 +311,21 @@ def test_server_killed_mid_store_leaves_nothing_after_collect(
     storage = RedisStorage(
         persistent_server.url, namespace=_namespace(), chunk_size=64 * 1024, socket_timeout=2
     )
-    data = os.urandom(64 * 1024 * 400)
+    data = os.urandom(64 * 1024 * 20)
     cid = ContentId.for_bytes(data)
-    failure: list[BaseException] = []
-
-    def store() -> None:
-        try:
-            storage.store(cid, data, LeaseId.new())
-        except BaseException as exc:
-            failure.append(exc)
-
-    watcher = RedisStorage(persistent_server.url, namespace=storage.namespace)
+    source = _GatedFile(data, stop_at=6)
     try:
-        thread = threading.Thread(target=store)
-        thread.start()
-        assert wait_until(lambda: len(_keys_of(watcher, cid)) >= 5, timeout=30)
+        thread, outcome = _store_in_thread(storage, source, LeaseId.new())
         persistent_server.stop(kill=True)
+        source.go.set()
         thread.join(60)
-        assert not thread.is_alive()
-        assert len(failure) == 1 and isinstance(failure[0], StorageError)
-        assert failure[0].__cause__ is not None
+        assert not thread.is_alive() and len(outcome) == 1
+        assert isinstance(outcome[0], StorageError), outcome[0]
+        assert outcome[0].__cause__ is not None
         persistent_server.start()
         assert not storage.contains(cid)
         staged = _keys_of(storage, cid)
-        assert staged, "the AOF kept the staged chunks written before the kill"
+        assert len(staged) == 5, "the AOF kept the five chunks staged before the kill"
         assert all(b":c:" in key for key in staged)
         report = storage.collect()
         assert report.rows_removed >= len(staged)
@@ -298,52 +334,39 @@ def test_server_killed_mid_store_leaves_nothing_after_collect(
         stats = storage.stats()
         assert (stats.blobs, stats.bytes, stats.leases) == (0, 0, 0)
     finally:
+        source.go.set()
         storage.close()
-        watcher.close()
-
-
-def _store_while_killing_connections(
-    storage: RedisStorage, killer: RedisStorage, data: bytes
-) -> None:
-    cid = ContentId.for_bytes(data)
-    lid = LeaseId.new()
-    outcome: list[BaseException | None] = []
-
-    def store() -> None:
-        try:
-            storage.store(cid, data, lid)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=store)
-    thread.start()
-    wait_until(lambda: len(_keys_of(killer, cid)) >= 2 or not thread.is_alive())
-    for _ in range(5):
-        killer.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    thread.join(60)
-    assert not thread.is_alive() and len(outcome) == 1
-    if outcome[0] is None:
-        assert storage.get_data(cid, lid) == data
-        storage.advise_lease_dropped(lid, cid)
-    else:
-        assert isinstance(outcome[0], StorageError), outcome[0]
-        assert not storage.contains(cid)
-    storage.collect()
-    assert not storage.contains(cid)
-    assert _keys_of(storage, cid) == []
 
 
 def test_connections_killed_mid_store(own_server: RedisServer) -> None:
-    """CLIENT KILL from another connection while a store runs: the store
-    either succeeds (redis-py retried) or fails with StorageError; either way
-    no partial blob is visible and collect() leaves nothing behind."""
+    """CLIENT KILL of every connection while a store is half done: redis-py
+    reconnects (two retries) and the store completes, or it fails with
+    StorageError; either way no partial blob is visible and collect() leaves
+    nothing behind."""
     storage = RedisStorage(own_server.url, namespace=_namespace(), chunk_size=64 * 1024)
     killer = RedisStorage(own_server.url, namespace=storage.namespace)
     try:
         for seed in range(3):
-            data = blob(64 * 1024 * 60 + seed, seed)
-            _store_while_killing_connections(storage, killer, data)
+            data = blob(64 * 1024 * 12 + seed, seed)
+            cid = ContentId.for_bytes(data)
+            lid = LeaseId.new()
+            source = _GatedFile(data, stop_at=4)
+            try:
+                thread, outcome = _store_in_thread(storage, source, lid)
+                killer.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            finally:
+                source.go.set()
+            thread.join(60)
+            assert not thread.is_alive() and len(outcome) == 1
+            if outcome[0] is None:
+                assert storage.get_data(cid, lid) == data
+                storage.advise_lease_dropped(lid, cid)
+            else:
+                assert isinstance(outcome[0], StorageError), outcome[0]
+                assert not storage.contains(cid)
+            storage.collect()
+            assert not storage.contains(cid)
+            assert _keys_of(storage, cid) == []
         assert not storage.verify()
     finally:
         storage.close()
