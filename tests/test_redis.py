@@ -669,3 +669,19 @@ def test_processes_on_two_hosts_one_killed_mid_work(any_url: str) -> None:
                 if stream is not None:
                     stream.close()
         observer.close()
+
+
+def test_keys_of_one_blob_share_one_cluster_slot(redis_cluster: Any) -> None:
+    storage = RedisStorage(redis_cluster.url, namespace=_namespace(), chunk_size=4096)
+    try:
+        data = blob(50_000, 5)
+        lid = LeaseId.new()
+        cid = storage.store_bytes(data, lid)
+        with storage.get_reader(cid, lid) as reader:
+            keys = _keys_of(storage, cid)
+            assert len(keys) >= 3 + 13  # meta, leases, readers and 13 chunks
+            slots = {storage.client.keyslot(key) for key in keys}
+            assert len(slots) == 1
+            assert reader.read() == data
+    finally:
+        storage.close()
