@@ -22,6 +22,19 @@ Lua script on that content's slot, so it is atomic. Global bookkeeping is
 updated by separate single-slot scripts whose updates are idempotent and
 ordered so a crash between the two steps can only leave garbage that
 :meth:`RedisStorage.collect` repairs, never lose leased content.
+
+What ``collect()`` repairs: it scans the keyspace for every content, ends
+expired leases and the leases and reader holds of dead owners found on any
+content (even if missing from the per-process sets), finishes the
+unreferenced step (retain or delete) of content nobody holds, rebuilds index
+entries and byte totals from the metas (adding missing entries, dropping
+those of deleted content, and reservations of dead writers), and deletes
+staging chunks of dead writers, chunks no meta names, and leases or readers
+hashes without a meta (each rechecked atomically in its content's slot, so
+content committed meanwhile is kept). ``verify()`` rehashes every blob and
+reports corrupted (wrong bytes or size) and missing (no chunk left) blobs
+and orphaned keys; ``verify(repair=True)`` deletes them (their leases then
+get LeaseExpired).
 """
 
 from __future__ import annotations
