@@ -4,6 +4,7 @@ Layout under the root (mode 0700, files 0600)::
 
     format                  marker: this directory is a blobleases store
     index.sqlite3           the SQLite index (WAL), see :mod:`.directory_index`
+    lock                    writers queue on an flock of it (see _WriterLock)
     blobs/sha256/ab/<hex>   one file per blob, named by its validated content id
     tmp/<pid>-<start>-<random>.tmp
                             blobs being written; the name tells which process
