@@ -74,7 +74,7 @@ from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import connect, create_schema
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
-from .liveness import START_TIME_TOLERANCE, own_start_time, process_start_time
+from .liveness import START_TIME_TOLERANCE, is_alive, own_start_time, process_start_time
 from .reader import BlobReader
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
@@ -1505,17 +1505,20 @@ class DirectoryStorage(BlobStorage):
                 "SELECT count(*) FROM leases WHERE expires_at IS NULL OR expires_at > ?", (now,)
             ).fetchone()[0]
             readers = db.execute("SELECT count(*) FROM holds").fetchone()[0]
-            processes = db.execute(
-                "SELECT count(*) FROM (SELECT pid FROM leases WHERE expires_at IS NULL "
-                "OR expires_at > ? UNION SELECT pid FROM holds)",
+            owners = db.execute(
+                "SELECT pid, start FROM leases WHERE expires_at IS NULL "
+                "OR expires_at > ? UNION SELECT pid, start FROM holds",
                 (now,),
-            ).fetchone()[0]
+            ).fetchall()
             hits = db.execute("SELECT value FROM meta WHERE key = 'dedup_hits'").fetchone()
+        # Detached leases of exited processes still count as leases, but only
+        # live processes count as processes.
+        live = {pid for pid, start in owners if is_alive(pid, start)}
         return StorageStats(
             blobs=int(blobs),
             bytes=int(total),
             leases=int(leases),
-            processes=int(processes),
+            processes=len(live),
             dedup_hits=int(hits[0]) if hits else 0,
             readers=int(readers),
             retained_blobs=int(retained_blobs),

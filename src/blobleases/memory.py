@@ -453,7 +453,8 @@ class MemoryStorage(BlobStorage):
     def _stats(self) -> StorageStats:
         with self._lock:
             self._maintain()
-            pids = {lid.pid for lid, _ in self._leases} | {p for _, p in self._readers.values()}
+            owners = {lid.pid for lid, _ in self._leases} | {p for _, p in self._readers.values()}
+            pids = {pid for pid in owners if is_alive(pid, self._pids.get(pid))}
             return StorageStats(
                 blobs=len(self._blobs),
                 bytes=self._bytes,

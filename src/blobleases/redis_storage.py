@@ -1265,7 +1265,7 @@ class RedisStorage(BlobStorage):
             blobs=len(present),
             bytes=int(total or 0) - int(reserved or 0),
             leases=leases,
-            processes=len(owners),
+            processes=sum(self._heartbeats(sorted(owners)).values()) if owners else 0,
             dedup_hits=int(dedup or 0),
             readers=readers,
             retained_blobs=int(nret),

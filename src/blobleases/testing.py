@@ -83,7 +83,7 @@ class BlobStorageTests:
 
     #: Seconds a test waits for a ttl to pass; backends with coarse clocks
     #: may raise it.
-    ttl_seconds: float = 0.3
+    ttl_seconds: float = 1.0
 
     # -- what a backend's test class supplies ---------------------------------
 
@@ -549,6 +549,8 @@ class BlobStorageTests:
             cid, _ = self.put(storage, blob(100, 30), detached, detached=True)
             storage.advise_of_pid(child.pid)
         storage.collect()
+        stats = storage.stats()
+        assert (stats.leases, stats.processes) == (1, 0)  # only live processes count
         storage.advise_pid_terminated(child.pid)
         assert storage.get_data(cid, detached) == blob(100, 30)
         assert [i.detached for i in storage.iter_leases()] == [True]
