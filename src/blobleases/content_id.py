@@ -6,7 +6,7 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 from .errors import InvalidContentId
@@ -81,6 +81,7 @@ class ContentId:
 
     algorithm: str
     digest: bytes
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm)
@@ -88,6 +89,14 @@ class ContentId:
             raise TypeError(f"digest must be bytes, not {type(self.digest).__name__}")
         if len(self.digest) != DIGEST_SIZE:
             raise ValueError(f"digest must be {DIGEST_SIZE} bytes, not {len(self.digest)}")
+        # Ids key every lease table: hash once, not on every lookup.
+        object.__setattr__(self, "_hash", hash((self.algorithm, self.digest)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[ContentId], tuple[str, bytes]]:
+        return (ContentId, (self.algorithm, self.digest))
 
     @property
     def hex(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid as uuid_module
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InvalidLeaseId
 
@@ -40,11 +40,20 @@ class LeaseId:
 
     uuid: uuid_module.UUID
     pid: int
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.uuid, uuid_module.UUID):
             raise TypeError(f"uuid must be a uuid.UUID, not {type(self.uuid).__name__}")
         check_pid(self.pid)
+        # Ids key every lease table: hash once, not on every lookup.
+        object.__setattr__(self, "_hash", hash((self.uuid.int, self.pid)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[LeaseId], tuple[uuid_module.UUID, int]]:
+        return (LeaseId, (self.uuid, self.pid))
 
     @classmethod
     def new(cls, pid: int | None = None) -> LeaseId:
