@@ -135,13 +135,21 @@ class MemoryStorage(BlobStorage):
         if pid not in self._pids:
             self._pids[pid] = process_start_time(pid)
 
-    def _hold(self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool) -> None:
+    def _hold(
+        self,
+        cid: ContentId,
+        lid: LeaseId,
+        ttl: float | None,
+        detached: bool,
+        blob: _Blob | None = None,
+    ) -> None:
         # A hot path (every acquire): lookups are kept few and inlined.
         key = (lid, cid)
         leases = self._leases
         if key in leases:
             return
-        blob = self._blobs[cid]
+        if blob is None:
+            blob = self._blobs[cid]
         if ttl is None:
             expires_at = None
             leases[key] = _Lease(None, True) if detached else _PLAIN
@@ -344,7 +352,7 @@ class MemoryStorage(BlobStorage):
             blob = self._blobs.get(cid)
             if blob is None:
                 raise ContentNotFound(cid)
-            self._hold(cid, lid, ttl, detached)
+            self._hold(cid, lid, ttl, detached, blob)
             return blob.size
 
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
