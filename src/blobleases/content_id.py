@@ -82,6 +82,7 @@ class ContentId:
     algorithm: str
     digest: bytes
     _hash: int = field(init=False, repr=False, compare=False)
+    _text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm)
@@ -104,7 +105,12 @@ class ContentId:
         return self.digest.hex()
 
     def __str__(self) -> str:
-        return f"{self.algorithm}-{self.digest.hex()}"
+        try:
+            return self._text
+        except AttributeError:
+            text = f"{self.algorithm}-{self.digest.hex()}"
+            object.__setattr__(self, "_text", text)
+            return text
 
     def __repr__(self) -> str:
         return f"ContentId({str(self)!r})"

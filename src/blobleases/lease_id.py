@@ -41,6 +41,7 @@ class LeaseId:
     uuid: uuid_module.UUID
     pid: int
     _hash: int = field(init=False, repr=False, compare=False)
+    _text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.uuid, uuid_module.UUID):
@@ -61,7 +62,12 @@ class LeaseId:
         return cls(uuid_module.uuid4(), os.getpid() if pid is None else check_pid(pid))
 
     def __str__(self) -> str:
-        return f"lease:pid={self.pid},{self.uuid}"
+        try:
+            return self._text
+        except AttributeError:
+            text = f"lease:pid={self.pid},{self.uuid}"
+            object.__setattr__(self, "_text", text)
+            return text
 
     def __repr__(self) -> str:
         return f"LeaseId({str(self)!r})"

@@ -112,14 +112,23 @@ class BlobStorage(abc.ABC):
         detached: bool = False,
     ) -> None:
         """Hold ``lease_id`` on ``content_id`` if present, else ContentNotFound."""
-        self._lease_by_content(
-            _content_id(content_id), _lease_id(lease_id), check_ttl(ttl), check_detached(detached)
-        )
+        # The common call (exact types, default options) skips the checkers.
+        if (
+            type(content_id) is not ContentId
+            or type(lease_id) is not LeaseId
+            or ttl is not None
+            or detached is not False
+        ):
+            content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
+            ttl, detached = check_ttl(ttl), check_detached(detached)
+        self._lease_by_content(content_id, lease_id, ttl, detached)
 
     def get_data(self, content_id: ContentId, lease_id: LeaseId) -> bytes:
         """The whole blob. LeaseExpired if the lease is not held; IntegrityError
         if the stored size is wrong (or, with ``verify_reads``, the hash)."""
-        return self._get_data(_content_id(content_id), _lease_id(lease_id))
+        if type(content_id) is not ContentId or type(lease_id) is not LeaseId:
+            content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
+        return self._get_data(content_id, lease_id)
 
     def get_reader(self, content_id: ContentId, lease_id: LeaseId) -> BlobReader:
         """A reader over the blob that holds it until closed (same errors as get_data)."""
@@ -128,7 +137,9 @@ class BlobStorage(abc.ABC):
     def advise_lease_dropped(self, lease_id: LeaseId, content_id: ContentId) -> None:
         """End the lease; a no-op if it is not held. Unreferenced content is
         deleted at once unless retention keeps it."""
-        self._advise_lease_dropped(_lease_id(lease_id), _content_id(content_id))
+        if type(content_id) is not ContentId or type(lease_id) is not LeaseId:
+            content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
+        self._advise_lease_dropped(lease_id, content_id)
 
     def advise_of_pid(self, pid: int) -> None:
         """Record ``pid`` as alive with its start time (a dead pid is a no-op)."""
