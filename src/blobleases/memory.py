@@ -63,7 +63,10 @@ class MemoryStorage(BlobStorage):
         self._lock = threading.RLock()
         self._blobs: dict[ContentId, _Blob] = {}
         self._leases: dict[tuple[LeaseId, ContentId], _Lease] = {}
+        # Non-detached leases by pid, for reaping. This process's own leases
+        # are not indexed (it never reaps itself; terminating it scans).
         self._by_pid: dict[int, set[tuple[LeaseId, ContentId]]] = {}
+        self._own_pid = os.getpid()
         self._readers: dict[int, tuple[ContentId, int]] = {}
         self._reader_ids = itertools.count(1)
         self._order: OrderedDict[ContentId, None] = OrderedDict()  # LRU: oldest first
@@ -75,10 +78,18 @@ class MemoryStorage(BlobStorage):
         self._dedup_hits = 0
         self._closed = False
         self._next_reap = time.monotonic() + self.policies.reap_interval
+        # Access order only decides evictions, which need a max_bytes.
+        self._track_order = self.policies.max_bytes is not None
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         self._lock = threading.RLock()
+        parent, self._own_pid = self._own_pid, os.getpid()
+        inherited = {
+            k for k, lease in self._leases.items() if k[0].pid == parent and not lease.detached
+        }
+        if inherited:
+            self._by_pid[parent] = inherited
 
     @property
     def url(self) -> str:
@@ -123,7 +134,12 @@ class MemoryStorage(BlobStorage):
         return leases, readers, procs
 
     def _terminate(self, pid: int) -> tuple[int, int]:
-        keys = self._by_pid.pop(pid, set())
+        if pid == self._own_pid:
+            keys = {
+                k for k, lease in self._leases.items() if k[0].pid == pid and not lease.detached
+            }
+        else:
+            keys = self._by_pid.pop(pid, set())
         for lid, cid in list(keys):
             self._end_lease(lid, cid, unindex=False)
         holds = [hid for hid, (_, hpid) in self._readers.items() if hpid == pid]
@@ -158,7 +174,7 @@ class MemoryStorage(BlobStorage):
             leases[key] = _Lease(expires_at, detached)
             heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
         blob.leases += 1
-        if not detached:
+        if not detached and lid.pid != self._own_pid:
             pid = lid.pid
             if pid not in self._pids:
                 self._note_pid(pid)
@@ -170,18 +186,20 @@ class MemoryStorage(BlobStorage):
             del self._retained[cid]
             self._retained_bytes -= blob.size
         blob.last_access = time.time()
-        self._order.move_to_end(cid)
+        if self._track_order:
+            self._order.move_to_end(cid)
 
     def _touch(self, cid: ContentId, blob: _Blob) -> None:
         blob.last_access = time.time()
-        self._order.move_to_end(cid)
+        if self._track_order:
+            self._order.move_to_end(cid)
 
     def _end_lease(self, lid: LeaseId, cid: ContentId, *, unindex: bool = True) -> None:
         key = (lid, cid)
         lease = self._leases.pop(key, None)
         if lease is None:
             return
-        if unindex and not lease.detached:
+        if unindex and not lease.detached and lid.pid != self._own_pid:
             keys = self._by_pid.get(lid.pid)
             if keys is not None:
                 keys.discard(key)
