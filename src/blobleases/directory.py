@@ -65,6 +65,8 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -87,6 +89,9 @@ _MARKER_TEXT = b"blobleases directory store, format 1\n"
 _COPY_CHUNK = 1 << 20
 _MAX_WRITE = 1 << 30
 _ACCESS_FLUSH_SECONDS = 1.0
+# store_bytes of at least this many bytes hashes in a worker thread while the
+# temporary file is written (below it, the hand-off costs more than it saves)
+_OVERLAP_MIN = 256 << 10
 _LOCK_TIMEOUT = 120.0
 _ACCESS_FLUSH_ENTRIES = 512
 _SIZE_CACHE_ENTRIES = 1 << 16
@@ -417,6 +422,10 @@ class DirectoryStorage(BlobStorage):
         self._alg_fds: dict[str, int] = {}
         self._shard_fds: dict[tuple[str, str], int] = {}
         self._finalizer: weakref.finalize[Any, DirectoryStorage] | None = None
+        # one hashing thread per handle and process, started on first use
+        self._hasher_pool: ThreadPoolExecutor | None = None
+        self._hasher_pid = 0
+        self._hasher_busy = threading.Lock()
         try:
             self._open_root()
             self._open_index(rebuild=rebuild)
@@ -638,6 +647,9 @@ class DirectoryStorage(BlobStorage):
     def _after_fork(self) -> None:
         """In a forked child: a fresh lock, and the inherited connection closed."""
         self._lock = threading.RLock()
+        # the parent's hashing thread does not exist here (never shut it down)
+        self._hasher_pool, self._hasher_pid = None, 0
+        self._hasher_busy = threading.Lock()
         db, self._db = self._db, None
         if db is not None:
             try:
@@ -1212,6 +1224,53 @@ class DirectoryStorage(BlobStorage):
         name = self._write_temp(data)
         self._place(cid, key, name, data.nbytes, lid, ttl, detached)
 
+    def _store_unhashed(
+        self, data: memoryview, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> ContentId:
+        """A big blob is hashed in this handle's worker thread while this
+        thread writes the temporary file (both release the GIL); the file is
+        placed under its id once the hash is known (content already present
+        or held: the file is discarded, a dedup hit counted as by _store).
+        Small blobs, and stores while the worker is busy with another
+        thread's blob, hash first as the base class does."""
+        if data.nbytes < _OVERLAP_MIN or not self._hasher_busy.acquire(blocking=False):
+            return super()._store_unhashed(data, lid, algorithm, ttl, detached)
+        try:
+            hasher = new_hasher(algorithm)
+            with self._lock:
+                self._op()  # closed: StorageError before any work
+                pool = self._hasher()
+            try:
+                future: Future[None] = pool.submit(hasher.update, data)
+            except RuntimeError:  # shut down by a concurrent close()
+                return super()._store_unhashed(data, lid, algorithm, ttl, detached)
+            try:
+                name = self._write_temp(data)  # removes its file if it fails
+            except BaseException:
+                _wait_futures([future])  # the worker must be done with data
+                raise
+            try:
+                future.result()
+            except BaseException:
+                _wait_futures([future])
+                self._discard_temp(name)
+                raise
+        finally:
+            self._hasher_busy.release()
+        cid = ContentId(algorithm, hasher.digest())
+        self._place(cid, str(cid), name, data.nbytes, lid, ttl, detached)
+        return cid
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        """This handle's hashing thread in this process (lock held), created
+        on first use: one inherited through fork has no thread behind it."""
+        pid = os.getpid()
+        pool = self._hasher_pool
+        if pool is None or self._hasher_pid != pid:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="blobleases-hash")
+            self._hasher_pool, self._hasher_pid = pool, pid
+        return pool
+
     def _place(
         self,
         cid: ContentId,
@@ -1674,6 +1733,9 @@ class DirectoryStorage(BlobStorage):
                 _INHERITED.append(db)
             self._db = None
             self._closed = True
+            pool, self._hasher_pool = self._hasher_pool, None
+            if pool is not None and self._hasher_pid == os.getpid():
+                pool.shutdown(wait=False)
             self._close_fds()
             if self._finalizer is not None:
                 self._finalizer()

@@ -164,9 +164,7 @@ class BlobStorage(abc.ABC):
         view = as_buffer(data)
         lid = _lease_id(lease_id)
         ttl_s, det = check_ttl(ttl), check_detached(detached)
-        cid = ContentId.for_bytes(view, check_algorithm(algorithm))
-        self._store(cid, view, lid, ttl_s, det, True)
-        return cid
+        return self._store_unhashed(view, lid, check_algorithm(algorithm), ttl_s, det)
 
     def store_file(
         self,
@@ -240,6 +238,17 @@ class BlobStorage(abc.ABC):
         return f"<{type(self).__name__} {self.url}>"
 
     # -- what a backend implements --------------------------------------------
+
+    def _store_unhashed(
+        self, data: memoryview, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
+    ) -> ContentId:
+        """Hash ``data`` with ``algorithm``, then store it as :meth:`_store`
+        with ``hashed=True`` does; returns its id. A backend may override
+        this to overlap the hashing with its own work, under the same
+        guarantees (nothing is visible under the id before it is known)."""
+        cid = ContentId.for_bytes(data, algorithm)
+        self._store(cid, data, lid, ttl, detached, True)
+        return cid
 
     @abc.abstractmethod
     def _store(
