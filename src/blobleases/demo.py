@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -575,7 +576,15 @@ def _worker_errors(workers: list[_Worker]) -> str:
     return "; ".join(bad) or "all ready"
 
 
-def _await_ready(workers: list[_Worker]) -> bool:
+def _await_replies(
+    workers: list[_Worker],
+    expected: str,
+    accept: Callable[[_Worker, tuple[Any, ...]], None],
+    died: str,
+    late: str,
+) -> None:
+    """Collect one reply from each worker: ``accept`` a reply of the
+    ``expected`` kind, else mark the worker failed, died or late."""
     pending = {w.conn: w for w in workers}
     deadline = time.monotonic() + WAIT_TIMEOUT
     while pending and time.monotonic() < deadline:
@@ -585,35 +594,29 @@ def _await_ready(workers: list[_Worker]) -> bool:
             try:
                 msg = conn.recv()
             except EOFError:
-                w.status = "died before it was ready"
+                w.status = died
                 continue
-            if msg[0] == "ready":
-                w.pid, w.leases, w.status = msg[1], msg[2], "working"
+            if msg[0] == expected:
+                accept(w, msg)
             else:
                 w.status = f"failed: {msg[1]}"
     for w in pending.values():
-        w.status = "not ready in time"
+        w.status = late
+
+
+def _await_ready(workers: list[_Worker]) -> bool:
+    def accept(w: _Worker, msg: tuple[Any, ...]) -> None:
+        w.pid, w.leases, w.status = msg[1], msg[2], "working"
+
+    _await_replies(workers, "ready", accept, "died before it was ready", "not ready in time")
     return all(w.status == "working" for w in workers)
 
 
 def _await_done(workers: list[_Worker]) -> bool:
-    pending = {w.conn: w for w in workers}
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while pending and time.monotonic() < deadline:
-        for ready in wait(list(pending), timeout=0.2):
-            conn = cast(Connection, ready)
-            w = pending.pop(conn)
-            try:
-                msg = conn.recv()
-            except EOFError:
-                w.status = "died"
-                continue
-            if msg[0] == "done":
-                w.final_ok, w.failures, w.status = msg[1], msg[3], "finishing"
-            else:
-                w.status = f"failed: {msg[1]}"
-    for w in pending.values():
-        w.status = "no answer in time"
+    def accept(w: _Worker, msg: tuple[Any, ...]) -> None:
+        w.final_ok, w.failures, w.status = msg[1], msg[3], "finishing"
+
+    _await_replies(workers, "done", accept, "died", "no answer in time")
     return all(w.status == "finishing" for w in workers)
 
 

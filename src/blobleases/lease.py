@@ -118,39 +118,31 @@ class BlobLease:
 
     def clone(self) -> BlobLease:
         """A new, independent lease on the same content."""
-        self._check_open()
-        lid = LeaseId.new()
-        try:
-            self._storage.lease_by_content(self._content_id, lid)
-        except ContentNotFound as exc:
-            raise LeaseExpired(
-                f"content {self._content_id} of lease {self._lease_id} is gone",
-                lease_id=self._lease_id,
-                content_id=self._content_id,
-            ) from exc
+        lid = self._lease_again(None, False)
         return BlobLease(self._storage, self._content_id, lid, self._size)
 
     def transfer(self) -> LeaseTicket:
         """Make a detached transfer lease now (ttl ``transfer_ttl``) and return
         a small picklable ticket that loads as a BlobLease in the receiver.
         The content survives even if this lease is closed right after."""
+        lid = self._lease_again(self._storage.policies.transfer_ttl, True)
+        url = self._storage.url if self._storage.shareable else None
+        return LeaseTicket(str(self._content_id), url, self._size, str(lid))
+
+    def _lease_again(self, ttl: float | None, detached: bool) -> LeaseId:
+        """Take a new lease id on this content (LeaseExpired if this lease is
+        closed or its content is gone)."""
         self._check_open()
         lid = LeaseId.new()
         try:
-            self._storage.lease_by_content(
-                self._content_id,
-                lid,
-                ttl=self._storage.policies.transfer_ttl,
-                detached=True,
-            )
+            self._storage.lease_by_content(self._content_id, lid, ttl=ttl, detached=detached)
         except ContentNotFound as exc:
             raise LeaseExpired(
                 f"content {self._content_id} of lease {self._lease_id} is gone",
                 lease_id=self._lease_id,
                 content_id=self._content_id,
             ) from exc
-        url = self._storage.url if self._storage.shareable else None
-        return LeaseTicket(str(self._content_id), url, self._size, str(lid))
+        return lid
 
     def close(self) -> None:
         """End the lease (exactly once; later calls do nothing)."""
