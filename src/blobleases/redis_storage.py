@@ -60,6 +60,7 @@ from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError,
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, RangeSource
+from .redis_replies import BULK_READ_SIZE, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
 
@@ -69,6 +70,7 @@ try:
     import redis
     import redis.cluster
     import redis.exceptions
+    import redis.utils
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 except ImportError as _exc:  # pragma: no cover - exercised without the extra
@@ -87,6 +89,7 @@ _PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
 _SCAN_COUNT = 1000
 _BATCH = 256
 _READ_SIZE = 1 << 20
+_DEFAULT_PROTOCOL = int(getattr(redis.utils, "DEFAULT_RESP_VERSION", 2))
 
 
 def default_host_id() -> str:
@@ -276,6 +279,15 @@ class RedisStorage(BlobStorage):
         # once, and a server that does not answer fails within about three
         # socket timeouts.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        if not self._cluster:
+            protocol = dict(rest).get("protocol", str(_DEFAULT_PROTOCOL))
+            parser = parser_class(int(protocol)) if protocol in ("2", "3") else None
+            if parser is not None:
+                # Named with its parser so the two always agree. Small pieces:
+                # this parser receives long replies straight into their buffer.
+                options["protocol"] = int(protocol)
+                options["parser_class"] = parser
+                options["socket_read_size"] = BULK_READ_SIZE
         try:
             if self._cluster:
                 self._r: Any = redis.cluster.RedisCluster.from_url(

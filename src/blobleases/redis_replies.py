@@ -1,0 +1,96 @@
+"""Reading large replies from Redis with fewer copies.
+
+redis-py's pure-Python parser reads every reply through an ``io.BytesIO``: a
+1 MiB chunk is received into a new bytes object, appended to the buffer
+(which grows by reallocation), read back out of it and sliced to drop its
+CRLF: four copies, and on a fresh buffer as many page faults. RedisStorage
+reads blob chunks of megabytes, so its connections use a parser whose socket
+buffer receives a large bulk reply straight into one preallocated buffer
+(one copy from the kernel, one into the bytes returned).
+
+This relies on redis-py internals (``redis._parsers``) that have been stable
+since redis-py 5; :func:`parser_class` returns ``None`` (keep redis-py's own
+parser) when they are not as expected or when hiredis is installed (its
+parser reads large replies well already).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BULK_MIN", "BULK_READ_SIZE", "parser_class"]
+
+BULK_MIN = 256 << 10
+"""Replies at least this long are received straight into their own buffer."""
+
+BULK_READ_SIZE = 64 << 10
+"""The socket read size to use with these parsers: a reply's header line is
+read in pieces this big, and the rest of a long reply straight into place."""
+
+try:
+    from redis._parsers import _RESP2Parser, _RESP3Parser
+    from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.utils import HIREDIS_AVAILABLE, SENTINEL
+except ImportError:  # pragma: no cover - a redis-py without these internals
+    _AVAILABLE = False
+else:
+    _AVAILABLE = not HIREDIS_AVAILABLE and all(
+        hasattr(SocketBuffer, name) for name in ("read", "_read_from_socket", "purge")
+    )
+
+if _AVAILABLE:
+
+    class _BulkSocketBuffer(SocketBuffer):
+        """A SocketBuffer that receives long replies into one buffer."""
+
+        def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
+            if length < BULK_MIN:
+                return super().read(length, timeout)
+            want = length + 2  # the reply and its CRLF
+            head = self._buffer.read(want)
+            if len(head) == want:
+                return head[:-2]
+            out = bytearray(want)
+            view = memoryview(out)
+            got = len(head)
+            view[:got] = head
+            del head
+            sock = self._sock
+            if timeout is not SENTINEL:
+                sock.settimeout(timeout)
+            try:
+                while got < want:
+                    n = sock.recv_into(view[got:])
+                    if not n:
+                        raise RedisConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+                    got += n
+            finally:
+                if timeout is not SENTINEL:
+                    sock.settimeout(self.socket_timeout)
+            # A failure above leaves the stream mid-reply: redis-py disconnects
+            # the connection on any error while reading, so it is never reused.
+            return bytes(view[:length])
+
+    def _bulk(base: type[Any]) -> type[Any]:
+        class BulkParser(base):  # type: ignore[misc]
+            def on_connect(self, connection: Any) -> None:
+                super().on_connect(connection)
+                buffer: Any = self._buffer  # type: ignore[has-type]
+                if type(buffer) is SocketBuffer:
+                    self._buffer = _BulkSocketBuffer(
+                        self._sock, self.socket_read_size, connection.socket_timeout
+                    )
+
+        BulkParser.__name__ = BulkParser.__qualname__ = f"Bulk{base.__name__.lstrip('_')}"
+        return BulkParser
+
+    _PARSERS: dict[int, type[Any]] = {2: _bulk(_RESP2Parser), 3: _bulk(_RESP3Parser)}
+else:  # pragma: no cover
+    _PARSERS = {}
+
+
+def parser_class(protocol: int) -> type[Any] | None:
+    """The parser class for connections speaking RESP ``protocol`` (2 or 3),
+    or None to keep redis-py's default."""
+    return _PARSERS.get(protocol)
