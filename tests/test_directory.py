@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import pytest
@@ -735,18 +736,18 @@ def test_unlink_after_delete_spares_a_file_a_racing_store_recreated(tmp_path: Pa
     data = blob(10_000, 30)
     cid, lid = put(a, data)
     b_lid = LeaseId.new()
-    original = a._unlink_unreferenced
+    original = a._unlink_doomed
 
-    def store_in_between(db: sqlite3.Connection, keys: list[str]) -> None:
+    def store_in_between(tx: Any, epoch: int) -> None:
         assert not b.contains(cid)  # A's deletion has committed
         b.store(cid, data, b_lid)  # B finds no row and writes the file again
-        original(db, keys)
+        original(tx, epoch)
 
-    a._unlink_unreferenced = store_in_between  # type: ignore[method-assign]
+    a._unlink_doomed = store_in_between  # type: ignore[method-assign]
     try:
         a.advise_lease_dropped(lid, cid)
     finally:
-        del a._unlink_unreferenced
+        del a._unlink_doomed
     assert b.get_data(cid, b_lid) == data
     assert a.blob_path(cid).read_bytes() == data
     assert b.stats().dedup_hits == 0
@@ -813,3 +814,94 @@ def test_advise_of_pid_ends_leases_of_the_previous_holder_of_the_pid(tmp_path: P
         finally:
             child.kill()
             child.wait()
+
+
+# -- the owner indexes of the reap -------------------------------------------------
+
+
+def _index_names(path: Path) -> set[str]:
+    with sqlite3.connect(path / "index.sqlite3") as db:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    db.close()
+    return {r[0] for r in rows}
+
+
+def test_a_store_made_without_the_owner_indexes_gains_them_and_still_reaps(
+    tmp_path: Path,
+) -> None:
+    """A store made by an earlier version (no owner indexes) opens, gets the
+    indexes, and reaps a dead process's leases through them."""
+    root = tmp_path / "s"
+    with DirectoryStorage(root) as storage:
+        data = blob(2000, 40)
+        cid, holder = put(storage, data)
+    db = sqlite3.connect(root / "index.sqlite3")
+    db.execute("DROP INDEX leases_owner")
+    db.execute("DROP INDEX holds_owner")
+    db.commit()
+    db.close()
+    assert not {"leases_owner", "holds_owner"} & _index_names(root)
+    with DirectoryStorage(root) as storage:
+        assert {"leases_owner", "holds_owner"} <= _index_names(root)
+        db = storage._conn()
+        plans = [
+            " ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
+            for sql, args in (
+                (
+                    "SELECT pid, start FROM leases WHERE detached = 0 AND pid > ? "
+                    "ORDER BY pid, start LIMIT 1",
+                    (0,),
+                ),
+                ("SELECT pid, start FROM holds WHERE pid > ? ORDER BY pid, start LIMIT 1", (0,)),
+            )
+        ]
+        assert "leases_owner" in plans[0] and "holds_owner" in plans[1], plans
+        assert storage.get_data(cid, holder) == data
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        dead = LeaseId.new(pid=child.pid)
+        storage.lease_by_content(cid, dead)  # a dead pid: reaped by the next collect
+        storage.advise_lease_dropped(holder, cid)
+        assert storage.contains(cid)
+        report = storage.collect()
+        assert report.leases_reaped == 1
+        assert not storage.contains(cid)
+        assert not storage.verify()
+
+
+def test_the_reap_walk_finds_every_owner_once(tmp_path: Path) -> None:
+    """The index walk of the reap lists exactly the distinct (pid, start)
+    pairs of non-detached leases and of holds, several starts per pid too."""
+    from blobleases import directory as d
+    from blobleases.directory_index import connect, create_schema
+
+    db = connect(str(tmp_path / "i.sqlite3"), safe=False)
+    create_schema(db)
+    leases = [
+        (f"sha256-{i:064x}", f"lid{i}", pid, start, None, detached)
+        for i, (pid, start, detached) in enumerate(
+            [
+                (7, 1.5, 0),
+                (7, 1.5, 0),
+                (7, 2.5, 0),
+                (7, 0.0, 0),
+                (3, 9.0, 0),
+                (3, 9.0, 1),
+                (5, 4.0, 1),
+                (12, 1.0, 0),
+                (12, 1.0, 0),
+                (2, 0.0, 0),
+            ]
+        )
+    ]
+    db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)", leases)
+    holds = [("c", 7, 2.5), ("c", 9, 3.0), ("d", 9, 3.0), ("d", 9, 3.5), ("e", 1, 0.0)]
+    db.executemany("INSERT INTO holds(cid, pid, start) VALUES (?, ?, ?)", holds)
+    walked_leases = DirectoryStorage._owners(db, d._SQL_NEXT_LEASE_OWNER, d._SQL_SAME_LEASE_OWNER)
+    walked_holds = DirectoryStorage._owners(db, d._SQL_NEXT_HOLD_OWNER, d._SQL_SAME_HOLD_OWNER)
+    assert walked_leases == sorted(
+        db.execute("SELECT DISTINCT pid, start FROM leases WHERE detached = 0").fetchall()
+    )
+    assert walked_holds == sorted(db.execute("SELECT DISTINCT pid, start FROM holds").fetchall())
+    assert len(walked_leases) == 6 and len(walked_holds) == 4
+    db.close()

@@ -144,6 +144,37 @@ _SQL_REFERENCED = (
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)"
 )
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
+# The row of new content; a no-op (rowcount 0) if the content has a row.
+_SQL_ADD_CONTENT = (
+    "INSERT INTO content(cid, size, created, last_access, retained) VALUES (?1, ?2, ?3, ?3, NULL) "
+    "ON CONFLICT(cid) DO NOTHING"
+)
+# Deletes content that is unreferenced (no unexpired lease, no reader) and
+# not retained; returns its size (no row if it stays).
+_SQL_DELETE_UNREFERENCED = (
+    "DELETE FROM content WHERE cid = ?1 AND retained IS NULL "
+    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
+    "AND (expires_at IS NULL OR expires_at > ?2)) "
+    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = ?1) RETURNING size"
+)
+# The owners (pid, start) of non-detached leases and of reader holds, walked
+# in index order (leases_owner, holds_owner) one owner at a time: a reap
+# costs two index lookups per owner, not a scan of every lease.
+_SQL_NEXT_LEASE_OWNER = (
+    "SELECT pid, start FROM leases WHERE detached = 0 AND pid > ? ORDER BY pid, start LIMIT 1"
+)
+_SQL_SAME_LEASE_OWNER = (
+    "SELECT pid, start FROM leases WHERE detached = 0 AND pid = ? AND start > ? "
+    "ORDER BY start LIMIT 1"
+)
+_SQL_NEXT_HOLD_OWNER = "SELECT pid, start FROM holds WHERE pid > ? ORDER BY pid, start LIMIT 1"
+_SQL_SAME_HOLD_OWNER = (
+    "SELECT pid, start FROM holds WHERE pid = ? AND start > ? ORDER BY start LIMIT 1"
+)
+# A blob of at most this many bytes is stored in one transaction that writes
+# its temporary file too (no look-up before it; a dedup hit writes nothing).
+# Bigger blobs are written before their transaction, outside the write lock.
+_SMALL_STORE = 16 << 10
 
 # Fork safety. SQLite keeps per-process bookkeeping of the locks each open
 # file holds; a child that inherits a connection inherits that bookkeeping
@@ -309,6 +340,9 @@ class _WriterLock:
         self.fd = fd
         self.rlock = threading.RLock()
         self.depth = 0
+        # counts entries: a change tells _unlink_doomed that a transaction
+        # (of another handle, in this thread) may have run meanwhile
+        self.epoch = 0
 
     @classmethod
     def of(cls, root: str, root_fd: int) -> _WriterLock:
@@ -341,6 +375,7 @@ class _WriterLock:
     def enter(self) -> None:
         if not self.rlock.acquire(timeout=_LOCK_TIMEOUT):
             raise StorageError(f"timed out after {_LOCK_TIMEOUT:.0f} s waiting to write")
+        self.epoch += 1
         if self.depth == 0:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -706,7 +741,11 @@ class DirectoryStorage(BlobStorage):
         """Start a write transaction (call with the lock held; end it with
         :meth:`_commit` or :meth:`_abort`)."""
         db = self._op() if maintain else self._conn()
-        writer = self._writer()
+        # _conn() checked that this process owns the connection: a writer
+        # lock made by this process is ours too (no second getpid).
+        writer = self._writer_lock
+        if writer is None or writer.pid != self._db_pid:
+            writer = self._writer()
         writer.enter()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -734,9 +773,35 @@ class DirectoryStorage(BlobStorage):
             self._abort(tx, exc)
         try:
             if tx.doomed:
-                self._unlink_unreferenced(tx.db, tx.doomed)
+                self._unlink_doomed(tx, tx.writer.epoch)
         finally:
             tx.writer.exit()
+
+    def _unlink_doomed(self, tx: _Tx, epoch: int) -> None:
+        """Unlink the files of content that ``tx``, just committed, deleted.
+
+        Called before ``tx`` releases its writer lock: every writer of every
+        process takes that lock before ``BEGIN IMMEDIATE``, and other
+        threads of this process wait for it, so no row can have named one of
+        these files since the commit (content deleted and added again in
+        ``tx`` itself left ``doomed``: see :meth:`_add_content`). Only this
+        thread could have written meanwhile, through another handle (a
+        finalizer, a signal handler): then the writer lock's ``epoch`` moved
+        on from ``epoch`` (its value at the commit), and the rest are
+        checked against the index as :meth:`_unlink_unreferenced` does. A
+        failure leaves orphans, which collect() removes."""
+        keys = list(dict.fromkeys(tx.doomed))
+        for i, key in enumerate(keys):
+            if tx.writer.epoch != epoch:
+                self._unlink_unreferenced(tx.db, keys[i:])
+                return
+            try:
+                cid = ContentId.parse(key)
+                fd = self._shard_fd(cid, create=False)
+                if fd is not None:
+                    os.unlink(cid.hex, dir_fd=fd)
+            except (OSError, ValueError, StorageError):
+                pass
 
     def _abort(self, tx: _Tx, exc: BaseException) -> NoReturn:
         """Roll ``tx`` back and raise ``exc`` (OS and SQLite errors as StorageError)."""
@@ -1020,6 +1085,15 @@ class DirectoryStorage(BlobStorage):
     def _settle(self, tx: _Tx, key: str) -> None:
         """Content left with no lease and no reader is retained or deleted."""
         db = tx.db
+        if self.policies.retain_bytes <= 0:
+            # Nothing is retained: one statement checks and deletes.
+            rows = db.execute(_SQL_DELETE_UNREFERENCED, (key, tx.now)).fetchall()
+            if rows:
+                db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
+                tx.doomed.append(key)
+                tx.deleted += 1
+                tx.freed += int(rows[0][0])
+            return
         if db.execute(_SQL_REFERENCED, (key, tx.now)).fetchone()[0]:
             return
         row = db.execute(_SQL_CONTENT, (key,)).fetchone()
@@ -1035,6 +1109,24 @@ class DirectoryStorage(BlobStorage):
             self._trim_retained(tx, retain)
         else:
             self._delete(tx, key)
+
+    def _add_content(self, tx: _Tx, key: str, size: int) -> bool:
+        """Add the row of new content ``key`` (making room for it under
+        ``max_bytes`` first); False, having changed nothing, if it has a row."""
+        db = tx.db
+        if self.policies.max_bytes is not None:
+            if db.execute(_SQL_CONTENT, (key,)).fetchone() is not None:
+                return False
+            self._make_room(tx, size)
+        if db.execute(_SQL_ADD_CONTENT, (key, size, tx.now)).rowcount <= 0:
+            return False
+        if key in tx.doomed:
+            # deleted earlier in this transaction: its new file must stay
+            tx.doomed = [k for k in tx.doomed if k != key]
+        if len(self._sizes) >= _SIZE_CACHE_ENTRIES:
+            self._sizes.clear()
+        self._sizes[key] = size
+        return True
 
     def _delete(self, tx: _Tx, key: str) -> int:
         """Delete content ``key`` with its leases and holds; its file is
@@ -1134,10 +1226,10 @@ class DirectoryStorage(BlobStorage):
         """End leases and holds of dead processes (or of earlier processes
         whose pid was reused) and expired leases: (leases, holds, processes)."""
         db = tx.db
-        pairs = db.execute(
-            "SELECT DISTINCT pid, start FROM leases WHERE detached = 0 "
-            "UNION SELECT DISTINCT pid, start FROM holds"
-        ).fetchall()
+        pairs = dict.fromkeys(
+            self._owners(db, _SQL_NEXT_LEASE_OWNER, _SQL_SAME_LEASE_OWNER)
+            + self._owners(db, _SQL_NEXT_HOLD_OWNER, _SQL_SAME_HOLD_OWNER)
+        )
         starts: dict[int, float | None] = {}
         dead_pids: set[int] = set()
         leases = holds = 0
@@ -1163,6 +1255,19 @@ class DirectoryStorage(BlobStorage):
         db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
         self._next_reap = tx.now + self.policies.reap_interval
         return leases, holds, len(dead_pids)
+
+    @staticmethod
+    def _owners(db: sqlite3.Connection, next_sql: str, same_sql: str) -> list[tuple[int, float]]:
+        """The distinct (pid, start) pairs of a table, in index order."""
+        out: list[tuple[int, float]] = []
+        row = db.execute(next_sql, (0,)).fetchone()
+        while row is not None:
+            pid, start = row
+            out.append((pid, start))
+            row = db.execute(same_sql, (pid, start)).fetchone()
+            if row is None:
+                row = db.execute(next_sql, (pid,)).fetchone()
+        return out
 
     def _auto_reap(self) -> None:
         """Reap if no process has in the last ``reap_interval`` seconds."""
@@ -1207,6 +1312,9 @@ class DirectoryStorage(BlobStorage):
         hashed: bool,
     ) -> None:
         key = str(cid)
+        if data.nbytes <= _SMALL_STORE:
+            self._place(cid, key, None, data.nbytes, lid, ttl, detached, data=data, hashed=hashed)
+            return
         with self._lock:
             db = self._op()
             held, present = db.execute(_SQL_HELD_PRESENT, (key, str(lid), time.time())).fetchone()
@@ -1275,46 +1383,62 @@ class DirectoryStorage(BlobStorage):
         self,
         cid: ContentId,
         key: str,
-        name: str,
+        name: str | None,
         size: int,
         lid: LeaseId,
         ttl: float | None,
         detached: bool,
+        *,
+        data: memoryview | None = None,
+        hashed: bool = True,
     ) -> None:
-        """Move the complete, verified temporary file ``name`` into place as
-        ``cid`` with its row and lease in one transaction (or count a dedup
-        hit if the content appeared meanwhile). Removes the temporary file."""
+        """Hold ``(lid, cid)`` in one transaction: on present content (a
+        dedup hit; a no-op if the lease is held) or, if it is absent, by
+        moving its complete, verified temporary file into place with its row
+        and lease. The file is ``name``, written beforehand, or (``name``
+        None) ``data``, written here inside the transaction after checking
+        its hash (unless ``hashed``). Removes the temporary file unless it
+        was placed."""
         placed = False
         try:
-            with self._write(expire=False) as tx:
-                have, new = self._hold(tx, key, lid, ttl, detached)
-                if have is None and tx.stale:
-                    # a row whose only leases expired: end them, then retry
-                    self._expire(tx)
-                    have, new = self._hold(tx, key, lid, ttl, detached)
-                if have is not None:
-                    if new:
-                        self._count_dedup(tx.db)
-                else:
-                    self._make_room(tx, size)
-                    shard = self._shard_fd(cid, create=True)
-                    os.replace(name, cid.hex, src_dir_fd=self._tmp_fd, dst_dir_fd=shard)
-                    placed = True
-                    if self._safe:
-                        os.fsync(shard)  # type: ignore[arg-type]
-                    tx.db.execute(
-                        "INSERT INTO content(cid, size, created, last_access, retained) "
-                        "VALUES (?, ?, ?, ?, NULL)",
-                        (key, size, tx.now, tx.now),
-                    )
-                    self._sizes[key] = size
-                    self._hold(tx, key, lid, ttl, detached, first=True)
+            with self._lock:
+                tx = self._begin(expire=False)
+                try:
+                    absent = self._add_content(tx, key, size)
+                    if not absent:
+                        have, new = self._hold(tx, key, lid, ttl, detached)
+                        if have is None and tx.stale:
+                            # a row whose only leases expired: settle it, then retry
+                            self._settle(tx, key)
+                            have, new = self._hold(tx, key, lid, ttl, detached)
+                        if have is not None:
+                            if new:
+                                self._count_dedup(tx.db)
+                        elif self._add_content(tx, key, size):
+                            absent = True
+                        else:
+                            raise StorageError(f"cannot add {cid} to the index of {self._root!r}")
+                    if absent:
+                        if name is None:
+                            assert data is not None
+                            if not hashed and not _hash_matches(cid, data):
+                                raise IntegrityError(f"data does not hash to {cid}")
+                            name = self._write_temp(data)
+                        shard = self._shard_fd(cid, create=True)
+                        os.replace(name, cid.hex, src_dir_fd=self._tmp_fd, dst_dir_fd=shard)
+                        placed = True
+                        if self._safe:
+                            os.fsync(shard)  # type: ignore[arg-type]
+                        self._hold(tx, key, lid, ttl, detached, first=True)
+                except BaseException as exc:
+                    self._abort(tx, exc)
+                self._commit(tx)
         except BaseException:
             if placed:
                 self._discard_placed(cid, key)
             raise
         finally:
-            if not placed:
+            if name is not None and not placed:
                 self._discard_temp(name)
 
     def _discard_placed(self, cid: ContentId, key: str) -> None:

@@ -12,6 +12,14 @@ One database file (WAL mode) beside the blob files holds four tables:
 
 plus ``meta`` (schema version, the shared "last reap" time, dedup hits).
 
+The owners of leases and holds, ``(pid, start)``, are indexed (leases only
+when not detached) so that a reap finds them by index lookups, never by a
+scan of every lease. Every object is created ``IF NOT EXISTS`` whenever a
+store is opened, so a store made by an earlier version gains the indexes the
+first time this version opens it (the schema version stays 1: an earlier
+version opening the store keeps working, and SQLite keeps the indexes up to
+date for it too).
+
 Every write runs in a ``BEGIN IMMEDIATE`` transaction, so writers of all
 processes are serialized by SQLite's own locks, which the kernel releases
 when a process dies (even by SIGKILL).
@@ -48,6 +56,7 @@ CREATE TABLE IF NOT EXISTS leases(
     PRIMARY KEY (cid, lid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS leases_owner ON leases(pid, start) WHERE detached = 0;
 CREATE TABLE IF NOT EXISTS holds(
     id INTEGER PRIMARY KEY,
     cid TEXT NOT NULL,
@@ -55,6 +64,7 @@ CREATE TABLE IF NOT EXISTS holds(
     start REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_cid ON holds(cid);
+CREATE INDEX IF NOT EXISTS holds_owner ON holds(pid, start);
 CREATE TABLE IF NOT EXISTS processes(
     pid INTEGER PRIMARY KEY,
     start REAL NOT NULL,
