@@ -373,7 +373,7 @@ class _WriterLock:
         cls._all = {}
 
     def enter(self) -> None:
-        if not self.rlock.acquire(timeout=_LOCK_TIMEOUT):
+        if not self.rlock.acquire(True, _LOCK_TIMEOUT):
             raise StorageError(f"timed out after {_LOCK_TIMEOUT:.0f} s waiting to write")
         self.epoch += 1
         if self.depth == 0:
@@ -402,6 +402,7 @@ class _Tx:
     doomed: list[str] = field(default_factory=list)
     flushed: list[tuple[float, str]] = field(default_factory=list)
     stale: bool = False  # a hold found a row whose leases all expired
+    known: ContentId | None = None  # the id of a doomed key, if the caller has it
     deleted: int = 0
     freed: int = 0
 
@@ -449,6 +450,7 @@ class DirectoryStorage(BlobStorage):
         self._access: dict[str, float] = {}
         self._sizes: dict[str, int] = {}  # content sizes never change: a safe cache
         self._access_flush_at = 0.0
+        self._temp_prefix: tuple[int, str] = (0, "")
         self._next_reap = 0.0
         self._root_fd = -1
         self._tmp_fd = -1
@@ -740,7 +742,9 @@ class DirectoryStorage(BlobStorage):
     def _begin(self, *, maintain: bool = True, expire: bool = True, flush: bool = False) -> _Tx:
         """Start a write transaction (call with the lock held; end it with
         :meth:`_commit` or :meth:`_abort`)."""
-        db = self._op() if maintain else self._conn()
+        db = self._conn()
+        if maintain and time.time() >= self._next_reap:
+            self._auto_reap()
         # _conn() checked that this process owns the connection: a writer
         # lock made by this process is ours too (no second getpid).
         writer = self._writer_lock
@@ -796,7 +800,8 @@ class DirectoryStorage(BlobStorage):
                 self._unlink_unreferenced(tx.db, keys[i:])
                 return
             try:
-                cid = ContentId.parse(key)
+                known = tx.known
+                cid = known if known is not None and str(known) == key else ContentId.parse(key)
                 fd = self._shard_fd(cid, create=False)
                 if fd is not None:
                     os.unlink(cid.hex, dir_fd=fd)
@@ -921,8 +926,12 @@ class DirectoryStorage(BlobStorage):
             os.fsync(alg_fd)
 
     def _temp_name(self) -> str:
-        start = round((self._mystart or own_start_time()) * 1_000_000)
-        return f"{os.getpid()}-{start}-{secrets.token_hex(8)}.tmp"
+        pid = os.getpid()
+        prefix = self._temp_prefix
+        if prefix[0] != pid:
+            start = round((self._mystart or own_start_time()) * 1_000_000)
+            prefix = self._temp_prefix = (pid, f"{pid}-{start}-")
+        return f"{prefix[1]}{secrets.token_hex(8)}.tmp"
 
     def _open_temp(self) -> tuple[str, int]:
         name = self._temp_name()
@@ -1053,15 +1062,21 @@ class DirectoryStorage(BlobStorage):
         """Hold ``(lid, key)``: (the size or None if absent, whether it is
         new). ``first``: the content row was just inserted in ``tx``."""
         db = tx.db
-        start = 0.0 if detached else self._start_of(db, lid.pid, tx.now)
+        pid = lid.pid
+        if detached:
+            start = 0.0
+        elif pid == self._mypid and self._proc_recorded:
+            start = self._mystart
+        else:
+            start = self._start_of(db, pid, tx.now)
         expires = None if ttl is None else tx.now + ttl
         lkey = str(lid)
         if first:
-            db.execute(_SQL_INSERT_FIRST_LEASE, (key, lkey, lid.pid, start, expires, int(detached)))
+            db.execute(_SQL_INSERT_FIRST_LEASE, (key, lkey, pid, start, expires, int(detached)))
             inserted = 1
         else:
             inserted = db.execute(
-                _SQL_INSERT_LEASE, (key, lkey, lid.pid, start, expires, int(detached), tx.now)
+                _SQL_INSERT_LEASE, (key, lkey, pid, start, expires, int(detached), tx.now)
             ).rowcount
         size = self._sizes.get(key)
         if inserted <= 0 or size is None:
@@ -1599,6 +1614,7 @@ class DirectoryStorage(BlobStorage):
         with self._lock:
             # No need to end expired leases first: settling ignores them.
             tx = self._begin(expire=False)
+            tx.known = cid
             try:
                 if tx.db.execute(
                     "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))
