@@ -27,6 +27,10 @@ __all__ = ["MemoryStorage"]
 
 _COPY_CHUNK = 1 << 20
 
+#: Accesses within this many seconds share one last-access time (one float
+#: object), so recording an access frees no float stored long ago.
+_STAMP_RESOLUTION = 0.001
+
 
 @dataclass(slots=True)
 class _Lease:
@@ -88,6 +92,7 @@ class MemoryStorage(BlobStorage):
         self._dedup_hits = 0
         self._closed = False
         self._next_reap = time.monotonic() + self.policies.reap_interval
+        self._stamp = time.time()  # the last-access time recorded now
         # Access order only decides evictions, which need a max_bytes.
         self._track_order = self.policies.max_bytes is not None
         os.register_at_fork(after_in_child=self._after_fork)
@@ -197,12 +202,18 @@ class MemoryStorage(BlobStorage):
         if self._retained and cid in self._retained:
             del self._retained[cid]
             self._retained_bytes -= blob.size
-        blob.last_access = time.time()
+        now = time.time()
+        if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:  # (the clock may step back)
+            self._stamp = now
+        blob.last_access = self._stamp
         if self._track_order:
             self._order.move_to_end(cid)
 
     def _touch(self, cid: ContentId, blob: _Blob) -> None:
-        blob.last_access = time.time()
+        now = time.time()
+        if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:  # (the clock may step back)
+            self._stamp = now
+        blob.last_access = self._stamp
         if self._track_order:
             self._order.move_to_end(cid)
 
@@ -350,7 +361,7 @@ class MemoryStorage(BlobStorage):
                 self._hold(cid, lid, ttl, detached, blob)
                 return
             self._make_room(len(copy))
-            now = time.time()
+            self._stamp = now = time.time()
             blob = self._blobs[cid] = _Blob(copy, len(copy), now, now)
             if self._track_order:
                 self._order[cid] = None
