@@ -816,92 +816,66 @@ def test_advise_of_pid_ends_leases_of_the_previous_holder_of_the_pid(tmp_path: P
             child.wait()
 
 
-# -- the owner indexes of the reap -------------------------------------------------
+# -- the owners table of the reap ---------------------------------------------------
 
 
-def _index_names(path: Path) -> set[str]:
-    with sqlite3.connect(path / "index.sqlite3") as db:
-        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
-    db.close()
-    return {r[0] for r in rows}
+def _owner_rows(path: Path) -> list[tuple[int, float]]:
+    db = sqlite3.connect(path / "index.sqlite3")
+    try:
+        return sorted(db.execute("SELECT pid, start FROM owners").fetchall())
+    finally:
+        db.close()
 
 
-def test_a_store_made_without_the_owner_indexes_gains_them_and_still_reaps(
-    tmp_path: Path,
-) -> None:
-    """A store made by an earlier version (no owner indexes) opens, gets the
-    indexes, and reaps a dead process's leases through them."""
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_owners_lists_every_owner_of_a_lease_or_hold(tmp_path: Path) -> None:
+    """Triggers keep one owners row per (pid, start) of non-detached leases
+    and holds; a reap that finds the process dead removes its row."""
     root = tmp_path / "s"
     with DirectoryStorage(root) as storage:
-        data = blob(2000, 40)
+        data = blob(3000, 41)
         cid, holder = put(storage, data)
-    db = sqlite3.connect(root / "index.sqlite3")
-    db.execute("DROP INDEX leases_owner")
-    db.execute("DROP INDEX holds_owner")
-    db.commit()
-    db.close()
-    assert not {"leases_owner", "holds_owner"} & _index_names(root)
-    with DirectoryStorage(root) as storage:
-        assert {"leases_owner", "holds_owner"} <= _index_names(root)
-        db = storage._conn()
-        plans = [
-            " ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
-            for sql, args in (
-                (
-                    "SELECT pid, start FROM leases WHERE detached = 0 AND pid > ? "
-                    "ORDER BY pid, start LIMIT 1",
-                    (0,),
-                ),
-                ("SELECT pid, start FROM holds WHERE pid > ? ORDER BY pid, start LIMIT 1", (0,)),
-            )
-        ]
-        assert "leases_owner" in plans[0] and "holds_owner" in plans[1], plans
-        assert storage.get_data(cid, holder) == data
-        child = subprocess.Popen([sys.executable, "-c", "pass"])
-        child.wait()
-        dead = LeaseId.new(pid=child.pid)
-        storage.lease_by_content(cid, dead)  # a dead pid: reaped by the next collect
-        storage.advise_lease_dropped(holder, cid)
-        assert storage.contains(cid)
-        report = storage.collect()
-        assert report.leases_reaped == 1
-        assert not storage.contains(cid)
+        storage.lease_by_content(cid, LeaseId.new(), detached=True)
+        dead = _dead_pid()
+        storage.lease_by_content(cid, LeaseId.new(pid=dead))  # start 0: dead already
+        with storage.get_reader(cid, holder) as reader:
+            assert reader.read(10) == data[:10]
+            me = (os.getpid(), storage._mystart)
+            assert _owner_rows(root) == sorted([me, (dead, 0.0)])
+        assert storage.collect().leases_reaped == 1
+        assert _owner_rows(root) == [me]
         assert not storage.verify()
 
 
-def test_the_reap_walk_finds_every_owner_once(tmp_path: Path) -> None:
-    """The index walk of the reap lists exactly the distinct (pid, start)
-    pairs of non-detached leases and of holds, several starts per pid too."""
-    from blobleases import directory as d
-    from blobleases.directory_index import connect, create_schema
-
-    db = connect(str(tmp_path / "i.sqlite3"), safe=False)
-    create_schema(db)
-    leases = [
-        (f"sha256-{i:064x}", f"lid{i}", pid, start, None, detached)
-        for i, (pid, start, detached) in enumerate(
-            [
-                (7, 1.5, 0),
-                (7, 1.5, 0),
-                (7, 2.5, 0),
-                (7, 0.0, 0),
-                (3, 9.0, 0),
-                (3, 9.0, 1),
-                (5, 4.0, 1),
-                (12, 1.0, 0),
-                (12, 1.0, 0),
-                (2, 0.0, 0),
-            ]
-        )
-    ]
-    db.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)", leases)
-    holds = [("c", 7, 2.5), ("c", 9, 3.0), ("d", 9, 3.0), ("d", 9, 3.5), ("e", 1, 0.0)]
-    db.executemany("INSERT INTO holds(cid, pid, start) VALUES (?, ?, ?)", holds)
-    walked_leases = DirectoryStorage._owners(db, d._SQL_NEXT_LEASE_OWNER, d._SQL_SAME_LEASE_OWNER)
-    walked_holds = DirectoryStorage._owners(db, d._SQL_NEXT_HOLD_OWNER, d._SQL_SAME_HOLD_OWNER)
-    assert walked_leases == sorted(
-        db.execute("SELECT DISTINCT pid, start FROM leases WHERE detached = 0").fetchall()
-    )
-    assert walked_holds == sorted(db.execute("SELECT DISTINCT pid, start FROM holds").fetchall())
-    assert len(walked_leases) == 6 and len(walked_holds) == 4
+def test_a_store_made_without_the_owners_table_gets_it_filled_and_still_reaps(
+    tmp_path: Path,
+) -> None:
+    """A store made by an earlier version (no owners table, no triggers)
+    opens with owners filled from its existing leases, and a dead process's
+    leases are reaped through it."""
+    root = tmp_path / "s"
+    dead = _dead_pid()
+    with DirectoryStorage(root) as storage:
+        data = blob(2000, 40)
+        cid, holder = put(storage, data)
+        storage.lease_by_content(cid, LeaseId.new(pid=dead))
+        mystart = storage._mystart
+    db = sqlite3.connect(root / "index.sqlite3")
+    for trigger in ("leases_owner_insert", "leases_owner_update", "holds_owner_insert"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE owners")
+    db.commit()
     db.close()
+    with DirectoryStorage(root) as storage:
+        assert _owner_rows(root) == sorted([(os.getpid(), mystart), (dead, 0.0)])
+        storage.advise_lease_dropped(holder, cid)
+        assert storage.contains(cid)  # the dead process's lease still holds it
+        report = storage.collect()
+        assert report.leases_reaped == 1 and report.processes_reaped == 1
+        assert not storage.contains(cid)
+        assert not storage.verify()

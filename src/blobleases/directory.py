@@ -157,20 +157,6 @@ _SQL_DELETE_UNREFERENCED = (
     "AND (expires_at IS NULL OR expires_at > ?2)) "
     "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = ?1) RETURNING size"
 )
-# The owners (pid, start) of non-detached leases and of reader holds, walked
-# in index order (leases_owner, holds_owner) one owner at a time: a reap
-# costs two index lookups per owner, not a scan of every lease.
-_SQL_NEXT_LEASE_OWNER = (
-    "SELECT pid, start FROM leases WHERE detached = 0 AND pid > ? ORDER BY pid, start LIMIT 1"
-)
-_SQL_SAME_LEASE_OWNER = (
-    "SELECT pid, start FROM leases WHERE detached = 0 AND pid = ? AND start > ? "
-    "ORDER BY start LIMIT 1"
-)
-_SQL_NEXT_HOLD_OWNER = "SELECT pid, start FROM holds WHERE pid > ? ORDER BY pid, start LIMIT 1"
-_SQL_SAME_HOLD_OWNER = (
-    "SELECT pid, start FROM holds WHERE pid = ? AND start > ? ORDER BY start LIMIT 1"
-)
 # A blob of at most this many bytes is stored in one transaction that writes
 # its temporary file too (no look-up before it; a dedup hit writes nothing).
 # Bigger blobs are written before their transaction, outside the write lock.
@@ -1241,10 +1227,9 @@ class DirectoryStorage(BlobStorage):
         """End leases and holds of dead processes (or of earlier processes
         whose pid was reused) and expired leases: (leases, holds, processes)."""
         db = tx.db
-        pairs = dict.fromkeys(
-            self._owners(db, _SQL_NEXT_LEASE_OWNER, _SQL_SAME_LEASE_OWNER)
-            + self._owners(db, _SQL_NEXT_HOLD_OWNER, _SQL_SAME_HOLD_OWNER)
-        )
+        # every owner of a non-detached lease or a hold has a row (see
+        # directory_index): a small table, not a scan of every lease
+        pairs = db.execute("SELECT pid, start FROM owners").fetchall()
         starts: dict[int, float | None] = {}
         dead_pids: set[int] = set()
         leases = holds = 0
@@ -1256,10 +1241,14 @@ class DirectoryStorage(BlobStorage):
             current = starts[pid]
             if current is not None and _start_matches(start, current):
                 continue
-            dead_pids.add(pid)
             where = "pid = ? AND start = ?"
-            leases += self._end_leases(tx, where + " AND detached = 0", (pid, start))
-            holds += self._end_holds(tx, where, (pid, start))
+            ended_leases = self._end_leases(tx, where + " AND detached = 0", (pid, start))
+            ended_holds = self._end_holds(tx, where, (pid, start))
+            db.execute("DELETE FROM owners WHERE pid = ? AND start = ?", (pid, start))
+            if ended_leases or ended_holds:
+                dead_pids.add(pid)
+            leases += ended_leases
+            holds += ended_holds
         for pid, start in db.execute("SELECT pid, start FROM processes").fetchall():
             if pid not in starts:
                 starts[pid] = process_start_time(pid)
@@ -1270,19 +1259,6 @@ class DirectoryStorage(BlobStorage):
         db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
         self._next_reap = tx.now + self.policies.reap_interval
         return leases, holds, len(dead_pids)
-
-    @staticmethod
-    def _owners(db: sqlite3.Connection, next_sql: str, same_sql: str) -> list[tuple[int, float]]:
-        """The distinct (pid, start) pairs of a table, in index order."""
-        out: list[tuple[int, float]] = []
-        row = db.execute(next_sql, (0,)).fetchone()
-        while row is not None:
-            pid, start = row
-            out.append((pid, start))
-            row = db.execute(same_sql, (pid, start)).fetchone()
-            if row is None:
-                row = db.execute(next_sql, (pid,)).fetchone()
-        return out
 
     def _auto_reap(self) -> None:
         """Reap if no process has in the last ``reap_interval`` seconds."""

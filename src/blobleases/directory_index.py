@@ -12,13 +12,16 @@ One database file (WAL mode) beside the blob files holds four tables:
 
 plus ``meta`` (schema version, the shared "last reap" time, dedup hits).
 
-The owners of leases and holds, ``(pid, start)``, are indexed (leases only
-when not detached) so that a reap finds them by index lookups, never by a
-scan of every lease. Every object is created ``IF NOT EXISTS`` whenever a
-store is opened, so a store made by an earlier version gains the indexes the
-first time this version opens it (the schema version stays 1: an earlier
-version opening the store keeps working, and SQLite keeps the indexes up to
-date for it too).
+``owners`` lists every ``(pid, start)`` that holds a non-detached lease or
+a reader hold (and some that did: rows go when a reap finds the process
+dead). Triggers add the row with the lease or hold, inside SQLite, for every
+writer (an earlier version of blobleases too); an existing row costs a
+look-up and no page write, where an index of leases by owner would cost a
+page write per lease. So the periodic reap reads this small table, not every
+lease. Every object is created ``IF NOT EXISTS`` whenever a store is opened;
+a store made by an earlier version gets ``owners`` filled from its leases
+and holds in the same transaction (the schema version stays 1: an earlier
+version keeps working on the store).
 
 Every write runs in a ``BEGIN IMMEDIATE`` transaction, so writers of all
 processes are serialized by SQLite's own locks, which the kernel releases
@@ -56,7 +59,6 @@ CREATE TABLE IF NOT EXISTS leases(
     PRIMARY KEY (cid, lid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS leases_owner ON leases(pid, start) WHERE detached = 0;
 CREATE TABLE IF NOT EXISTS holds(
     id INTEGER PRIMARY KEY,
     cid TEXT NOT NULL,
@@ -64,7 +66,6 @@ CREATE TABLE IF NOT EXISTS holds(
     start REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_cid ON holds(cid);
-CREATE INDEX IF NOT EXISTS holds_owner ON holds(pid, start);
 CREATE TABLE IF NOT EXISTS processes(
     pid INTEGER PRIMARY KEY,
     start REAL NOT NULL,
@@ -73,6 +74,24 @@ CREATE TABLE IF NOT EXISTS processes(
 CREATE TRIGGER IF NOT EXISTS leases_unretain AFTER INSERT ON leases BEGIN
     UPDATE content SET retained = NULL WHERE cid = NEW.cid AND retained IS NOT NULL;
 END;
+CREATE TABLE IF NOT EXISTS owners(
+    pid INTEGER NOT NULL,
+    start REAL NOT NULL,
+    PRIMARY KEY (pid, start)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS leases_owner_insert AFTER INSERT ON leases
+WHEN NEW.detached = 0 BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+CREATE TRIGGER IF NOT EXISTS leases_owner_update AFTER UPDATE OF pid, start, detached ON leases
+WHEN NEW.detached = 0 BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+CREATE TRIGGER IF NOT EXISTS holds_owner_insert AFTER INSERT ON holds BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+DROP INDEX IF EXISTS leases_owner;
+DROP INDEX IF EXISTS holds_owner;
 INSERT OR IGNORE INTO meta(key, value) VALUES ('last_reap', 0.0);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('dedup_hits', 0);
 """
@@ -122,7 +141,16 @@ def create_schema(db: sqlite3.Connection) -> None:
                 f"the index has schema version {version}; this blobleases knows "
                 f"{SCHEMA_VERSION}: upgrade blobleases"
             )
+        had_owners = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'owners'"
+        ).fetchone()
         _run_script(db, _SCHEMA)
+        if had_owners is None:
+            db.execute(
+                "INSERT OR IGNORE INTO owners(pid, start) "
+                "SELECT DISTINCT pid, start FROM leases WHERE detached = 0 "
+                "UNION SELECT DISTINCT pid, start FROM holds"
+            )
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
