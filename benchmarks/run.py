@@ -1,18 +1,22 @@
-"""Run every benchmark row in one process and print the table.
+"""Run every benchmark row and print the table.
 
     python -m benchmarks [--quick] [--json FILE] [--markdown FILE] [--only PATTERN]
     python benchmarks/run.py ...
 
-Each row measures blobleases and its baseline in the same run, interleaving
-their repetitions, and reports the median (``--stat best`` for best-of).
+Each row measures blobleases and its baseline in the same process, interleaving
+their repetitions, and reports the median (``--stat best`` for best-of). Each
+row group runs in a fresh child process (``--same-process`` to run them all in
+this one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import fnmatch
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -74,40 +78,96 @@ def _selected(number: str, name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def run_groups(ctx: Context, patterns: Sequence[str], profile_dir: str | None = None) -> None:
+def run_groups(
+    ctx: Context,
+    patterns: Sequence[str],
+    profile_dir: str | None = None,
+    *,
+    isolate: bool = True,
+) -> None:
+    """Run the selected row groups in order. ``isolate``: each in a fresh
+    child process (forked from this one, which measures nothing itself), as
+    pyperf runs each benchmark in its own worker: a row's figures then do not
+    depend on which rows ran before it (the allocator's state, caches, open
+    files), and ``--only N`` reproduces the full run's row N."""
     for number, name, fn in GROUPS:
         if not _selected(number, name, patterns):
             continue
-        ctx.group = name
-        first = len(ctx.rows)
-        ctx.log(f"[{time.strftime('%H:%M:%S')}] row {number} ({name}) ...")
-        t0 = time.perf_counter()
-        reason = ""
-        profiler = cProfile.Profile() if profile_dir else None
+        if isolate:
+            _run_group_in_child(ctx, number, name, fn, profile_dir)
+        else:
+            _run_group(ctx, number, name, fn, profile_dir)
+
+
+def _run_group_in_child(
+    ctx: Context,
+    number: str,
+    name: str,
+    fn: Callable[[Context], None],
+    profile_dir: str | None,
+) -> None:
+    mp = multiprocessing.get_context("fork")
+    receive, send = mp.Pipe(duplex=False)
+    first = len(ctx.rows)
+
+    def child() -> None:
         try:
-            if profiler is not None:
-                profiler.runcall(fn, ctx)
-            else:
-                fn(ctx)
-        except Unavailable as exc:
-            reason = f"not available: {exc}"
-        except Exception as exc:
-            reason = f"error: {type(exc).__name__}: {exc}"
-            ctx.log(traceback.format_exc())
-        if profiler is not None and profile_dir:
-            out = os.path.join(profile_dir, f"{number}-{name}.prof")
-            profiler.dump_stats(out)
-            ctx.log(f"    profile: {out} (python -m pstats {out})")
-        group_rows = ctx.rows[first:]
-        if reason:
-            for row in group_rows:
-                if not row.measured:
-                    row.note = f"{reason}; {row.note}" if row.note else reason
-            if not group_rows:
-                ctx.rows.append(Row(f"{number} {name}", "", note=reason, group=name))
-        ctx.log(
-            f"    done in {time.perf_counter() - t0:.1f} s{'  (' + reason + ')' if reason else ''}"
-        )
+            _run_group(ctx, number, name, fn, profile_dir)
+        finally:
+            send.send((ctx.rows[first:], ctx._dirs))
+            send.close()
+
+    proc = mp.Process(target=child, name=f"benchmarks-row-{number}")
+    proc.start()
+    send.close()
+    result: tuple[list[Row], int] | None = None
+    with contextlib.suppress(EOFError):  # the child died without sending its rows
+        result = receive.recv()
+    proc.join()
+    if result is None:
+        reason = f"error: the process running row {number} exited with code {proc.exitcode}"
+        ctx.log(f"    {reason}")
+        ctx.rows.append(Row(f"{number} {name}", "", note=reason, group=name))
+        return
+    rows, ctx._dirs = result
+    ctx.rows.extend(rows)
+
+
+def _run_group(
+    ctx: Context,
+    number: str,
+    name: str,
+    fn: Callable[[Context], None],
+    profile_dir: str | None,
+) -> None:
+    ctx.group = name
+    first = len(ctx.rows)
+    ctx.log(f"[{time.strftime('%H:%M:%S')}] row {number} ({name}) ...")
+    t0 = time.perf_counter()
+    reason = ""
+    profiler = cProfile.Profile() if profile_dir else None
+    try:
+        if profiler is not None:
+            profiler.runcall(fn, ctx)
+        else:
+            fn(ctx)
+    except Unavailable as exc:
+        reason = f"not available: {exc}"
+    except Exception as exc:
+        reason = f"error: {type(exc).__name__}: {exc}"
+        ctx.log(traceback.format_exc())
+    if profiler is not None and profile_dir:
+        out = os.path.join(profile_dir, f"{number}-{name}.prof")
+        profiler.dump_stats(out)
+        ctx.log(f"    profile: {out} (python -m pstats {out})")
+    group_rows = ctx.rows[first:]
+    if reason:
+        for row in group_rows:
+            if not row.measured:
+                row.note = f"{reason}; {row.note}" if row.note else reason
+        if not group_rows:
+            ctx.rows.append(Row(f"{number} {name}", "", note=reason, group=name))
+    ctx.log(f"    done in {time.perf_counter() - t0:.1f} s{'  (' + reason + ')' if reason else ''}")
 
 
 def _met_text(row: Row) -> str:
@@ -243,6 +303,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="write a cProfile of each row group (candidate and baselines) to DIR/<row>.prof",
     )
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every row group in this process (default: each in a fresh child process, "
+        "so that no row's figures depend on the rows run before it)",
+    )
     return parser.parse_args(argv)
 
 
@@ -264,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
-        run_groups(ctx, patterns, args.profile)
+        run_groups(ctx, patterns, args.profile, isolate=not args.same_process)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

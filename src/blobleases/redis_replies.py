@@ -23,6 +23,9 @@ __all__ = ["BULK_MIN", "BULK_READ_SIZE", "parser_class"]
 BULK_MIN = 256 << 10
 """Replies at least this long are received straight into their own buffer."""
 
+_LANDING_MAX = 8 << 20
+"""Replies up to this long land in a buffer that the connection keeps."""
+
 BULK_READ_SIZE = 64 << 10
 """The socket read size to use with these parsers: a reply's header line is
 read in pieces this big, and the rest of a long reply straight into place."""
@@ -44,6 +47,12 @@ if _AVAILABLE:
     class _BulkSocketBuffer(SocketBuffer):
         """A SocketBuffer that receives long replies into one buffer."""
 
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            # Kept by the connection: as long as the longest reply read so far
+            # (at most _LANDING_MAX).
+            self._landing = bytearray()
+
         def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
             if length < BULK_MIN:
                 return super().read(length, timeout)
@@ -51,8 +60,14 @@ if _AVAILABLE:
             head = self._buffer.read(want)
             if len(head) == want:
                 return head[:-2]
-            out = bytearray(want)
-            view = memoryview(out)
+            if want <= _LANDING_MAX:
+                # One landing buffer per connection, reused: no allocation
+                # (and no page faults) per reply.
+                if len(self._landing) < want:
+                    self._landing = bytearray(want)
+                view = memoryview(self._landing)[:want]
+            else:
+                view = memoryview(bytearray(want))
             got = len(head)
             view[:got] = head
             del head
@@ -70,7 +85,8 @@ if _AVAILABLE:
                     sock.settimeout(self.socket_timeout)
             # A failure above leaves the stream mid-reply: redis-py disconnects
             # the connection on any error while reading, so it is never reused.
-            return bytes(view[:length])
+            with view:
+                return bytes(view[:length])
 
     def _bulk(base: type[Any]) -> type[Any]:
         class BulkParser(base):  # type: ignore[misc]
