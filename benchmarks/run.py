@@ -44,8 +44,11 @@ from benchmarks.rows_redis import redis_rows
 
 __all__ = ["GROUPS", "main"]
 
-#: (number, name, function) of every row group, in the order of issue 7.
-GROUPS: list[tuple[str, str, Callable[[Context], None]]] = [
+#: A row group: (number, name, the function that measures its rows).
+Group = tuple[str, str, Callable[[Context], None]]
+
+#: Every row group, in the order of issue 7.
+GROUPS: list[Group] = [
     ("1", "store", store_rows),
     ("2", "get", get_rows),
     ("3", "small", small_rows),
@@ -90,29 +93,24 @@ def run_groups(
     pyperf runs each benchmark in its own worker: a row's figures then do not
     depend on which rows ran before it (the allocator's state, caches, open
     files), and ``--only N`` reproduces the full run's row N."""
-    for number, name, fn in GROUPS:
-        if not _selected(number, name, patterns):
+    for group in GROUPS:
+        if not _selected(group[0], group[1], patterns):
             continue
         if isolate:
-            _run_group_in_child(ctx, number, name, fn, profile_dir)
+            _run_group_in_child(ctx, group, profile_dir)
         else:
-            _run_group(ctx, number, name, fn, profile_dir)
+            _run_group(ctx, group, profile_dir)
 
 
-def _run_group_in_child(
-    ctx: Context,
-    number: str,
-    name: str,
-    fn: Callable[[Context], None],
-    profile_dir: str | None,
-) -> None:
+def _run_group_in_child(ctx: Context, group: Group, profile_dir: str | None) -> None:
+    number, name, _ = group
     mp = multiprocessing.get_context("fork")
     receive, send = mp.Pipe(duplex=False)
     first = len(ctx.rows)
 
     def child() -> None:
         try:
-            _run_group(ctx, number, name, fn, profile_dir)
+            _run_group(ctx, group, profile_dir)
         finally:
             send.send((ctx.rows[first:], ctx._dirs))
             send.close()
@@ -133,13 +131,8 @@ def _run_group_in_child(
     ctx.rows.extend(rows)
 
 
-def _run_group(
-    ctx: Context,
-    number: str,
-    name: str,
-    fn: Callable[[Context], None],
-    profile_dir: str | None,
-) -> None:
+def _run_group(ctx: Context, group: Group, profile_dir: str | None) -> None:
+    number, name, fn = group
     ctx.group = name
     first = len(ctx.rows)
     ctx.log(f"[{time.strftime('%H:%M:%S')}] row {number} ({name}) ...")
