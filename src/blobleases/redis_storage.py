@@ -60,7 +60,7 @@ from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError,
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, RangeSource
-from .redis_replies import BULK_READ_SIZE, parser_class
+from .redis_protocol import BULK_READ_SIZE, command_packer, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
 
@@ -282,12 +282,14 @@ class RedisStorage(BlobStorage):
         if not self._cluster:
             protocol = dict(rest).get("protocol", str(_DEFAULT_PROTOCOL))
             parser = parser_class(int(protocol)) if protocol in ("2", "3") else None
-            if parser is not None:
+            packer = command_packer()
+            if parser is not None and packer is not None:
                 # Named with its parser so the two always agree. Small pieces:
                 # this parser receives long replies straight into their buffer.
                 options["protocol"] = int(protocol)
                 options["parser_class"] = parser
                 options["socket_read_size"] = BULK_READ_SIZE
+                options["command_packer"] = packer
         try:
             if self._cluster:
                 self._r: Any = redis.cluster.RedisCluster.from_url(

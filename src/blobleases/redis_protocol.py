@@ -1,24 +1,28 @@
-"""Reading large replies from Redis with fewer copies.
+"""Talking RESP to Redis with fewer copies of blob chunks.
 
-redis-py's pure-Python parser reads every reply through an ``io.BytesIO``: a
-1 MiB chunk is received into a new bytes object, appended to the buffer
-(which grows by reallocation), read back out of it and sliced to drop its
-CRLF: four copies, and on a fresh buffer as many page faults. RedisStorage
-reads blob chunks of megabytes, so its connections use a parser whose socket
-buffer receives a large bulk reply straight into one preallocated buffer
-(one copy from the kernel, one into the bytes returned).
+RedisStorage sends and receives blob chunks of megabytes. redis-py's
+pure-Python parser reads every reply through an ``io.BytesIO``: a 1 MiB chunk
+is received into a new bytes object, appended to the buffer (which grows by
+reallocation), read back out of it and sliced to drop its CRLF: four copies,
+and in a fresh process as many page faults. So RedisStorage connections use
+a parser whose socket buffer receives a long bulk reply straight into a
+buffer the connection keeps (one copy from the kernel, one into the bytes
+returned). When hiredis is installed, redis-py would also pack commands with
+it, copying every argument (a 1 MiB chunk included) into one new string; the
+pure-Python packer sends a long argument as it is. RedisStorage uses both
+whether or not hiredis is installed, so its speed does not depend on it.
 
-This relies on redis-py internals (``redis._parsers``) that have been stable
-since redis-py 5; :func:`parser_class` returns ``None`` (keep redis-py's own
-parser) when they are not as expected or when hiredis is installed (its
-parser reads large replies well already).
+This relies on redis-py internals (``redis._parsers``, the
+``PythonRespSerializer`` packer) that have been stable since redis-py 5;
+:func:`parser_class` and :func:`command_packer` return ``None`` (keep redis-py's
+defaults) when they are not as expected.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BULK_MIN", "BULK_READ_SIZE", "parser_class"]
+__all__ = ["BULK_MIN", "BULK_READ_SIZE", "command_packer", "parser_class"]
 
 BULK_MIN = 256 << 10
 """Replies at least this long are received straight into their own buffer."""
@@ -31,16 +35,15 @@ BULK_READ_SIZE = 64 << 10
 read in pieces this big, and the rest of a long reply straight into place."""
 
 try:
-    from redis._parsers import _RESP2Parser, _RESP3Parser
+    from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
     from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
+    from redis.connection import PythonRespSerializer
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.utils import HIREDIS_AVAILABLE, SENTINEL
+    from redis.utils import SENTINEL
 except ImportError:  # pragma: no cover - a redis-py without these internals
     _AVAILABLE = False
 else:
-    _AVAILABLE = not HIREDIS_AVAILABLE and all(
-        hasattr(SocketBuffer, name) for name in ("read", "_read_from_socket", "purge")
-    )
+    _AVAILABLE = all(hasattr(SocketBuffer, name) for name in ("read", "_read_from_socket", "purge"))
 
 if _AVAILABLE:
 
@@ -102,11 +105,24 @@ if _AVAILABLE:
         return BulkParser
 
     _PARSERS: dict[int, type[Any]] = {2: _bulk(_RESP2Parser), 3: _bulk(_RESP3Parser)}
+    # What redis-py's Connection builds without hiredis (bytes in, bytes out:
+    # RedisStorage never decodes responses); stateless, so shared.
+    _PACKER: Any = PythonRespSerializer(
+        6000,
+        Encoder("utf-8", "strict", False).encode,  # type: ignore[no-untyped-call]
+    )
 else:  # pragma: no cover
     _PARSERS = {}
+    _PACKER = None
 
 
 def parser_class(protocol: int) -> type[Any] | None:
     """The parser class for connections speaking RESP ``protocol`` (2 or 3),
     or None to keep redis-py's default."""
     return _PARSERS.get(protocol)
+
+
+def command_packer() -> Any:
+    """The command packer for RedisStorage connections (pure Python: long
+    arguments are sent without a copy), or None to keep redis-py's default."""
+    return _PACKER

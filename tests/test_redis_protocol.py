@@ -1,7 +1,9 @@
-"""The parser that receives long Redis replies straight into their buffer:
-exact bytes at every size around its threshold, several long replies in one
-pipeline, and a reply cut off or stalled midway (an error, never short or
-shifted bytes, and the next command works on a new connection)."""
+"""How RedisStorage talks RESP: its connections use the parser that receives
+long replies straight into their buffer and the packer that sends long
+arguments as they are (hiredis or not); exact bytes at every size around the
+parser's threshold, several long replies in one pipeline, and a reply cut off
+or stalled midway (an error, never short or shifted bytes, and the next
+command works on a new connection)."""
 
 from __future__ import annotations
 
@@ -16,22 +18,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from blobleases.redis_replies import BULK_MIN, BULK_READ_SIZE, parser_class
+from blobleases.redis_protocol import BULK_MIN, BULK_READ_SIZE, command_packer, parser_class
 from blobleases.redis_storage import RedisStorage
 from redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis
-
-try:
-    import hiredis  # noqa: F401
-except ImportError:
-    HIREDIS = False
-else:  # pragma: no cover - hiredis is not a test dependency
-    HIREDIS = True
-
-needs_python_parser = pytest.mark.skipif(
-    HIREDIS, reason="hiredis is installed: redis-py uses its parser, not ours"
-)
 
 
 def _client(url: str, protocol: int, **options: Any) -> redis.Redis:
@@ -47,18 +38,24 @@ def _client(url: str, protocol: int, **options: Any) -> redis.Redis:
     )
 
 
-@needs_python_parser
-def test_storage_connections_use_the_bulk_parser(redis_server: RedisServer) -> None:
+def test_storage_connections_use_the_bulk_parser_and_python_packer(
+    redis_server: RedisServer,
+) -> None:
     with RedisStorage(redis_server.url, namespace="t-parser") as storage:
         conn = storage.client.connection_pool.get_connection()
         try:
             assert type(conn._parser).__name__.startswith("Bulk")
             assert type(conn._parser._buffer).__name__ == "_BulkSocketBuffer"
+            assert conn._command_packer is command_packer()
+            assert type(conn._command_packer).__name__ == "PythonRespSerializer"
+            # a long argument goes out as the caller's own buffer, not a copy
+            chunk = memoryview(bytes(1 << 20))
+            packed = conn._command_packer.pack("SET", "k", chunk)
+            assert any(part is chunk for part in packed)
         finally:
             storage.client.connection_pool.release(conn)
 
 
-@needs_python_parser
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_replies_of_every_size_around_the_threshold_are_exact(
     redis_server: RedisServer, protocol: int
@@ -148,7 +145,6 @@ def cut_server(request: pytest.FixtureRequest) -> Iterator[_CutServer]:
     server.close()
 
 
-@needs_python_parser
 def test_reply_cut_midway_raises_and_the_next_command_reconnects(cut_server: _CutServer) -> None:
     client = _client(cut_server.url, 2, socket_timeout=1.0)
     try:
