@@ -18,6 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from blobleases import LeaseId
 from blobleases.redis_protocol import BULK_MIN, BULK_READ_SIZE, command_packer, parser_class
 from blobleases.redis_storage import RedisStorage
 from redis_servers import RedisServer
@@ -38,22 +39,43 @@ def _client(url: str, protocol: int, **options: Any) -> redis.Redis:
     )
 
 
+def _check_connection(conn: Any) -> None:
+    assert type(conn._parser).__name__.startswith("Bulk")
+    assert type(conn._parser._buffer).__name__ == "_BulkSocketBuffer"
+    assert conn._command_packer is command_packer()
+    assert type(conn._command_packer).__name__ == "PythonRespSerializer"
+    # a long argument goes out as the caller's own buffer, not a copy
+    chunk = memoryview(bytes(1 << 20))
+    packed = conn._command_packer.pack("SET", "k", chunk)
+    assert any(part is chunk for part in packed)
+
+
 def test_storage_connections_use_the_bulk_parser_and_python_packer(
     redis_server: RedisServer,
 ) -> None:
     with RedisStorage(redis_server.url, namespace="t-parser") as storage:
         conn = storage.client.connection_pool.get_connection()
         try:
-            assert type(conn._parser).__name__.startswith("Bulk")
-            assert type(conn._parser._buffer).__name__ == "_BulkSocketBuffer"
-            assert conn._command_packer is command_packer()
-            assert type(conn._command_packer).__name__ == "PythonRespSerializer"
-            # a long argument goes out as the caller's own buffer, not a copy
-            chunk = memoryview(bytes(1 << 20))
-            packed = conn._command_packer.pack("SET", "k", chunk)
-            assert any(part is chunk for part in packed)
+            _check_connection(conn)
         finally:
             storage.client.connection_pool.release(conn)
+
+
+def test_cluster_node_connections_use_them_too(redis_cluster: Any) -> None:
+    with RedisStorage(redis_cluster.url, namespace="t-parser") as storage:
+        data = os.urandom(3 << 20)
+        cid = storage.store_bytes(data, lid := LeaseId.new())
+        assert storage.get_data(cid, lid) == data
+        nodes = storage.client.get_nodes()
+        assert len(nodes) == 3
+        for node in nodes:
+            pool = node.redis_connection.connection_pool
+            conn = pool.get_connection()
+            try:
+                _check_connection(conn)
+            finally:
+                pool.release(conn)
+        storage.advise_lease_dropped(lid, cid)
 
 
 @pytest.mark.parametrize("protocol", [2, 3])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BULK_MIN", "BULK_READ_SIZE", "command_packer", "parser_class"]
+__all__ = ["BULK_MIN", "BULK_READ_SIZE", "command_packer", "connection_class", "parser_class"]
 
 BULK_MIN = 256 << 10
 """Replies at least this long are received straight into their own buffer."""
@@ -37,7 +37,7 @@ read in pieces this big, and the rest of a long reply straight into place."""
 try:
     from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
     from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
-    from redis.connection import PythonRespSerializer
+    from redis.connection import Connection, PythonRespSerializer
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.utils import SENTINEL
 except ImportError:  # pragma: no cover - a redis-py without these internals
@@ -111,9 +111,23 @@ if _AVAILABLE:
         6000,
         Encoder("utf-8", "strict", False).encode,  # type: ignore[no-untyped-call]
     )
+
+    class _BulkConnection(Connection):
+        """A TCP connection with this module's parser (for its ``protocol``,
+        which must be given) and packer: for RedisCluster, which passes
+        neither option on to the connections of its nodes."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs["parser_class"] = _PARSERS[int(kwargs["protocol"])]
+            kwargs["command_packer"] = _PACKER
+            kwargs["socket_read_size"] = BULK_READ_SIZE
+            super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+
+    _CONNECTION: type[Any] | None = _BulkConnection
 else:  # pragma: no cover
     _PARSERS = {}
     _PACKER = None
+    _CONNECTION = None
 
 
 def parser_class(protocol: int) -> type[Any] | None:
@@ -126,3 +140,9 @@ def command_packer() -> Any:
     """The command packer for RedisStorage connections (pure Python: long
     arguments are sent without a copy), or None to keep redis-py's default."""
     return _PACKER
+
+
+def connection_class() -> type[Any] | None:
+    """A redis-py TCP ``Connection`` class that uses :func:`parser_class` (for
+    the ``protocol`` it is given) and :func:`command_packer`, or None."""
+    return _CONNECTION

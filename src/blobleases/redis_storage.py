@@ -60,7 +60,7 @@ from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError,
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, RangeSource
-from .redis_protocol import BULK_READ_SIZE, command_packer, parser_class
+from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
 
@@ -279,17 +279,21 @@ class RedisStorage(BlobStorage):
         # once, and a server that does not answer fails within about three
         # socket timeouts.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-        if not self._cluster:
-            protocol = dict(rest).get("protocol", str(_DEFAULT_PROTOCOL))
-            parser = parser_class(int(protocol)) if protocol in ("2", "3") else None
-            packer = command_packer()
-            if parser is not None and packer is not None:
-                # Named with its parser so the two always agree. Small pieces:
-                # this parser receives long replies straight into their buffer.
-                options["protocol"] = int(protocol)
+        protocol = dict(rest).get("protocol", str(_DEFAULT_PROTOCOL))
+        parser = parser_class(int(protocol)) if protocol in ("2", "3") else None
+        packer = command_packer()
+        if parser is not None and packer is not None:
+            # The protocol is named with its parser so the two always agree.
+            # Small pieces: this parser receives long replies straight into
+            # their buffer.
+            options["protocol"] = int(protocol)
+            if not self._cluster:
                 options["parser_class"] = parser
                 options["socket_read_size"] = BULK_READ_SIZE
                 options["command_packer"] = packer
+            elif "ssl" not in dict(rest) and (bulk_connection := connection_class()) is not None:
+                # RedisCluster passes no parser or packer on to its nodes.
+                options["connection_class"] = bulk_connection
         try:
             if self._cluster:
                 self._r: Any = redis.cluster.RedisCluster.from_url(
