@@ -1201,21 +1201,18 @@ class DirectoryStorage(BlobStorage):
 
     def _end_leases(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
         """Delete the leases matching ``where`` and settle their content."""
-        db = tx.db
-        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM leases WHERE {where}", args)]
-        if not keys:
-            return 0
-        count = db.execute(f"DELETE FROM leases WHERE {where}", args).rowcount
-        for key in keys:
-            self._settle(tx, key)
-        return int(count)
+        return self._end_rows(tx, "leases", where, args)
 
     def _end_holds(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
+        """Delete the reader holds matching ``where`` and settle their content."""
+        return self._end_rows(tx, "holds", where, args)
+
+    def _end_rows(self, tx: _Tx, table: str, where: str, args: tuple[Any, ...]) -> int:
         db = tx.db
-        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM holds WHERE {where}", args)]
+        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM {table} WHERE {where}", args)]
         if not keys:
             return 0
-        count = db.execute(f"DELETE FROM holds WHERE {where}", args).rowcount
+        count = db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
         for key in keys:
             self._settle(tx, key)
         return int(count)

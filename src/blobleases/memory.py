@@ -202,12 +202,7 @@ class MemoryStorage(BlobStorage):
         if self._retained and cid in self._retained:
             del self._retained[cid]
             self._retained_bytes -= blob.size
-        now = time.time()
-        if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:  # (the clock may step back)
-            self._stamp = now
-        blob.last_access = self._stamp
-        if self._track_order:
-            self._order.move_to_end(cid)
+        self._touch(cid, blob)
 
     def _touch(self, cid: ContentId, blob: _Blob) -> None:
         now = time.time()
