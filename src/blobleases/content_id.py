@@ -137,6 +137,12 @@ class ContentId:
         hasher.update(view)
         return cls(algorithm, hasher.digest())
 
+    def matches(self, data: Any) -> bool:
+        """Whether ``data`` (a contiguous bytes-like object) hashes to this id."""
+        hasher = new_hasher(self.algorithm)
+        hasher.update(data)
+        return bool(hasher.digest() == self.digest)
+
     @classmethod
     def for_file(
         cls, source: str | os.PathLike[str] | IO[bytes], algorithm: str = "sha256"

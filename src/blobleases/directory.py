@@ -245,12 +245,6 @@ def _read_exact(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _hash_matches(cid: ContentId, data: Any) -> bool:
-    hasher = new_hasher(cid.algorithm)
-    hasher.update(data)
-    return bool(hasher.digest() == cid.digest)
-
-
 def _start_matches(recorded: float, current: float) -> bool:
     if not recorded or not current:
         return True
@@ -1315,7 +1309,7 @@ class DirectoryStorage(BlobStorage):
                     self._count_dedup(tx.db)
             if size is not None:
                 return
-        if not hashed and not _hash_matches(cid, data):
+        if not hashed and not cid.matches(data):
             raise IntegrityError(f"data does not hash to {cid}")
         name = self._write_temp(data)
         self._place(cid, key, name, data.nbytes, lid, ttl, detached)
@@ -1409,7 +1403,7 @@ class DirectoryStorage(BlobStorage):
                     if absent:
                         if name is None:
                             assert data is not None
-                            if not hashed and not _hash_matches(cid, data):
+                            if not hashed and not cid.matches(data):
                                 raise IntegrityError(f"data does not hash to {cid}")
                             name = self._write_temp(data)
                         shard = self._shard_fd(cid, create=True)
@@ -1531,7 +1525,7 @@ class DirectoryStorage(BlobStorage):
             os.close(fd)
         if len(data) != size:
             raise IntegrityError(f"the file of blob {cid} is shorter than its {size} bytes")
-        if self.policies.verify_reads and not _hash_matches(cid, data):
+        if self.policies.verify_reads and not cid.matches(data):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return data
 
@@ -1569,7 +1563,7 @@ class DirectoryStorage(BlobStorage):
         finally:
             os.close(fd)
         source = _MmapSource(mapped)
-        if self.policies.verify_reads and not _hash_matches(cid, source.buffer()):
+        if self.policies.verify_reads and not cid.matches(source.buffer()):
             source.close()
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source

@@ -21,7 +21,7 @@ from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, BufferSource
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
-from .storage import BlobStorage, FileSource
+from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["MemoryStorage"]
 
@@ -322,7 +322,7 @@ class MemoryStorage(BlobStorage):
                 f"blob {cid} holds {len(blob.data)} bytes, not its recorded {blob.size}"
             )
         if self.policies.verify_reads:
-            _check_hash(cid, blob.data)
+            check_hash(cid, blob.data)
         return blob
 
     # -- the backend methods ---------------------------------------------------
@@ -346,7 +346,7 @@ class MemoryStorage(BlobStorage):
                 self._hold(cid, lid, ttl, detached, blob)
                 return
         if not hashed:
-            _check_hash(cid, data)
+            check_hash(cid, data)
         copy = bytes(data)
         with self._lock:
             self._maintain()
@@ -523,13 +523,6 @@ class MemoryStorage(BlobStorage):
         """Replace a blob's bytes in place (the conformance suite's fault hook)."""
         with self._lock:
             self._blobs[cid].data = data
-
-
-def _check_hash(cid: ContentId, data: Any) -> None:
-    hasher = new_hasher(cid.algorithm)
-    hasher.update(data)
-    if hasher.digest() != cid.digest:
-        raise IntegrityError(f"data does not hash to {cid}")
 
 
 def _copy(f: Any, hasher: Any, parts: list[bytes]) -> None:

@@ -62,7 +62,7 @@ from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
-from .storage import BlobStorage, FileSource
+from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["RedisStorage", "default_host_id"]
 
@@ -791,7 +791,7 @@ class RedisStorage(BlobStorage):
     ) -> None:
         self._maintain()
         size = len(data)
-        if size <= self._chunk and (hashed or _hash_ok(cid, data)):
+        if size <= self._chunk and (hashed or cid.matches(data)):
             # One round trip: the commit script holds the lease instead when
             # the content is present (a dedup hit costs the bytes' transfer).
             self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
@@ -802,7 +802,7 @@ class RedisStorage(BlobStorage):
         if status:
             return
         if not hashed:
-            _check_hash(cid, data)
+            check_hash(cid, data)
         self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
 
     def _upload(
@@ -1093,7 +1093,7 @@ class RedisStorage(BlobStorage):
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
         if self.policies.verify_reads:
-            _check_hash(cid, data)
+            check_hash(cid, data)
         return data
 
     @_storage_errors
@@ -1621,16 +1621,3 @@ def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
 def _memory_chunks(data: memoryview, size: int) -> Iterator[memoryview]:
     for off in range(0, len(data), size):
         yield data[off : off + size]
-
-
-def _hash_ok(cid: ContentId, data: Any) -> bool:
-    hasher = new_hasher(cid.algorithm)
-    hasher.update(data)
-    return bool(hasher.digest() == cid.digest)
-
-
-def _check_hash(cid: ContentId, data: Any) -> None:
-    hasher = new_hasher(cid.algorithm)
-    hasher.update(data)
-    if hasher.digest() != cid.digest:
-        raise IntegrityError(f"data does not hash to {cid}")

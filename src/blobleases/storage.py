@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from .content_id import ContentId, as_buffer, check_algorithm
-from .errors import StorageError
+from .errors import IntegrityError, StorageError
 from .lease_id import LeaseId, check_pid
 from .policies import Policies, check_detached, check_ttl
 from .reader import BlobReader
@@ -345,3 +345,9 @@ class BlobStorage(abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None:
         """Guarantee: idempotent; afterwards operations raise StorageError."""
+
+
+def check_hash(cid: ContentId, data: Any) -> None:
+    """IntegrityError unless ``data`` hashes to ``cid``."""
+    if not cid.matches(data):
+        raise IntegrityError(f"data does not hash to {cid}")
