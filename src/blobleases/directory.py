@@ -74,7 +74,7 @@ from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import connect, create_schema
-from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import START_TIME_TOLERANCE, is_alive, own_start_time, process_start_time
 from .reader import BlobReader
@@ -142,6 +142,9 @@ _SQL_REFERENCED = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
     "AND (expires_at IS NULL OR expires_at > ?2)) "
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)"
+)
+_SQL_RETAINED_IN_ORDER = (
+    "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
 )
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
 # The row of new content; a no-op (rowcount 0) if the content has a row.
@@ -1064,9 +1067,7 @@ class DirectoryStorage(BlobStorage):
             if row is None:
                 return None, False
             size = int(row[0])
-            if len(self._sizes) >= _SIZE_CACHE_ENTRIES:
-                self._sizes.clear()
-            self._sizes[key] = size
+            self._cache_size(key, size)
             if inserted <= 0:
                 held = db.execute(_SQL_HELD, (key, lkey, tx.now)).fetchone() is not None
                 tx.stale = not held
@@ -1096,7 +1097,7 @@ class DirectoryStorage(BlobStorage):
             return
         db.execute("DELETE FROM leases WHERE cid = ?", (key,))
         size, retain = int(row[0]), self.policies.retain_bytes
-        if retain > 0 and size <= retain:
+        if size <= retain:
             seq = db.execute(
                 "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
             ).fetchone()[0]
@@ -1118,10 +1119,13 @@ class DirectoryStorage(BlobStorage):
         if key in tx.doomed:
             # deleted earlier in this transaction: its new file must stay
             tx.doomed = [k for k in tx.doomed if k != key]
+        self._cache_size(key, size)
+        return True
+
+    def _cache_size(self, key: str, size: int) -> None:
         if len(self._sizes) >= _SIZE_CACHE_ENTRIES:
             self._sizes.clear()
         self._sizes[key] = size
-        return True
 
     def _delete(self, tx: _Tx, key: str) -> int:
         """Delete content ``key`` with its leases and holds; its file is
@@ -1145,9 +1149,7 @@ class DirectoryStorage(BlobStorage):
         ).fetchone()[0]
         if total <= budget:
             return
-        rows = db.execute(
-            "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-        ).fetchall()
+        rows = db.execute(_SQL_RETAINED_IN_ORDER).fetchall()
         for key, size in rows:
             if total <= budget:
                 break
@@ -1155,11 +1157,10 @@ class DirectoryStorage(BlobStorage):
             total -= size
 
     def _make_room(self, tx: _Tx, size: int) -> None:
-        """Evict per policy so ``size`` more bytes fit, or raise StoreFull
-        having changed nothing."""
+        """Evict per policy so ``size`` more bytes fit under ``max_bytes``
+        (which must be set), or raise StoreFull having changed nothing."""
         limit = self.policies.max_bytes
-        if limit is None:
-            return
+        assert limit is not None
         db = tx.db
         self._flush_access(tx)
         total = db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0]
@@ -1169,22 +1170,19 @@ class DirectoryStorage(BlobStorage):
             raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
         need = total + size - limit
         victims: list[str] = []
-        for key, vsize in db.execute(
-            "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-        ).fetchall():
-            if need <= 0:
-                break
-            victims.append(key)
-            need -= vsize
-        if need > 0 and self.policies.on_full == "evict":
-            for key, vsize in db.execute(
+        queries = [_SQL_RETAINED_IN_ORDER]
+        if self.policies.on_full == "evict":
+            queries.append(
                 "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
                 "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
-            ).fetchall():
-                if need <= 0:
-                    break
-                victims.append(key)
-                need -= vsize
+            )
+        for query in queries:
+            if need <= 0:
+                break
+            cursor = db.execute(query)
+            while need > 0 and (row := cursor.fetchone()) is not None:
+                victims.append(row[0])
+                need -= row[1]
         if need > 0:
             raise StoreFull(
                 f"storing {size} bytes would exceed max_bytes={limit} "
@@ -1266,10 +1264,6 @@ class DirectoryStorage(BlobStorage):
         with self._lock:
             db = self._conn()
             return db.execute(_SQL_HELD, (str(cid), str(lid), time.time())).fetchone() is not None
-
-    @staticmethod
-    def _lease_expired(cid: ContentId, lid: LeaseId) -> LeaseExpired:
-        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
 
     def _read_op(self, *, flush: bool = False) -> sqlite3.Connection:
         """Start a read-only operation (lock held): reap if due, end expired
@@ -1510,7 +1504,7 @@ class DirectoryStorage(BlobStorage):
                 if row is None:
                     raise self._lease_expired(cid, lid)
                 size = int(row[0])
-                self._sizes[key] = size
+                self._cache_size(key, size)
             elif db.execute(_SQL_HELD_ONLY, (key, str(lid), now)).fetchone() is None:
                 raise self._lease_expired(cid, lid)
             self._access[key] = now

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .content_id import ContentId, new_hasher
-from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, BufferSource
@@ -307,9 +307,6 @@ class MemoryStorage(BlobStorage):
             )
         for cid in victims:
             self._delete(cid)
-
-    def _lease_expired(self, cid: ContentId, lid: LeaseId) -> LeaseExpired:
-        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
 
     def _leased_blob(self, cid: ContentId, lid: LeaseId) -> _Blob:
         self._maintain()

@@ -984,9 +984,6 @@ class RedisStorage(BlobStorage):
             raise ContentNotFound(cid)
         return size
 
-    def _lease_expired(self, cid: ContentId, lid: LeaseId) -> LeaseExpired:
-        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
-
     def _open(
         self, cid: ContentId, lid: LeaseId, hold_id: str, *, with_first_chunk: bool = False
     ) -> tuple[list[Any], Any]:

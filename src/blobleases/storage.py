@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from .content_id import ContentId, as_buffer, check_algorithm
-from .errors import IntegrityError, StorageError
+from .errors import IntegrityError, LeaseExpired, StorageError
 from .lease_id import LeaseId, check_pid
 from .policies import Policies, check_detached, check_ttl
 from .reader import BlobReader
@@ -249,6 +249,11 @@ class BlobStorage(abc.ABC):
         cid = ContentId.for_bytes(data, algorithm)
         self._store(cid, data, lid, ttl, detached, True)
         return cid
+
+    @staticmethod
+    def _lease_expired(cid: ContentId, lid: LeaseId) -> LeaseExpired:
+        """The error for a read through a lease that is not held."""
+        return LeaseExpired(f"lease {lid} on {cid} is not held", lease_id=lid, content_id=cid)
 
     @abc.abstractmethod
     def _store(
