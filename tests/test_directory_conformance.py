@@ -19,10 +19,6 @@ def _path_of(storage: BlobStorage, content_id: ContentId) -> Path:
 
 
 class _FileFaults:
-    # A busy 2-core CI machine can deschedule a test for longer than the
-    # suite's default 0.3 s between a store and the read that follows it.
-    ttl_seconds = 1.0
-
     def corrupt_blob(self, storage: BlobStorage, content_id: ContentId) -> None:
         path = _path_of(storage, content_id)
         data = bytearray(path.read_bytes())

@@ -1687,7 +1687,7 @@ class DirectoryStorage(BlobStorage):
 
     def _collect(self) -> CollectReport:
         report = CollectReport()
-        with self._write(maintain=False) as tx:
+        with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
             leases, holds, procs = self._reap(tx)
             self._trim_retained(tx, self.policies.retain_bytes)
             report.leases_reaped = leases
