@@ -103,3 +103,22 @@ def test_script_entry_and_only(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [row["name"].split(" ", 1)[0] for row in rows] == ["4a", "4b"]
     assert "| row |" in md.read_text()
+
+
+def test_met_and_ratio_follow_the_numbers() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.harness import Row, Target
+    finally:
+        sys.path.remove(str(ROOT))
+    at_least_2x = Target(">=", 2.0)
+    assert at_least_2x.met(None, 2.5) is True
+    assert at_least_2x.met(None, 1.5) is False
+    assert at_least_2x.met(None, None) is None
+    at_most_1s = Target("<=", 1.0, on="value", unit="s")
+    assert at_most_1s.met(0.5, 9.0) is True
+    assert at_most_1s.met(1.5, 0.1) is False
+    faster = Row("r", "MiB/s", "b", at_least_2x, value=300.0, baseline_value=100.0)
+    assert faster.ratio == 3.0 and faster.met is True
+    quicker = Row("t", "s", "b", at_least_2x, higher_is_better=False, value=2.0, baseline_value=3.0)
+    assert quicker.ratio == 1.5 and quicker.met is False

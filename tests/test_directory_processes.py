@@ -73,7 +73,10 @@ def test_dead_holder_of_10000_leases_is_reaped(tmp_path: Path, death: str, reape
     )
     try:
         assert child.stdout is not None and child.stdin is not None
-        lines = [line.strip() for line in iter(child.stdout.readline, "ready\n")]
+        lines = []
+        while (line := child.stdout.readline()) not in ("ready\n", ""):
+            lines.append(line.strip())
+        assert line == "ready\n", "the child failed before it was ready"
         theirs = [ContentId.parse(text) for text in lines if text != str(shared)]
         assert len(theirs) == 20
         # The parent leases one of the child's blobs by content id: it must stay.

@@ -626,6 +626,7 @@ def test_processes_on_two_hosts_one_killed_mid_work(any_url: str) -> None:
         assert victim.stdout is not None
         while (line := victim.stdout.readline()) and line.strip() != "op 100":
             pass
+        assert line.strip() == "op 100", "the victim failed before op 100"
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         for worker in survivors:
