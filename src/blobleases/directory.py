@@ -76,7 +76,13 @@ from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import connect, create_schema
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
-from .liveness import START_TIME_TOLERANCE, is_alive, own_start_time, process_start_time
+from .liveness import (
+    START_TIME_TOLERANCE,
+    is_alive,
+    own_start_time,
+    process_start_time,
+    same_start,
+)
 from .reader import BlobReader
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
@@ -246,12 +252,6 @@ def _read_exact(fd: int, size: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
-
-
-def _start_matches(recorded: float, current: float) -> bool:
-    if not recorded or not current:
-        return True
-    return abs(recorded - current) <= START_TIME_TOLERANCE
 
 
 def _remove_tree(root: str, owner_pid: int) -> None:
@@ -1223,12 +1223,12 @@ class DirectoryStorage(BlobStorage):
         dead_pids: set[int] = set()
         leases = holds = 0
         for pid, start in pairs:
-            if pid == self._mypid and _start_matches(start, self._mystart):
+            if pid == self._mypid and same_start(start, self._mystart):
                 continue
             if pid not in starts:
                 starts[pid] = process_start_time(pid)
             current = starts[pid]
-            if current is not None and _start_matches(start, current):
+            if current is not None and same_start(start, current):
                 continue
             where = "pid = ? AND start = ?"
             ended_leases = self._end_leases(tx, where + " AND detached = 0", (pid, start))
@@ -1242,7 +1242,7 @@ class DirectoryStorage(BlobStorage):
             if pid not in starts:
                 starts[pid] = process_start_time(pid)
             current = starts[pid]
-            if current is None or not _start_matches(start, current):
+            if current is None or not same_start(start, current):
                 db.execute("DELETE FROM processes WHERE pid = ? AND start = ?", (pid, start))
         leases += self._expire(tx)
         db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
@@ -1745,7 +1745,7 @@ class DirectoryStorage(BlobStorage):
                 if pid not in alive:
                     alive[pid] = process_start_time(pid)
                 current = alive[pid]
-                if current is not None and _start_matches(start, current):
+                if current is not None and same_start(start, current):
                     continue
             dead.append(name)
         return dead

@@ -151,12 +151,9 @@ class BlobLease:
                 return
             self._closed = True
             finalizer, self._finalizer = self._finalizer, None
-        if finalizer is None:
-            if os.getpid() == self._pid:
-                self._storage.advise_lease_dropped(self._lease_id, self._content_id)
-            return
-        detached = finalizer.detach()
-        if detached is not None and os.getpid() == self._pid:
+        if finalizer is not None and finalizer.detach() is None:
+            return  # the finalizer has run (or is running): it ends the lease
+        if os.getpid() == self._pid:
             self._storage.advise_lease_dropped(self._lease_id, self._content_id)
 
     def __enter__(self) -> BlobLease:

@@ -11,7 +11,13 @@ from functools import lru_cache
 
 import psutil
 
-__all__ = ["START_TIME_TOLERANCE", "is_alive", "own_start_time", "process_start_time"]
+__all__ = [
+    "START_TIME_TOLERANCE",
+    "is_alive",
+    "own_start_time",
+    "process_start_time",
+    "same_start",
+]
 
 #: Start times come from clock ticks since boot; two readings of the same
 #: process agree far closer than this, and two processes sharing a pid
@@ -48,8 +54,12 @@ def is_alive(pid: int, start_time: float | None) -> bool:
     """Whether ``pid`` is alive and (when ``start_time`` is known and not 0)
     is the same process that started at ``start_time``."""
     now_start = process_start_time(pid)
-    if now_start is None:
-        return False
-    if not start_time or not now_start:
+    return now_start is not None and same_start(start_time, now_start)
+
+
+def same_start(recorded: float | None, current: float | None) -> bool:
+    """Whether two start times name the same process (an unknown one, None
+    or 0, matches any)."""
+    if not recorded or not current:
         return True
-    return abs(now_start - start_time) <= START_TIME_TOLERANCE
+    return abs(recorded - current) <= START_TIME_TOLERANCE

@@ -18,7 +18,7 @@ from typing import Any
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
-from .liveness import is_alive, own_start_time, process_start_time
+from .liveness import is_alive, own_start_time, process_start_time, same_start
 from .reader import BlobReader, BufferSource
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource, check_hash
@@ -145,6 +145,7 @@ class MemoryStorage(BlobStorage):
     def _reap_dead(self) -> tuple[int, int, int]:
         self._next_reap = time.monotonic() + self.policies.reap_interval
         pids = set(self._by_pid) | {pid for _, pid in self._readers.values()}
+        pids.discard(self._own_pid)  # alive: it is running this
         leases = readers = procs = 0
         for pid in pids:
             if is_alive(pid, self._pids.get(pid)):
@@ -221,13 +222,17 @@ class MemoryStorage(BlobStorage):
         if lease is None:
             return
         if unindex and not lease.detached and lid.pid != self._own_pid:
-            keys = self._by_pid.get(lid.pid)
-            if keys is not None:
-                keys.discard((lid, cid))
-                if not keys:
-                    del self._by_pid[lid.pid]
+            self._unindex(lid, cid)
         if not blob and not blob.readers:
             self._maybe_unreferenced(cid, blob)
+
+    def _unindex(self, lid: LeaseId, cid: ContentId) -> None:
+        """Remove another process's lease from the index by pid."""
+        keys = self._by_pid.get(lid.pid)
+        if keys is not None:
+            keys.discard((lid, cid))
+            if not keys:
+                del self._by_pid[lid.pid]
 
     def _release_reader(self, hold_id: int) -> None:
         entry = self._readers.pop(hold_id, None)
@@ -268,11 +273,7 @@ class MemoryStorage(BlobStorage):
             self._retained_bytes -= blob.size
         for lid, lease in blob.items():
             if not lease.detached and lid.pid != self._own_pid:
-                keys = self._by_pid.get(lid.pid)
-                if keys is not None:
-                    keys.discard((lid, cid))
-                    if not keys:
-                        del self._by_pid[lid.pid]
+                self._unindex(lid, cid)
         self._bytes -= blob.size
         return blob.size
 
@@ -422,8 +423,7 @@ class MemoryStorage(BlobStorage):
             start = process_start_time(pid)
             if start is None:
                 return
-            known = self._pids.get(pid)
-            if known is not None and known and start and not is_alive(pid, known):
+            if not same_start(self._pids.get(pid), start):  # the pid was reused
                 self._terminate(pid)
             self._pids[pid] = start
 

@@ -58,7 +58,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
-from .liveness import is_alive, own_start_time, process_start_time
+from .liveness import is_alive, own_start_time, process_start_time, same_start
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
@@ -1168,7 +1168,7 @@ class RedisStorage(BlobStorage):
             return
         owner = self._owner(pid)
         known = self._r.hget(self._k_procs, owner)
-        if known is not None and start and float(_s(known)) and not is_alive(pid, float(_s(known))):
+        if known is not None and not same_start(float(_s(known)), start):  # the pid was reused
             self._terminate(owner)
             self._r.hdel(self._k_procs, owner)
         self._vouch(pid)
