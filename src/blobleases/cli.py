@@ -150,9 +150,7 @@ def _storage() -> BlobStorage:
         _state.url = url
         try:
             _state.storage = open_storage(url)
-        except ImportError as exc:
-            raise CliError(f"cannot open store {url!r}: {_one_line(exc)}") from exc
-        except (BlobLeaseError, OSError, ValueError, TypeError) as exc:
+        except (ImportError, BlobLeaseError, OSError, ValueError, TypeError) as exc:
             raise CliError(f"cannot open store {url!r}: {_one_line(exc)}") from exc
     return _state.storage
 

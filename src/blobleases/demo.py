@@ -190,7 +190,6 @@ class _Worker:
     index: int
     process: BaseProcess
     conn: Connection
-    cids: list[ContentId]
     role: str
     pid: int = 0
     leases: int = 0
@@ -372,9 +371,7 @@ def _run(
             name=f"blobleases-demo-worker-{index}",
             daemon=True,
         )
-        workers.append(
-            _Worker(index, process, parent_conn, mine, "victim" if index == 0 else "survivor")
-        )
+        workers.append(_Worker(index, process, parent_conn, "victim" if index == 0 else "survivor"))
         child_ends.append(child_conn)
     t_work = time.perf_counter()
     for w in workers:

@@ -65,6 +65,20 @@ def other_process() -> Iterator[subprocess.Popen[bytes]]:
         child.wait()
 
 
+@contextmanager
+def _registered(storage: BlobStorage) -> Iterator[None]:
+    """``storage`` is the registered storage inside the block; whatever was
+    registered before is registered again after it."""
+    previous = unregister_storage()
+    register_storage(storage)
+    try:
+        yield
+    finally:
+        unregister_storage()
+        if previous is not None:
+            register_storage(previous)
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
 ) -> bool:
@@ -126,14 +140,8 @@ class BlobStorageTests:
     @pytest.fixture
     def registered(self) -> Iterator[BlobStorage]:
         storage = self.open()
-        previous = unregister_storage()
-        register_storage(storage)
-        try:
+        with _registered(storage):
             yield storage
-        finally:
-            unregister_storage()
-            if previous is not None:
-                register_storage(previous)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -850,9 +858,7 @@ class BlobStorageTests:
 
     def test_transfer_ticket_outlives_close(self) -> None:
         storage = self.open(transfer_ttl=self.ttl_seconds * 2)
-        previous = unregister_storage()
-        register_storage(storage)
-        try:
+        with _registered(storage):
             lease = BlobManager(storage).store(blob(1000, 98))
             cid = lease.content_id
             ticket = lease.transfer()
@@ -866,24 +872,14 @@ class BlobStorageTests:
             time.sleep(self.ttl_seconds * 2 + 0.1)
             storage.collect()
             assert not storage.contains(cid)
-        finally:
-            unregister_storage()
-            if previous is not None:
-                register_storage(previous)
 
     def test_by_value_round_trips_into_another_storage(self, storage: BlobStorage) -> None:
         target = self.open()
         lease = BlobManager(storage).store(blob(2000, 99))
         data = pickle.dumps(ByValue(lease))
         lease.close()
-        previous = unregister_storage()
-        register_storage(target)
-        try:
+        with _registered(target):
             copy = pickle.loads(data)
-        finally:
-            unregister_storage()
-            if previous is not None:
-                register_storage(previous)
         assert copy.storage is target and copy.get_data() == blob(2000, 99)
         copy.close()
         assert not target.contains(copy.content_id)
