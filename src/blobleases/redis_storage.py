@@ -109,6 +109,7 @@ def default_host_id() -> str:
     return text or "host"
 
 
+@functools.cache
 def _load_scripts() -> dict[str, str]:
     text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
     parts = re.split(r"^--@ (\w+)\s*$", text, flags=re.M)
@@ -116,15 +117,22 @@ def _load_scripts() -> dict[str, str]:
     return {name: prelude + body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+@contextlib.contextmanager
+def _storage_error_context() -> Iterator[None]:
     """Turn redis-py failures into StorageError, chained."""
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``func`` in :func:`_storage_error_context`."""
 
     @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
+        with _storage_error_context():
             return func(*args, **kwargs)
-        except redis.exceptions.RedisError as exc:
-            raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
 
     return wrapper
 
@@ -1023,17 +1031,15 @@ class RedisStorage(BlobStorage):
             self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
 
-    def _fetch(
-        self, cid: ContentId, token: str, n: int, cs: int, size: int, offset: int, length: int
-    ) -> bytes:
+    def _fetch(self, cid: ContentId, cs: int, size: int, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of one blob, fetching only the chunks
         that hold them; IntegrityError (or LeaseExpired if the content is
         gone) when a chunk is missing or short: never partial bytes."""
-        parts = self._fetch_parts(cid, token, n, cs, size, offset, length)
+        parts = self._fetch_parts(cid, cs, size, offset, length)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fetch_parts(
-        self, cid: ContentId, token: str, n: int, cs: int, size: int, offset: int, length: int
+        self, cid: ContentId, cs: int, size: int, offset: int, length: int
     ) -> list[bytes]:
         end = min(offset + length, size)
         if end <= offset:
@@ -1060,12 +1066,12 @@ class RedisStorage(BlobStorage):
             got = self._run_pipe(build)
             for (k, lo, hi), piece in zip(ranges, got, strict=True):
                 if piece is None or len(piece) != hi - lo:
-                    self._chunk_lost(cid, token, k)
+                    self._chunk_lost(cid, k)
                 parts.append(piece)
             i = j
         return parts
 
-    def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
+    def _chunk_lost(self, cid: ContentId, index: int) -> None:
         current = self._r.hget(self._base(cid) + "m", "t")
         if current is None:
             raise LeaseExpired(f"content {cid} is gone from the server", content_id=cid)
@@ -1075,17 +1081,17 @@ class RedisStorage(BlobStorage):
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         self._maintain()
         res, first = self._open(cid, lid, "", with_first_chunk=True)
-        size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
+        size, n, cs = int(res[1]), int(res[2]), int(res[3])
         # The first chunk was fetched with the lease check (not atomically:
         # content-addressed chunks of a re-stored blob hold the same bytes).
         want = min(cs, size)
         if first is None or len(first) != want:
             if size:
-                self._chunk_lost(cid, token, 0)
+                self._chunk_lost(cid, 0)
             first = b""
         parts = [first]
         if n > 1:
-            parts += self._fetch_parts(cid, token, n, cs, size, cs, size - cs)
+            parts += self._fetch_parts(cid, cs, size, cs, size - cs)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
@@ -1098,12 +1104,12 @@ class RedisStorage(BlobStorage):
         self._maintain()
         hold_id = uuid.uuid4().hex
         res, _ = self._open(cid, lid, hold_id)
-        size, n, cs, token = int(res[1]), int(res[2]), int(res[3]), _s(res[4])
+        size, cs = int(res[1]), int(res[3])
         try:
             if self.policies.verify_reads:
                 hasher = new_hasher(cid.algorithm)
                 for off in range(0, size, cs):
-                    hasher.update(self._fetch(cid, token, n, cs, size, off, cs))
+                    hasher.update(self._fetch(cid, cs, size, off, cs))
                 if hasher.digest() != cid.digest:
                     raise IntegrityError(f"data does not hash to {cid}")
         except BaseException:
@@ -1117,7 +1123,7 @@ class RedisStorage(BlobStorage):
             storage = ref()
             if storage is None or storage._closed:
                 raise StorageError("the storage is closed")
-            return storage._fetch(cid, token, n, cs, size, offset, length)
+            return storage._fetch(cid, cs, size, offset, length)
 
         def release() -> None:
             storage = ref()
@@ -1594,14 +1600,6 @@ class RedisStorage(BlobStorage):
     def client(self) -> Any:
         """The redis-py client (for tests and tools)."""
         return self._r
-
-
-@contextlib.contextmanager
-def _storage_error_context() -> Iterator[None]:
-    try:
-        yield
-    except redis.exceptions.RedisError as exc:
-        raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
 def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
