@@ -16,6 +16,7 @@ Conventions (the same for every row):
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import platform
@@ -301,12 +302,29 @@ def summarise(samples: Sequence[float], stat: str, lower_is_better: bool = True)
     return statistics.median(samples)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of ``fn`` takes (gc disabled)."""
+def per_op(n: int, fn: Callable[[], object]) -> float:
+    """Seconds per operation of one call of ``fn`` that does ``n`` of them
+    (the cyclic garbage collector off)."""
     with no_gc():
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        return (time.perf_counter() - t0) / n
+
+
+class UniqueBlobs:
+    """Distinct blobs of one size: random bytes with a running counter in front."""
+
+    def __init__(self, size: int) -> None:
+        if size < 16:
+            raise ValueError(f"blobs must be at least 16 bytes, not {size}")
+        self.size = size
+        self._base = os.urandom(size)
+        self._counter = itertools.count(1)
+        self._salt = os.urandom(8)
+
+    def make(self, n: int) -> list[bytes]:
+        tail = self._salt + self._base[16:]
+        return [next(self._counter).to_bytes(8, "little") + tail for _ in range(n)]
 
 
 # -- context --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 from blobleases import BlobStorage, ContentId, LeaseId, MemoryStorage
 
 from .backends import directory_storage, remove_store
-from .harness import Context, Target, count_text, interleave, no_gc
+from .harness import Context, Target, count_text, interleave, per_op
 
 __all__ = ["reap_rows", "scale_rows"]
 
@@ -126,15 +126,12 @@ def _scale(
         # acquire+drop pairs on randomly chosen present content
         acquire, drop = storage.lease_by_content, storage.advise_lease_dropped
 
-        def run() -> float:
-            with no_gc():
-                t0 = time.perf_counter()
-                for cid, lid in zip(picks, lids, strict=True):
-                    acquire(cid, lid)
-                    drop(lid, cid)
-                return (time.perf_counter() - t0) / n
+        def pairs() -> None:
+            for cid, lid in zip(picks, lids, strict=True):
+                acquire(cid, lid)
+                drop(lid, cid)
 
-        return run
+        return lambda: per_op(n, pairs)
 
     return [spread(large, large_pick), spread(small, small_pick)]
 

@@ -7,13 +7,20 @@ import itertools
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 
 from blobleases import BlobLease, BlobManager, BlobStorage, ContentId, LeaseId, MemoryStorage
 
 from .backends import directory_storage, remove_store
-from .harness import Context, MiB, Target, Unavailable, interleave, no_gc, size_text
+from .harness import (
+    Context,
+    MiB,
+    Target,
+    Unavailable,
+    UniqueBlobs,
+    interleave,
+    per_op,
+    size_text,
+)
 
 __all__ = ["get_rows", "lease_rows", "small_rows", "store_rows"]
 
@@ -26,22 +33,6 @@ def _diskcache() -> object:
     return diskcache
 
 
-class UniqueBlobs:
-    """Distinct blobs of one size: random bytes with a running counter in front."""
-
-    def __init__(self, size: int) -> None:
-        if size < 16:
-            raise ValueError(f"blobs must be at least 16 bytes, not {size}")
-        self.size = size
-        self._base = os.urandom(size)
-        self._counter = itertools.count(1)
-        self._salt = os.urandom(8)
-
-    def make(self, n: int) -> list[bytes]:
-        tail = self._salt + self._base[16:]
-        return [next(self._counter).to_bytes(8, "little") + tail for _ in range(n)]
-
-
 def raw_store(root: str, data: bytes) -> str:
     """The raw baseline: sha256, write a temporary file, rename it into place."""
     name = hashlib.sha256(data).hexdigest()
@@ -51,13 +42,6 @@ def raw_store(root: str, data: bytes) -> str:
     path = os.path.join(root, name)
     os.replace(tmp, path)
     return path
-
-
-def _per_op(n: int, fn: Callable[[], object]) -> float:
-    with no_gc():
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) / n
 
 
 def store_rows(ctx: Context) -> None:
@@ -89,7 +73,7 @@ def store_rows(ctx: Context) -> None:
         def candidate() -> float:
             batch = blobs.make(s.store_batch)
             leases: list[BlobLease] = []
-            per = _per_op(len(batch), lambda: leases.extend(mgr.store(b) for b in batch))
+            per = per_op(len(batch), lambda: leases.extend(mgr.store(b) for b in batch))
             for lease in leases:
                 lease.close()
             return per
@@ -97,7 +81,7 @@ def store_rows(ctx: Context) -> None:
         def raw() -> float:
             batch = blobs.make(s.store_batch)
             paths: list[str] = []
-            per = _per_op(len(batch), lambda: paths.extend(raw_store(raw_root, b) for b in batch))
+            per = per_op(len(batch), lambda: paths.extend(raw_store(raw_root, b) for b in batch))
             for p in paths:
                 os.unlink(p)
             return per
@@ -109,7 +93,7 @@ def store_rows(ctx: Context) -> None:
                 for b in batch:
                     cache.set(next(keys), b)
 
-            per = _per_op(len(batch), run)
+            per = per_op(len(batch), run)
             cache.clear()
             return per
 
@@ -160,7 +144,7 @@ def get_rows(ctx: Context) -> None:
                 for i in range(n):
                     leases[i % distinct].get_data()
 
-            return _per_op(n, run)
+            return per_op(n, run)
 
         def raw() -> float:
             def run() -> None:
@@ -168,14 +152,14 @@ def get_rows(ctx: Context) -> None:
                     with open(paths[i % distinct], "rb") as f:
                         f.read()
 
-            return _per_op(n, run)
+            return per_op(n, run)
 
         def disk_cache() -> float:
             def run() -> None:
                 for i in range(n):
                     cache.get(i % distinct)
 
-            return _per_op(n, run)
+            return per_op(n, run)
 
         c, r, d = interleave(s.reps, [candidate, raw, disk_cache])
         mib = s.blob / MiB
@@ -214,7 +198,7 @@ def small_rows(ctx: Context) -> None:
                 for b in batch:
                     mgr.store(b).close()
 
-            return _per_op(len(batch), run)
+            return per_op(len(batch), run)
 
         def disk_cache() -> float:
             batch = blobs.make(s.small_batch)
@@ -225,7 +209,7 @@ def small_rows(ctx: Context) -> None:
                     cache.set(k, b)
                     cache.delete(k)
 
-            return _per_op(len(batch), run)
+            return per_op(len(batch), run)
 
         c, d = interleave(s.reps, [candidate, disk_cache])
         row.value = 1 / ctx.summary(c)
@@ -245,7 +229,7 @@ def lease_pairs(storage: BlobStorage, cid: ContentId, lids: list[LeaseId]) -> fl
             lease_by_content(cid, lid)
             drop(lid, cid)
 
-    return _per_op(len(lids), run)
+    return per_op(len(lids), run)
 
 
 def dict_pairs(cid: ContentId, lids: list[LeaseId]) -> float:
@@ -260,7 +244,7 @@ def dict_pairs(cid: ContentId, lids: list[LeaseId]) -> float:
             with lock:
                 del table[(lid, cid)]
 
-    return _per_op(len(lids), run)
+    return per_op(len(lids), run)
 
 
 def lease_rows(ctx: Context) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import time
 
 from blobleases import BlobLease, BlobManager, BlobStorage
 
 from .backends import redis_server, redis_storage_class
-from .harness import Context, MiB, Target, interleave, no_gc, size_text
-from .rows_local import UniqueBlobs
+from .harness import Context, MiB, Target, UniqueBlobs, interleave, per_op, size_text
 
 __all__ = ["redis_rows"]
 
@@ -39,30 +37,32 @@ def redis_rows(ctx: Context) -> None:
             def candidate() -> float:
                 batch = blobs.make(s.redis_batch)
                 leases: list[BlobLease] = []
-                with no_gc():
-                    t0 = time.perf_counter()
+
+                def run() -> None:
                     for b in batch:
                         lease = mgr.store(b)
                         lease.get_data()
                         leases.append(lease)
-                    elapsed = time.perf_counter() - t0
+
+                per = per_op(len(batch), run)
                 for lease in leases:
                     lease.close()
-                return elapsed / len(batch)
+                return per
 
             def raw() -> float:
                 batch = blobs.make(s.redis_batch)
                 names: list[str] = []
-                with no_gc():
-                    t0 = time.perf_counter()
+
+                def run() -> None:
                     for b in batch:
                         key = f"raw:{next(keys)}"
                         client.set(key, b)
                         client.get(key)
                         names.append(key)
-                    elapsed = time.perf_counter() - t0
+
+                per = per_op(len(batch), run)
                 client.delete(*names)
-                return elapsed / len(batch)
+                return per
 
             c, r = interleave(s.reps, [candidate, raw])
             mib = s.blob / MiB
