@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -231,7 +230,3 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop(kill=True)
-
-
-def temporary_directory(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -30,8 +30,8 @@ from blobleases import (
 )
 from blobleases.redis_storage import RedisStorage
 from blobleases.testing import blob, wait_until
-from redis_fixtures import unavailable
-from redis_servers import RedisServer, RedisUnavailable
+from redis_fixtures import started
+from redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -55,29 +55,17 @@ def any_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private standalone server (these tests stop and restart it)."""
-    try:
-        server = RedisServer(tmp_path / "redis")
-    except RedisUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
+    with started(lambda: RedisServer(tmp_path / "redis"), lambda s: s.stop(kill=True)) as server:
         yield server
-    finally:
-        server.stop(kill=True)
 
 
 @pytest.fixture
 def persistent_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private server with an append-only file fsynced at every write."""
-    try:
-        server = RedisServer(tmp_path / "redis-aof", persistence=True)
-    except RedisUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
+    with started(
+        lambda: RedisServer(tmp_path / "redis-aof", persistence=True), lambda s: s.stop(kill=True)
+    ) as server:
         yield server
-    finally:
-        server.stop(kill=True)
 
 
 # == Acceptance 2: two hosts, one SIGKILLed ============================================
