@@ -1297,7 +1297,8 @@ class DirectoryStorage(BlobStorage):
         if held:
             return
         if present:
-            with self._write() as tx:
+            # _op() above maintained; an expired row is settled by _place
+            with self._write(maintain=False, expire=False) as tx:
                 size, new = self._hold(tx, key, lid, ttl, detached)
                 if new:
                     self._count_dedup(tx.db)

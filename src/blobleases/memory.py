@@ -345,7 +345,9 @@ class MemoryStorage(BlobStorage):
                 return
         if not hashed:
             check_hash(cid, data)
-        copy = bytes(data)
+        owner = data.obj
+        # bytes are immutable: a whole bytes object is kept as it is, not copied
+        copy = owner if type(owner) is bytes and len(owner) == data.nbytes else bytes(data)
         with self._lock:
             self._maintain()
             blob = self._blobs.get(cid)
