@@ -1508,9 +1508,7 @@ class DirectoryStorage(BlobStorage):
                 self._cache_size(key, size)
             elif db.execute(_SQL_HELD_ONLY, (key, str(lid), now)).fetchone() is None:
                 raise self._lease_expired(cid, lid)
-            self._access[key] = now
-            if time.monotonic() >= self._access_flush_at:
-                self._touch(key, now)
+            self._touch(key, now)
         fd = self._open_blob(cid, lid, size)
         try:
             data = _read_exact(fd, size) if size else b""
