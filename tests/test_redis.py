@@ -76,7 +76,7 @@ from blobleases import ContentId, LeaseId
 from blobleases.redis_storage import RedisStorage
 
 url, namespace, host = sys.argv[1:4]
-storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=3.0,
                        reap_interval=0.1)
 for line in sys.stdin:
     words = line.split()
@@ -547,7 +547,7 @@ from blobleases.redis_storage import RedisStorage
 from blobleases.testing import blob
 
 url, namespace, host, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=3.0,
                        reap_interval=0.2, chunk_size=16 * 1024)
 payloads = [blob(n, k) for k, n in enumerate((10, 5000, 16 * 1024, 40_000, 100_000, 70_001))]
 ids = [ContentId.for_bytes(p) for p in payloads]
