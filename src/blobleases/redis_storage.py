@@ -53,12 +53,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import IO, Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time, same_start
+from .policies import check_seconds
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
@@ -109,6 +110,19 @@ def default_host_id() -> str:
     return text or "host"
 
 
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit`` that keeps the ``//`` of a url without a host:
+    ``unix:///path`` (urlunsplit gives ``unix:/path``, which redis-py refuses)."""
+    text = urlunsplit(parts)
+    if (
+        not parts.netloc
+        and parts.path.startswith("/")
+        and not text.startswith(parts.scheme + "://")
+    ):
+        text = f"{parts.scheme}://{text[len(parts.scheme) + 1 :]}"
+    return text
+
+
 @functools.cache
 def _load_scripts() -> dict[str, str]:
     text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
@@ -122,7 +136,7 @@ def _storage_error_context() -> Iterator[None]:
     """Turn redis-py failures into StorageError, chained."""
     try:
         yield
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
@@ -241,11 +255,8 @@ class RedisStorage(BlobStorage):
             raise TypeError(f"chunk_size must be an int, not {type(chunk_size).__name__}")
         if not 1024 <= chunk_size <= 256 << 20:
             raise ValueError(f"chunk_size must be between 1 KiB and 256 MiB, not {chunk_size}")
-        for name, value in (("heartbeat_ttl", heartbeat_ttl), ("socket_timeout", socket_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        heartbeat_ttl = check_seconds(heartbeat_ttl, "heartbeat_ttl")
+        socket_timeout = check_seconds(socket_timeout, "socket_timeout")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "redis+cluster", "unix"):
@@ -272,8 +283,8 @@ class RedisStorage(BlobStorage):
         self._cluster = scheme == "redis+cluster"
         rest = [(k, v) for k, v in query if k != "namespace"]
         own = rest + ([("namespace", namespace)] if namespace != _DEFAULT_NAMESPACE else [])
-        self._url = urlunsplit(parts._replace(query=urlencode(own)))
-        client_url = urlunsplit(
+        self._url = _unsplit(parts._replace(query=urlencode(own)))
+        client_url = _unsplit(
             parts._replace(scheme="redis" if self._cluster else parts.scheme, query=urlencode(rest))
         )
         options: dict[str, Any] = {
@@ -310,7 +321,7 @@ class RedisStorage(BlobStorage):
             else:
                 self._r = redis.Redis.from_url(client_url, retry=retry, **options)
             self._r.ping()
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise StorageError(f"cannot reach redis at {self._safe_url()}: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise ValueError(f"url {self._safe_url()!r}: {exc}") from exc
@@ -366,10 +377,10 @@ class RedisStorage(BlobStorage):
     def _safe_url(self) -> str:
         parts = urlsplit(getattr(self, "_url", ""))
         if parts.password is None:
-            return urlunsplit(parts)
+            return _unsplit(parts)
         netloc = parts.netloc.rsplit("@", 1)[1]
         user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        return _unsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
     def __repr__(self) -> str:
         return f"<RedisStorage {self._safe_url()}>"
@@ -1031,20 +1042,25 @@ class RedisStorage(BlobStorage):
             self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
 
-    def _fetch(self, cid: ContentId, cs: int, size: int, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of one blob, fetching only the chunks
-        that hold them; IntegrityError (or LeaseExpired if the content is
-        gone) when a chunk is missing or short: never partial bytes."""
-        parts = self._fetch_parts(cid, cs, size, offset, length)
+    def _fetch(
+        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
+    ) -> bytes:
+        """Bytes [offset, offset+length) of the blob stored under upload
+        ``token``, fetching only the chunks that hold them. Never bytes of
+        another layout: LeaseExpired when that blob is gone (deleted, lost by
+        the server, or stored again since, with any chunk size),
+        IntegrityError when one of its chunks is missing or short."""
+        parts = self._fetch_parts(cid, token, cs, size, offset, length)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fetch_parts(
-        self, cid: ContentId, cs: int, size: int, offset: int, length: int
+        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
     ) -> list[bytes]:
         end = min(offset + length, size)
         if end <= offset:
             return [b""]
-        prefix = f"{self._base(cid)}d:"
+        base = self._base(cid)
+        prefix = f"{base}d:"
         first, last = offset // cs, (end - 1) // cs
         parts: list[bytes] = []
         i = first
@@ -1055,26 +1071,38 @@ class RedisStorage(BlobStorage):
                 lo = max(offset, k * cs) - k * cs
                 hi = min(end, (k + 1) * cs) - k * cs
                 ranges.append((k, lo, hi))
-
-            def build(pipe: Any, rs: list[tuple[int, int, int]] = ranges) -> None:
-                for k, lo, hi in rs:
-                    if lo == 0 and hi == min(cs, size - k * cs):
-                        pipe.get(prefix + str(k))
-                    else:
-                        pipe.getrange(prefix + str(k), lo, hi - 1)
-
-            got = self._run_pipe(build)
+            # One MULTI with the meta's upload token: the chunks read are those
+            # of the blob this read opened, or the token says they are not
+            # (chunk keys are reused when the same content is stored again).
+            pipe = self._r.pipeline(transaction=True)
+            for k, lo, hi in ranges:
+                if lo == 0 and hi == min(cs, size - k * cs):
+                    pipe.get(prefix + str(k))
+                else:
+                    pipe.getrange(prefix + str(k), lo, hi - 1)
+            pipe.hget(base + "m", "t")
+            *got, current = pipe.execute()
+            if current is None or _s(current) != token:
+                raise self._layout_gone(cid)
             for (k, lo, hi), piece in zip(ranges, got, strict=True):
                 if piece is None or len(piece) != hi - lo:
-                    self._chunk_lost(cid, k)
+                    raise IntegrityError(f"chunk {k} of {cid} is missing or has the wrong size")
                 parts.append(piece)
             i = j
         return parts
 
-    def _chunk_lost(self, cid: ContentId, index: int) -> None:
+    @staticmethod
+    def _layout_gone(cid: ContentId) -> LeaseExpired:
+        return LeaseExpired(
+            f"content {cid} is gone from the server (deleted, lost or stored again "
+            "since it was opened): its hold was lost",
+            content_id=cid,
+        )
+
+    def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
         current = self._r.hget(self._base(cid) + "m", "t")
-        if current is None:
-            raise LeaseExpired(f"content {cid} is gone from the server", content_id=cid)
+        if current is None or _s(current) != token:
+            raise self._layout_gone(cid)
         raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
 
     @_storage_errors
@@ -1083,15 +1111,16 @@ class RedisStorage(BlobStorage):
         res, first = self._open(cid, lid, "", with_first_chunk=True)
         size, n, cs = int(res[1]), int(res[2]), int(res[3])
         # The first chunk was fetched with the lease check (not atomically:
-        # content-addressed chunks of a re-stored blob hold the same bytes).
+        # the first chunk of every layout of this content starts with the same
+        # bytes, and one of another chunk size has another length).
         want = min(cs, size)
         if first is None or len(first) != want:
             if size:
-                self._chunk_lost(cid, 0)
+                self._chunk_lost(cid, _s(res[4]), 0)
             first = b""
         parts = [first]
         if n > 1:
-            parts += self._fetch_parts(cid, cs, size, cs, size - cs)
+            parts += self._fetch_parts(cid, _s(res[4]), cs, size, cs, size - cs)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
@@ -1104,12 +1133,12 @@ class RedisStorage(BlobStorage):
         self._maintain()
         hold_id = uuid.uuid4().hex
         res, _ = self._open(cid, lid, hold_id)
-        size, cs = int(res[1]), int(res[3])
+        size, cs, token = int(res[1]), int(res[3]), _s(res[4])
         try:
             if self.policies.verify_reads:
                 hasher = new_hasher(cid.algorithm)
                 for off in range(0, size, cs):
-                    hasher.update(self._fetch(cid, cs, size, off, cs))
+                    hasher.update(self._fetch(cid, token, cs, size, off, cs))
                 if hasher.digest() != cid.digest:
                     raise IntegrityError(f"data does not hash to {cid}")
         except BaseException:
@@ -1123,7 +1152,7 @@ class RedisStorage(BlobStorage):
             storage = ref()
             if storage is None or storage._closed:
                 raise StorageError("the storage is closed")
-            return storage._fetch(cid, cs, size, offset, length)
+            return storage._fetch(cid, token, cs, size, offset, length)
 
         def release() -> None:
             storage = ref()
