@@ -275,3 +275,11 @@ def test_unreachable_cluster_gives_storage_error_naming_the_url() -> None:
     assert info.value.__cause__ is not None
     line = _one_error_line(_cli("--store", url, "stats"))
     assert url in line
+
+
+@pytest.mark.parametrize(
+    "name", ["heartbeat_ttl", "socket_timeout", "reap_interval", "transfer_ttl", "max_bytes"]
+)
+def test_numbers_too_large_name_their_argument(redis_server: RedisServer, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        RedisStorage(redis_server.url, namespace=_namespace(), **{name: 10**400})
