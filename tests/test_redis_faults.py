@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from blobleases import ContentId, LeaseExpired, LeaseId, StorageError, open_storage
+from blobleases import ContentId, LeaseExpired, LeaseId, StorageError, StoreFull, open_storage
 from blobleases.redis_storage import RedisStorage
 from blobleases.testing import wait_until
 from redis_fixtures import started
@@ -180,6 +180,121 @@ def test_stopped_reader_reaped_then_restored_never_reads_wrong_bytes(
             if stream is not None:
                 stream.close()
         other.close()
+
+
+# == Item 7: a server at maxmemory with noeviction ===========================================
+
+_HOLDER_PROGRAM = r"""
+import os, sys
+from blobleases import LeaseId
+from blobleases.redis_storage import RedisStorage
+
+url, namespace, host, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+                       chunk_size=4096)
+for i in range(count):
+    storage.store_bytes(os.urandom(10_000), LeaseId.new())
+print("stored", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _holder(url: str, namespace: str, host: str, count: int) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER_PROGRAM, url, namespace, host, str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "stored", "the holder process failed"
+    return child
+
+
+def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServer) -> None:
+    """maxmemory below the memory in use, policy noeviction (the README's
+    setting): the server refuses every write that may need memory. A new
+    client still opens the store; stores fail with StoreFull naming
+    maxmemory and leave nothing; reads, drops, reaping of dead holders (on
+    this host and on another) and collect() work; live heartbeats are kept."""
+    import redis
+
+    namespace = _namespace()
+    admin = redis.Redis.from_url(own_server.url)
+    live = RedisStorage(own_server.url, namespace=namespace, heartbeat_ttl=3.0)
+    cache = RedisStorage(own_server.url, namespace=namespace, retain_bytes=1 << 20)
+    local = _holder(own_server.url, namespace, live.host_id, 20)
+    remote = _holder(own_server.url, namespace, "remote-host", 20)
+    fresh: RedisStorage | None = None
+    try:
+        kept = os.urandom(5000)
+        kept_lid = LeaseId.new()
+        kept_cid = live.store_bytes(kept, kept_lid)
+        cached = os.urandom(3000)
+        cached_lid = LeaseId.new()
+        cached_cid = cache.store_bytes(cached, cached_lid)
+        assert live.stats().blobs == 42
+        admin.config_set("maxmemory-policy", "noeviction")
+        # Below the memory in use (not equal to it: that leaves the server
+        # full or not by the few bytes of a client buffer): full throughout.
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            admin.set("probe", b"x")
+
+        fresh = RedisStorage(own_server.url, namespace=namespace, reap_interval=0)
+        assert fresh.stats().blobs == 42
+        extra = os.urandom(7000)
+        with pytest.raises(StoreFull, match="maxmemory") as info:
+            fresh.store_bytes(extra, LeaseId.new())
+        assert info.value.__cause__ is not None
+        assert not fresh.contains(ContentId.for_bytes(extra))
+
+        assert live.get_data(kept_cid, kept_lid) == kept
+        hb_key = live._hb_key(live._owner(os.getpid()))
+        left = int(admin.pttl(hb_key))
+        assert left > 0
+        assert wait_until(lambda: int(admin.pttl(hb_key)) > left, timeout=30), (
+            "the heartbeat of a live process was not refreshed on a full server"
+        )
+
+        for child in (local, remote):
+            child.kill()
+            child.wait()
+        report = fresh.collect()
+        assert report.leases_reaped >= 20 and report.processes_reaped >= 1
+        # The other host's holder is seen dead once its heartbeat lapses.
+        assert wait_until(lambda: (fresh.collect(), fresh.stats().blobs == 2)[1], timeout=60)
+
+        cache.advise_lease_dropped(cached_lid, cached_cid)
+        stats = fresh.stats()
+        assert (stats.blobs, stats.retained_blobs, stats.leases) == (2, 1, 1)
+        live.advise_lease_dropped(kept_lid, kept_cid)
+        assert not live.contains(kept_cid)
+        fresh.collect()
+        assert fresh.stats().blobs == 1  # the retained one
+        assert not fresh.verify()
+        assert not fresh.verify(repair=True)
+    finally:
+        admin.config_set("maxmemory", 0)
+        for child in (local, remote):
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    stream.close()
+        for storage in (live, cache, fresh):
+            if storage is not None:
+                storage.close()
+        admin.close()
+    # Room again: the store works as before.
+    with RedisStorage(own_server.url, namespace=namespace) as storage:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"room again", lid)
+        assert storage.get_data(cid, lid) == b"room again"
+        storage.advise_lease_dropped(lid, cid)
+        storage.collect()
+        assert not storage.verify()
 
 
 # == Item 8: unix socket urls ================================================================

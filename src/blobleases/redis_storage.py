@@ -125,27 +125,72 @@ def _unsplit(parts: SplitResult) -> str:
 
 @functools.cache
 def _load_scripts() -> dict[str, str]:
+    """The scripts of redis_storage.lua by name. A section header may name
+    Redis 7 script flags after the name (``--@ end allow-oom``): the script
+    then starts with the ``#!lua flags=...`` shebang. ``read_unheld`` is the
+    read script flagged ``allow-oom``, for reads that record no reader hold."""
     text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
-    parts = re.split(r"^--@ (\w+)\s*$", text, flags=re.M)
+    parts = re.split(r"^--@ (\w+)((?: [\w-]+)*)\s*$", text, flags=re.M)
     prelude = parts[0]
-    return {name: prelude + body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    out: dict[str, str] = {}
+    for name, flags, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        out[name] = _with_flags(flags.split(), prelude + body)
+    out["read_unheld"] = _with_flags(["allow-oom"], out["read"])
+    return out
+
+
+def _with_flags(flags: list[str], body: str) -> str:
+    return f"#!lua flags={','.join(flags)}\n{body}" if flags else body
+
+
+def _without_flags(body: str) -> str:
+    """A script without its shebang (for servers before Redis 7, which have no
+    script flags and let a script run until its first write that needs memory)."""
+    return body.split("\n", 1)[1] if body.startswith("#!") else body
 
 
 @contextlib.contextmanager
-def _storage_error_context() -> Iterator[None]:
-    """Turn redis-py failures into StorageError, chained."""
+def _storage_error_context(storage: Any = None, *, storing: bool = False) -> Iterator[None]:
+    """Turn redis-py failures into StorageError, chained; a write refused by a
+    server at maxmemory into StoreFull when ``storing``, else StorageError,
+    naming the server's maxmemory (read from ``storage``'s server)."""
     try:
         yield
+    except redis.exceptions.OutOfMemoryError as exc:
+        message = f"the redis server is full ({_memory_limit(storage)}): {exc}"
+        if storing:
+            raise StoreFull(message) from exc
+        raise StorageError(message) from exc
     except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
+def _memory_limit(storage: Any) -> str:
+    """``maxmemory`` and ``used_memory`` of the server, as far as it says."""
+    client = getattr(storage, "_r", None)
+    if client is None:
+        return "maxmemory reached"
+    try:
+        info = client.info("memory")
+        if isinstance(info, dict) and "maxmemory" not in info:  # a cluster: one per node
+            info = next((v for v in info.values() if isinstance(v, dict)), info)
+        return (
+            f"used_memory {int(info['used_memory'])} bytes > maxmemory "
+            f"{int(info['maxmemory'])} bytes, maxmemory-policy "
+            f"{info.get('maxmemory_policy', '?')}"
+        )
+    except Exception:
+        return "maxmemory reached"
+
+
 def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``func`` in :func:`_storage_error_context`."""
+    """Run ``func`` in :func:`_storage_error_context`; a method that stores
+    (``_store``, ``_store_file``) gets StoreFull from a full server."""
+    storing = func.__name__ in ("_store", "_store_file")
 
     @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _storage_error_context():
+        with _storage_error_context(args[0] if args else None, storing=storing):
             return func(*args, **kwargs)
 
     return wrapper
@@ -179,22 +224,46 @@ class _Heartbeat:
         self.adopted: dict[int, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.missing = True
         self.beat()
         self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
         self.thread.start()
 
     def beat(self) -> None:
+        """Refresh the heartbeats. A server at maxmemory refuses SET but not
+        PEXPIRE, so there the heartbeats that exist are kept alive (and
+        ``missing`` says whether this process's own is absent)."""
         with self.lock:
             adopted = list(self.adopted.items())
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.key_of(self.pid), repr(self.start), px=self.ttl_ms)
+        keys = [self.key_of(self.pid)]
+        pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
         for pid, start in adopted:
             if is_alive(pid, start):
-                pipe.set(self.key_of(pid), repr(start), px=self.ttl_ms)
+                keys.append(self.key_of(pid))
+                pipe.set(keys[-1], repr(start), px=self.ttl_ms)
             else:
                 with self.lock:
                     self.adopted.pop(pid, None)
-        pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        refused = [
+            k
+            for k, r in zip(keys, replies, strict=True)
+            if isinstance(r, redis.exceptions.OutOfMemoryError)
+        ]
+        for reply in replies:
+            if isinstance(reply, Exception) and not isinstance(
+                reply, redis.exceptions.OutOfMemoryError
+            ):
+                raise reply
+        own_missing = False
+        if refused:
+            pipe = self.client.pipeline(transaction=False)
+            for key in refused:
+                pipe.pexpire(key, self.ttl_ms)
+            kept = pipe.execute()
+            own_missing = keys[0] in refused and not kept[0]
+        self.missing = own_missing
 
     def adopt(self, pid: int, start: float) -> None:
         with self.lock:
@@ -351,7 +420,7 @@ class RedisStorage(BlobStorage):
         self._pending_releases: list[tuple[ContentId, str]] = []
         self._next_reap = time.monotonic() + self.policies.reap_interval
         self._next_expiry = 0.0  # read the shared expiry index at the first operation
-        with _storage_error_context():
+        with _storage_error_context(self):
             self._load_all_scripts()
             self._ensure_process()
         ref = weakref.ref(self)
@@ -418,7 +487,13 @@ class RedisStorage(BlobStorage):
 
     def _load_all_scripts(self) -> None:
         for name, (body, _) in list(self._scripts.items()):
-            sha = self._r.script_load(body)
+            try:
+                sha = self._r.script_load(body)
+            except redis.exceptions.ResponseError:
+                if not body.startswith("#!"):
+                    raise
+                body = _without_flags(body)
+                sha = self._r.script_load(body)
             self._scripts[name] = (body, _s(sha))
 
     def _ev(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -502,6 +577,11 @@ class RedisStorage(BlobStorage):
     def _maintain(self) -> None:
         self._check_open()
         self._ensure_process()
+        hb = self._heartbeat
+        if hb is not None and hb.missing:
+            # Refused at open by a server at maxmemory: beat before this
+            # process makes leases that others would otherwise reap.
+            hb.beat()
         if self._pending_releases:
             self._retry_releases()
         if time.time() >= self._next_expiry:
@@ -525,8 +605,11 @@ class RedisStorage(BlobStorage):
     def _flush_touches(self) -> None:
         with self._lock:
             touches, self._touches = self._touches, {}
-        if touches:
-            self._r.zadd(self._k_lru, touches, xx=True, gt=True)
+        items = list(touches.items())
+        for i in range(0, len(items), _BATCH):
+            # A script flagged allow-oom: a full server refuses a plain ZADD.
+            args = [x for cid_text, at in items[i : i + _BATCH] for x in (at, cid_text)]
+            self._ev("touch", [self._k_lru], args)
 
     def _expire(self) -> int:
         """End every lease whose ttl has passed; returns how many."""
@@ -1024,7 +1107,9 @@ class RedisStorage(BlobStorage):
             if hold_id:
                 pipe.hsetnx(self._k_procs, owner, repr(own_start_time()))
                 pipe.sadd(self._proc_key(owner), f"R {cid} {hold_id}")
-            self._pipe_ev(pipe, "read", keys, args)
+            # Without a hold, reading changes only the access time: allowed
+            # on a server at maxmemory.
+            self._pipe_ev(pipe, "read" if hold_id else "read_unheld", keys, args)
             if with_first_chunk:
                 pipe.get(self._base(cid) + "d:0")
 
@@ -1060,7 +1145,6 @@ class RedisStorage(BlobStorage):
         if end <= offset:
             return [b""]
         base = self._base(cid)
-        prefix = f"{base}d:"
         first, last = offset // cs, (end - 1) // cs
         parts: list[bytes] = []
         i = first
@@ -1071,17 +1155,14 @@ class RedisStorage(BlobStorage):
                 lo = max(offset, k * cs) - k * cs
                 hi = min(end, (k + 1) * cs) - k * cs
                 ranges.append((k, lo, hi))
-            # One MULTI with the meta's upload token: the chunks read are those
-            # of the blob this read opened, or the token says they are not
-            # (chunk keys are reused when the same content is stored again).
-            pipe = self._r.pipeline(transaction=True)
-            for k, lo, hi in ranges:
-                if lo == 0 and hi == min(cs, size - k * cs):
-                    pipe.get(prefix + str(k))
-                else:
-                    pipe.getrange(prefix + str(k), lo, hi - 1)
-            pipe.hget(base + "m", "t")
-            *got, current = pipe.execute()
+            try:
+                *got, current = self._read_chunks(base, cs, size, ranges, atomic=True)
+            except redis.exceptions.OutOfMemoryError:
+                # A server at maxmemory refuses every command queued in a
+                # MULTI. Read in a plain pipeline: the token is read after the
+                # chunks on the same connection, and a token is never current
+                # twice, so if it is still this blob's the chunks were too.
+                *got, current = self._read_chunks(base, cs, size, ranges, atomic=False)
             if current is None or _s(current) != token:
                 raise self._layout_gone(cid)
             for (k, lo, hi), piece in zip(ranges, got, strict=True):
@@ -1090,6 +1171,22 @@ class RedisStorage(BlobStorage):
                 parts.append(piece)
             i = j
         return parts
+
+    def _read_chunks(
+        self, base: str, cs: int, size: int, ranges: list[tuple[int, int, int]], *, atomic: bool
+    ) -> list[Any]:
+        """The byte ranges (chunk, lo, hi) of chunks under ``base``, then the
+        meta's upload token, read in one MULTI when ``atomic``: the chunks read
+        are those of the blob with that token (chunk keys are reused when the
+        same content is stored again, with any chunk size)."""
+        pipe = self._r.pipeline(transaction=atomic)
+        for k, lo, hi in ranges:
+            if lo == 0 and hi == min(cs, size - k * cs):
+                pipe.get(f"{base}d:{k}")
+            else:
+                pipe.getrange(f"{base}d:{k}", lo, hi - 1)
+        pipe.hget(base + "m", "t")
+        return list(pipe.execute())
 
     @staticmethod
     def _layout_gone(cid: ContentId) -> LeaseExpired:
