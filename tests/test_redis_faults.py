@@ -221,15 +221,16 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
 
     namespace = _namespace()
     admin = redis.Redis.from_url(own_server.url)
-    live = RedisStorage(own_server.url, namespace=namespace, heartbeat_ttl=3.0)
+    live = RedisStorage(own_server.url, namespace=namespace, heartbeat_ttl=3.0, chunk_size=4096)
     cache = RedisStorage(own_server.url, namespace=namespace, retain_bytes=1 << 20)
     local = _holder(own_server.url, namespace, live.host_id, 20)
     remote = _holder(own_server.url, namespace, "remote-host", 20)
     fresh: RedisStorage | None = None
     try:
-        kept = os.urandom(5000)
+        kept = os.urandom(20_000)
         kept_lid = LeaseId.new()
         kept_cid = live.store_bytes(kept, kept_lid)
+        reader = live.get_reader(kept_cid, kept_lid)
         cached = os.urandom(3000)
         cached_lid = LeaseId.new()
         cached_cid = cache.store_bytes(cached, cached_lid)
@@ -250,6 +251,10 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
         assert not fresh.contains(ContentId.for_bytes(extra))
 
         assert live.get_data(kept_cid, kept_lid) == kept
+        reader.seek(5000)
+        assert reader.read(10_000) == kept[5000:15_000]
+        reader.close()
+        live.collect()  # records the accesses of the reads
         hb_key = live._hb_key(live._owner(os.getpid()))
         left = int(admin.pttl(hb_key))
         assert left > 0

@@ -303,7 +303,14 @@ class RedisStorage(BlobStorage):
     and checked; a failed store leaves nothing visible; leases of a process
     whose heartbeat lapsed (or, on this host, that died) are reaped by any
     client; keys Redis itself lost are detected (IntegrityError, LeaseExpired
-    or ContentNotFound), never returned as wrong bytes.
+    or ContentNotFound), never returned as wrong bytes. A reader reads only
+    the blob it opened: every range read checks that blob's upload token with
+    its chunks, so when the blob was lost (FLUSHALL, eviction, its hold
+    reaped) and the same content stored again, with any chunk size, reads
+    raise LeaseExpired. On a server at ``maxmemory`` (noeviction) stores fail
+    with StoreFull naming it, while opening, reading through a lease,
+    closing readers, dropping, reaping, ``collect()`` and ``verify()`` work
+    and live heartbeats are kept.
     """
 
     def __init__(
