@@ -4,6 +4,7 @@ urls, and bad input that must give named errors (issue 12 items 6 to 9)."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -243,12 +244,25 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
             admin.set("probe", b"x")
 
         fresh = RedisStorage(own_server.url, namespace=namespace, reap_interval=0)
-        assert fresh.stats().blobs == 42
+        before = fresh.stats()
+        assert before.blobs == 42
         extra = os.urandom(7000)
-        with pytest.raises(StoreFull, match="maxmemory") as info:
-            fresh.store_bytes(extra, LeaseId.new())
-        assert info.value.__cause__ is not None
-        assert not fresh.contains(ContentId.for_bytes(extra))
+        extra_cid = ContentId.for_bytes(extra)
+        for store in (
+            lambda: fresh.store_bytes(extra, LeaseId.new()),
+            lambda: fresh.store_file(io.BytesIO(extra), LeaseId.new()),
+        ):
+            with pytest.raises(StoreFull, match="maxmemory") as info:
+                store()
+            assert info.value.__cause__ is not None
+        assert not fresh.contains(extra_cid)
+        assert list(admin.scan_iter(match=f"{namespace}:{{{extra_cid}}}:*")) == []
+        after = fresh.stats()
+        assert (after.blobs, after.bytes, after.leases) == (
+            before.blobs,
+            before.bytes,
+            before.leases,
+        )
 
         assert live.get_data(kept_cid, kept_lid) == kept
         reader.seek(5000)
