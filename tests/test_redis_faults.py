@@ -191,7 +191,7 @@ from blobleases import LeaseId
 from blobleases.redis_storage import RedisStorage
 
 url, namespace, host, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=1.0,
+storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=3.0,
                        chunk_size=4096)
 for i in range(count):
     storage.store_bytes(os.urandom(10_000), LeaseId.new())
