@@ -193,10 +193,15 @@ from blobleases.redis_storage import RedisStorage
 url, namespace, host, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 storage = RedisStorage(url, namespace=namespace, host_id=host, heartbeat_ttl=3.0,
                        chunk_size=4096)
+held = []
 for i in range(count):
-    storage.store_bytes(os.urandom(10_000), LeaseId.new())
+    lid = LeaseId.new()
+    held.append((storage.store_bytes(os.urandom(10_000), lid), lid))
 print("stored", flush=True)
-sys.stdin.readline()
+readers = []
+for line in sys.stdin:
+    readers.append(storage.get_reader(*held[0]))
+    print("reading", held[0][0], readers[-1].read(3).hex(), flush=True)
 """
 
 
@@ -268,6 +273,10 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
         reader.seek(5000)
         assert reader.read(10_000) == kept[5000:15_000]
         reader.close()
+        with live.get_reader(kept_cid, kept_lid) as again:
+            assert live.stat(kept_cid).reader_count == 1
+            assert again.read() == kept
+        assert live.stat(kept_cid).reader_count == 0
         live.collect()  # records the accesses of the reads
         hb_key = live._hb_key(live._owner(os.getpid()))
         left = int(admin.pttl(hb_key))
@@ -276,17 +285,29 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
             "the heartbeat of a live process was not refreshed on a full server"
         )
 
-        for child in (local, remote):
-            child.kill()
-            child.wait()
-        report = fresh.collect()
-        assert report.leases_reaped >= 20 and report.processes_reaped >= 1
+        opened: list[ContentId] = []
+        for child in (local, remote):  # each opens a reader on the full server
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write("read\n")
+            child.stdin.flush()
+            words = child.stdout.readline().split()
+            assert words[:1] == ["reading"], words
+            opened.append(ContentId.parse(words[1]))
+        assert fresh.stats().readers == 2
+        assert [fresh.stat(c).reader_count for c in opened] == [1, 1]
+        local.kill()
+        local.wait()
+        # Reaped by the next operation (its reader too: recorded for its pid).
+        assert not fresh.contains(opened[0])
+        remote.kill()
+        remote.wait()
+        fresh.collect()
         # The other host's holder is seen dead once its heartbeat lapses.
         assert wait_until(lambda: (fresh.collect(), fresh.stats().blobs == 2)[1], timeout=60)
 
         cache.advise_lease_dropped(cached_lid, cached_cid)
         stats = fresh.stats()
-        assert (stats.blobs, stats.retained_blobs, stats.leases) == (2, 1, 1)
+        assert (stats.blobs, stats.retained_blobs, stats.leases, stats.readers) == (2, 1, 1, 0)
         live.advise_lease_dropped(kept_lid, kept_cid)
         assert not live.contains(kept_cid)
         fresh.collect()

@@ -8,9 +8,10 @@
 -- A lease value is "<expires_at or empty>|<1 if detached else 0>|<owner>".
 --
 -- Scripts that free memory or keep it level (ending leases and holds,
--- deleting, bookkeeping) are flagged allow-oom: a server at maxmemory with
--- noeviction refuses every script not so flagged, and freeing must work
--- there. Scripts that add leases or blobs are not flagged.
+-- deleting, bookkeeping) or record reads (a reader hold is a few bytes) are
+-- flagged allow-oom: a server at maxmemory with noeviction refuses every
+-- script not so flagged, and freeing and reading must work there. Scripts
+-- that add leases or blobs are not flagged.
 
 local function lease_parts(v)
   local e, d, o = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
@@ -165,7 +166,7 @@ redis.call('HSET', m, 's', size, 'n', n, 'c', cs, 't', ARGV[2], 'cr', t, 'a', t,
 redis.call('HSET', l, ARGV[7], ARGV[8])
 return {3, size, 0, ARGV[2]}
 
---@ read
+--@ read allow-oom
 -- KEYS meta, leases, readers; ARGV base, lease id, now, hold id, owner,
 -- unused. Returns {0} when the lease is not held (or the content is gone),
 -- {-1, ...} when it just expired, else {1, size, chunk count, chunk size,
@@ -367,3 +368,12 @@ return deleted
 -- KEYS lru; ARGV score, content id pairs. Records accesses of content still
 -- in the LRU index (never adds an entry).
 return redis.call('ZADD', KEYS[1], 'XX', 'GT', unpack(ARGV))
+
+--@ note allow-oom
+-- KEYS one key; ARGV "procs", owner, start time: records a process that
+-- holds readers (HSETNX); or "hold", member: records one of its reader holds
+-- in its set (SADD).
+if ARGV[1] == 'procs' then
+  return redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
+end
+return redis.call('SADD', KEYS[1], ARGV[2])

@@ -127,15 +127,13 @@ def _unsplit(parts: SplitResult) -> str:
 def _load_scripts() -> dict[str, str]:
     """The scripts of redis_storage.lua by name. A section header may name
     Redis 7 script flags after the name (``--@ end allow-oom``): the script
-    then starts with the ``#!lua flags=...`` shebang. ``read_unheld`` is the
-    read script flagged ``allow-oom``, for reads that record no reader hold."""
+    then starts with the ``#!lua flags=...`` shebang."""
     text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
     parts = re.split(r"^--@ (\w+)((?: [\w-]+)*)\s*$", text, flags=re.M)
     prelude = parts[0]
     out: dict[str, str] = {}
     for name, flags, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
         out[name] = _with_flags(flags.split(), prelude + body)
-    out["read_unheld"] = _with_flags(["allow-oom"], out["read"])
     return out
 
 
@@ -1112,11 +1110,13 @@ class RedisStorage(BlobStorage):
 
         def build(pipe: Any) -> None:
             if hold_id:
-                pipe.hsetnx(self._k_procs, owner, repr(own_start_time()))
-                pipe.sadd(self._proc_key(owner), f"R {cid} {hold_id}")
-            # Without a hold, reading changes only the access time: allowed
-            # on a server at maxmemory.
-            self._pipe_ev(pipe, "read" if hold_id else "read_unheld", keys, args)
+                # By scripts flagged allow-oom (as is read): readers open on a
+                # server at maxmemory too.
+                self._pipe_ev(
+                    pipe, "note", [self._k_procs], ["procs", owner, repr(own_start_time())]
+                )
+                self._pipe_ev(pipe, "note", [self._proc_key(owner)], ["hold", f"R {cid} {hold_id}"])
+            self._pipe_ev(pipe, "read", keys, args)
             if with_first_chunk:
                 pipe.get(self._base(cid) + "d:0")
 
