@@ -306,9 +306,9 @@ class RedisStorage(BlobStorage):
     its chunks, so when the blob was lost (FLUSHALL, eviction, its hold
     reaped) and the same content stored again, with any chunk size, reads
     raise LeaseExpired. On a server at ``maxmemory`` (noeviction) stores fail
-    with StoreFull naming it, while opening, reading through a lease,
-    closing readers, dropping, reaping, ``collect()`` and ``verify()`` work
-    and live heartbeats are kept.
+    with StoreFull naming it (new leases with StorageError), while opening,
+    reading (readers included), dropping, reaping, ``collect()`` and
+    ``verify()`` work and live heartbeats are kept.
     """
 
     def __init__(
