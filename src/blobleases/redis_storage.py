@@ -173,8 +173,8 @@ def _memory_limit(storage: Any) -> str:
         if isinstance(info, dict) and "maxmemory" not in info:  # a cluster: one per node
             info = next((v for v in info.values() if isinstance(v, dict)), info)
         return (
-            f"used_memory {int(info['used_memory'])} bytes > maxmemory "
-            f"{int(info['maxmemory'])} bytes, maxmemory-policy "
+            f"maxmemory {int(info['maxmemory'])} bytes, used_memory "
+            f"{int(info['used_memory'])} bytes, maxmemory-policy "
             f"{info.get('maxmemory_policy', '?')}"
         )
     except Exception:
