@@ -217,7 +217,9 @@ def _holder(url: str, namespace: str, host: str, count: int) -> subprocess.Popen
     return child
 
 
-def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServer) -> None:
+def test_full_server_still_opens_drops_reaps_and_collects(
+    own_server: RedisServer, tmp_path: Path
+) -> None:
     """maxmemory below the memory in use, policy noeviction (the README's
     setting): the server refuses every write that may need memory. A new
     client still opens the store; stores fail with StoreFull naming
@@ -268,6 +270,14 @@ def test_full_server_still_opens_drops_reaps_and_collects(own_server: RedisServe
             before.bytes,
             before.leases,
         )
+        # The CLI says so in one line; collect works there.
+        url = f"{own_server.url}?namespace={namespace}"
+        source = tmp_path / "extra.bin"
+        source.write_bytes(extra)
+        line = _one_error_line(_cli("--store", url, "put", str(source)))
+        assert "the redis server is full" in line and "maxmemory" in line
+        done = _cli("--store", url, "collect")
+        assert done.returncode == 0, done.stderr
 
         assert live.get_data(kept_cid, kept_lid) == kept
         reader.seek(5000)
