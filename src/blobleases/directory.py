@@ -390,6 +390,33 @@ class _Tx:
     freed: int = 0
 
 
+_MAX_ROOT_DEPTH = 256
+"""The deepest store root accepted (os.makedirs recurses once per missing level)."""
+
+
+def _check_root_path(root: str) -> str:
+    """``root`` (absolute) if a store can live there, else ValueError naming it."""
+    try:
+        encoded = root.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate stands for a byte that is not UTF-8 (surrogateescape):
+        # such a path exists on Linux, but the store's url and index (SQLite
+        # takes UTF-8 file names) could not name it.
+        raise ValueError(
+            f"path {root!r} is not valid UTF-8 (it holds undecodable bytes): "
+            "a store root must be a UTF-8 path"
+        ) from None
+    if b"\0" in encoded:
+        raise ValueError(f"path {root!r} contains a NUL character")
+    depth = root.count(os.sep)
+    if depth > _MAX_ROOT_DEPTH:
+        raise ValueError(
+            f"path {root[:200]!r}... is {depth} directories deep: a store root may be at "
+            f"most {_MAX_ROOT_DEPTH} deep"
+        )
+    return root
+
+
 class DirectoryStorage(BlobStorage):
     """Blobs as files under ``path`` with an SQLite index, shared by every
     process that opens the same path (``open_storage(storage.url)``).
@@ -417,7 +444,7 @@ class DirectoryStorage(BlobStorage):
             raise TypeError("path must be text, not bytes")
         if not raw:
             raise ValueError("path must not be empty")
-        self._root = os.path.abspath(os.path.expanduser(raw))
+        self._root = _check_root_path(os.path.abspath(os.path.expanduser(raw)))
         self._url = "file://" + quote(self._root, safe="/")
         self._index_path = os.path.join(self._root, _INDEX)
         self._safe = self.policies.durability == "safe"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidLeaseId
 
-__all__ = ["LeaseId", "check_pid"]
+__all__ = ["MAX_PID", "LeaseId", "check_pid"]
 
 _PARSE = re.compile(
     r"lease:pid=([1-9][0-9]{0,9}),"
@@ -25,12 +25,19 @@ class _PidError(ValueError, TypeError):
     """A pid that is not a positive int (a ValueError, and a TypeError for non-ints)."""
 
 
+MAX_PID = 2**31 - 1
+"""The largest pid any platform gives (``pid_t`` is a signed 32-bit int)."""
+
+
 def check_pid(pid: object, name: str = "pid") -> int:
-    """Return ``pid`` if it is a positive int, else raise a ValueError naming it."""
+    """Return ``pid`` if it is an int in 1..MAX_PID, else raise a ValueError naming it."""
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise _PidError(f"{name} must be a positive int, not {type(pid).__name__} {pid!r}")
     if pid <= 0:
         raise ValueError(f"{name} must be a positive int, not {pid}")
+    if pid > MAX_PID:
+        shown = pid if pid.bit_length() <= 64 else f"an int of {pid.bit_length()} bits"
+        raise ValueError(f"{name} must be at most 2**31 - 1 (the largest pid), not {shown}")
     return pid
 
 
@@ -80,4 +87,7 @@ class LeaseId:
         match = _PARSE.fullmatch(text.lower() if text.startswith("lease:") else text)
         if match is None:
             raise InvalidLeaseId(f"invalid lease id {text!r}: expected 'lease:pid=<pid>,<uuid>'")
-        return cls(uuid_module.UUID(match.group(2)), int(match.group(1)))
+        pid = int(match.group(1))
+        if pid > MAX_PID:
+            raise InvalidLeaseId(f"invalid lease id {text!r}: pid {pid} is above 2**31 - 1")
+        return cls(uuid_module.UUID(match.group(2)), pid)

@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Policies", "check_ttl"]
+__all__ = ["MAX_SIZE", "Policies", "check_seconds", "check_ttl"]
+
+MAX_SIZE = 2**63 - 1
+"""The largest size policy (``max_bytes``, ``retain_bytes``) any backend accepts."""
 
 OnFull = Literal["refuse", "evict"]
 Durability = Literal["fast", "safe"]
@@ -21,6 +24,11 @@ def _check_size(value: object, name: str, *, optional: bool) -> int | None:
         )
     if value < 0:
         raise ValueError(f"{name} must be >= 0, not {value}")
+    if value > MAX_SIZE:
+        # Every backend keeps sizes in 64-bit integers (SQLite, Redis).
+        raise ValueError(
+            f"{name} must be at most 2**63 - 1 bytes, not an int of {value.bit_length()} bits"
+        )
     return value
 
 
@@ -31,10 +39,24 @@ def _check_seconds(
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
+    kind = "non-negative" if allow_zero else "positive"
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(
+            f"{name} must be a {kind} finite number of seconds, not an int of "
+            f"{int(value).bit_length()} bits"
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{name} must be a {kind} finite number of seconds, not {value!r}")
-    return float(value)
+    return seconds
+
+
+def check_seconds(value: object, name: str) -> float:
+    """Return ``value`` as positive finite float seconds, else raise naming ``name``."""
+    seconds = _check_seconds(value, name)
+    assert seconds is not None
+    return seconds
 
 
 def check_ttl(ttl: object) -> float | None:

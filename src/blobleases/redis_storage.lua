@@ -6,6 +6,12 @@
 -- take keys that all share the namespace's hash tag.
 --
 -- A lease value is "<expires_at or empty>|<1 if detached else 0>|<owner>".
+--
+-- Scripts that free memory or keep it level (ending leases and holds,
+-- deleting, bookkeeping) or record reads (a reader hold is a few bytes) are
+-- flagged allow-oom: a server at maxmemory with noeviction refuses every
+-- script not so flagged, and freeing and reading must work there. Scripts
+-- that add leases or blobs are not flagged.
 
 local function lease_parts(v)
   local e, d, o = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
@@ -160,7 +166,7 @@ redis.call('HSET', m, 's', size, 'n', n, 'c', cs, 't', ARGV[2], 'cr', t, 'a', t,
 redis.call('HSET', l, ARGV[7], ARGV[8])
 return {3, size, 0, ARGV[2]}
 
---@ read
+--@ read allow-oom
 -- KEYS meta, leases, readers; ARGV base, lease id, now, hold id, owner,
 -- unused. Returns {0} when the lease is not held (or the content is gone),
 -- {-1, ...} when it just expired, else {1, size, chunk count, chunk size,
@@ -188,7 +194,7 @@ if ARGV[4] ~= '' then
 end
 return {1, tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3]), meta[4]}
 
---@ end
+--@ end allow-oom
 -- KEYS meta, leases, readers[, the 7 index keys of idx_remove]; ARGV mode,
 -- id, owner, now, base, retention limit, content id. Modes: L (drop a
 -- lease), LO (end a non-detached lease of owner), LE (end a lease if
@@ -228,7 +234,7 @@ if res[2] == 2 and #KEYS >= 10 then
 end
 return res
 
---@ delete
+--@ delete allow-oom
 -- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
 -- Modes: unref (only if no lease and no reader holds it), evict (only if
 -- no reader holds it; its leases end), force. Returns {deleted, size, token}.
@@ -252,7 +258,7 @@ if mode == 'evict' and redis.call('HLEN', r) > 0 then
 end
 return {1, delete_content(m, l, r, ARGV[1]), t}
 
---@ idx_commit
+--@ idx_commit allow-oom
 -- KEYS idx, bytes, reserved bytes, lru; ARGV content id, size, token, now.
 -- Records committed content (converting a reservation), idempotently.
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -273,7 +279,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[1])
 return 1
 
---@ idx_remove
+--@ idx_remove allow-oom
 -- KEYS idx, bytes, reserved bytes, lru, retained, retained sizes, retained
 -- bytes; ARGV content id, token ('' for any). Returns 1 if removed.
 return index_remove(KEYS, ARGV[1], ARGV[2])
@@ -295,7 +301,7 @@ redis.call('INCRBY', KEYS[2], size)
 redis.call('INCRBY', KEYS[3], size)
 return {1}
 
---@ retain
+--@ retain allow-oom
 -- KEYS retained, retained sizes, retained bytes; ARGV content id, now, size,
 -- budget. Adds the content to the retained LRU, then pops the oldest
 -- retained entries while over budget and returns them (to delete if still
@@ -326,14 +332,14 @@ end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 
---@ hdel_if
+--@ hdel_if allow-oom
 -- KEYS hash; ARGV field, expected value. Deletes the field only if unchanged.
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
 
---@ drop_stray
+--@ drop_stray allow-oom
 -- KEYS meta; ARGV base, then key suffixes of one content ("d:<i>",
 -- "c:<token>:<i>", "l" or "r"). Deletes each unless, now, the meta names it:
 -- chunks below the chunk count, and the leases and readers hashes while the
@@ -357,3 +363,17 @@ for i = 2, #ARGV do
   end
 end
 return deleted
+
+--@ touch allow-oom
+-- KEYS lru; ARGV score, content id pairs. Records accesses of content still
+-- in the LRU index (never adds an entry).
+return redis.call('ZADD', KEYS[1], 'XX', 'GT', unpack(ARGV))
+
+--@ note allow-oom
+-- KEYS one key; ARGV "procs", owner, start time: records a process that
+-- holds readers (HSETNX); or "hold", member: records one of its reader holds
+-- in its set (SADD).
+if ARGV[1] == 'procs' then
+  return redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
+end
+return redis.call('SADD', KEYS[1], ARGV[2])

@@ -53,12 +53,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import IO, Any, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time, same_start
+from .policies import check_seconds
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
@@ -109,29 +110,85 @@ def default_host_id() -> str:
     return text or "host"
 
 
+def _unsplit(parts: SplitResult) -> str:
+    """``urlunsplit`` that keeps the ``//`` of a url without a host:
+    ``unix:///path`` (urlunsplit gives ``unix:/path``, which redis-py refuses)."""
+    text = urlunsplit(parts)
+    if (
+        not parts.netloc
+        and parts.path.startswith("/")
+        and not text.startswith(parts.scheme + "://")
+    ):
+        text = f"{parts.scheme}://{text[len(parts.scheme) + 1 :]}"
+    return text
+
+
 @functools.cache
 def _load_scripts() -> dict[str, str]:
+    """The scripts of redis_storage.lua by name. A section header may name
+    Redis 7 script flags after the name (``--@ end allow-oom``): the script
+    then starts with the ``#!lua flags=...`` shebang."""
     text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
-    parts = re.split(r"^--@ (\w+)\s*$", text, flags=re.M)
+    parts = re.split(r"^--@ (\w+)((?: [\w-]+)*)\s*$", text, flags=re.M)
     prelude = parts[0]
-    return {name: prelude + body for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    out: dict[str, str] = {}
+    for name, flags, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        out[name] = _with_flags(flags.split(), prelude + body)
+    return out
+
+
+def _with_flags(flags: list[str], body: str) -> str:
+    return f"#!lua flags={','.join(flags)}\n{body}" if flags else body
+
+
+def _without_flags(body: str) -> str:
+    """A script without its shebang (for servers before Redis 7, which have no
+    script flags and let a script run until its first write that needs memory)."""
+    return body.split("\n", 1)[1] if body.startswith("#!") else body
 
 
 @contextlib.contextmanager
-def _storage_error_context() -> Iterator[None]:
-    """Turn redis-py failures into StorageError, chained."""
+def _storage_error_context(storage: Any = None, *, storing: bool = False) -> Iterator[None]:
+    """Turn redis-py failures into StorageError, chained; a write refused by a
+    server at maxmemory into StoreFull when ``storing``, else StorageError,
+    naming the server's maxmemory (read from ``storage``'s server)."""
     try:
         yield
-    except redis.exceptions.RedisError as exc:
+    except redis.exceptions.OutOfMemoryError as exc:
+        message = f"the redis server is full ({_memory_limit(storage)}): {exc}"
+        if storing:
+            raise StoreFull(message) from exc
+        raise StorageError(message) from exc
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
+def _memory_limit(storage: Any) -> str:
+    """``maxmemory`` and ``used_memory`` of the server, as far as it says."""
+    client = getattr(storage, "_r", None)
+    if client is None:
+        return "maxmemory reached"
+    try:
+        info = client.info("memory")
+        if isinstance(info, dict) and "maxmemory" not in info:  # a cluster: one per node
+            info = next((v for v in info.values() if isinstance(v, dict)), info)
+        return (
+            f"maxmemory {int(info['maxmemory'])} bytes, used_memory "
+            f"{int(info['used_memory'])} bytes, maxmemory-policy "
+            f"{info.get('maxmemory_policy', '?')}"
+        )
+    except Exception:
+        return "maxmemory reached"
+
+
 def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``func`` in :func:`_storage_error_context`."""
+    """Run ``func`` in :func:`_storage_error_context`; a method that stores
+    (``_store``, ``_store_file``) gets StoreFull from a full server."""
+    storing = func.__name__ in ("_store", "_store_file")
 
     @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _storage_error_context():
+        with _storage_error_context(args[0] if args else None, storing=storing):
             return func(*args, **kwargs)
 
     return wrapper
@@ -165,22 +222,46 @@ class _Heartbeat:
         self.adopted: dict[int, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.missing = True
         self.beat()
         self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
         self.thread.start()
 
     def beat(self) -> None:
+        """Refresh the heartbeats. A server at maxmemory refuses SET but not
+        PEXPIRE, so there the heartbeats that exist are kept alive (and
+        ``missing`` says whether this process's own is absent)."""
         with self.lock:
             adopted = list(self.adopted.items())
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.key_of(self.pid), repr(self.start), px=self.ttl_ms)
+        keys = [self.key_of(self.pid)]
+        pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
         for pid, start in adopted:
             if is_alive(pid, start):
-                pipe.set(self.key_of(pid), repr(start), px=self.ttl_ms)
+                keys.append(self.key_of(pid))
+                pipe.set(keys[-1], repr(start), px=self.ttl_ms)
             else:
                 with self.lock:
                     self.adopted.pop(pid, None)
-        pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        refused = [
+            k
+            for k, r in zip(keys, replies, strict=True)
+            if isinstance(r, redis.exceptions.OutOfMemoryError)
+        ]
+        for reply in replies:
+            if isinstance(reply, Exception) and not isinstance(
+                reply, redis.exceptions.OutOfMemoryError
+            ):
+                raise reply
+        own_missing = False
+        if refused:
+            pipe = self.client.pipeline(transaction=False)
+            for key in refused:
+                pipe.pexpire(key, self.ttl_ms)
+            kept = pipe.execute()
+            own_missing = keys[0] in refused and not kept[0]
+        self.missing = own_missing
 
     def adopt(self, pid: int, start: float) -> None:
         with self.lock:
@@ -220,7 +301,14 @@ class RedisStorage(BlobStorage):
     and checked; a failed store leaves nothing visible; leases of a process
     whose heartbeat lapsed (or, on this host, that died) are reaped by any
     client; keys Redis itself lost are detected (IntegrityError, LeaseExpired
-    or ContentNotFound), never returned as wrong bytes.
+    or ContentNotFound), never returned as wrong bytes. A reader reads only
+    the blob it opened: every range read checks that blob's upload token with
+    its chunks, so when the blob was lost (FLUSHALL, eviction, its hold
+    reaped) and the same content stored again, with any chunk size, reads
+    raise LeaseExpired. On a server at ``maxmemory`` (noeviction) stores fail
+    with StoreFull naming it (new leases with StorageError), while opening,
+    reading (readers included), dropping, reaping, ``collect()`` and
+    ``verify()`` work and live heartbeats are kept.
     """
 
     def __init__(
@@ -241,11 +329,8 @@ class RedisStorage(BlobStorage):
             raise TypeError(f"chunk_size must be an int, not {type(chunk_size).__name__}")
         if not 1024 <= chunk_size <= 256 << 20:
             raise ValueError(f"chunk_size must be between 1 KiB and 256 MiB, not {chunk_size}")
-        for name, value in (("heartbeat_ttl", heartbeat_ttl), ("socket_timeout", socket_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        heartbeat_ttl = check_seconds(heartbeat_ttl, "heartbeat_ttl")
+        socket_timeout = check_seconds(socket_timeout, "socket_timeout")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("redis", "rediss", "redis+cluster", "unix"):
@@ -272,8 +357,8 @@ class RedisStorage(BlobStorage):
         self._cluster = scheme == "redis+cluster"
         rest = [(k, v) for k, v in query if k != "namespace"]
         own = rest + ([("namespace", namespace)] if namespace != _DEFAULT_NAMESPACE else [])
-        self._url = urlunsplit(parts._replace(query=urlencode(own)))
-        client_url = urlunsplit(
+        self._url = _unsplit(parts._replace(query=urlencode(own)))
+        client_url = _unsplit(
             parts._replace(scheme="redis" if self._cluster else parts.scheme, query=urlencode(rest))
         )
         options: dict[str, Any] = {
@@ -310,7 +395,7 @@ class RedisStorage(BlobStorage):
             else:
                 self._r = redis.Redis.from_url(client_url, retry=retry, **options)
             self._r.ping()
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise StorageError(f"cannot reach redis at {self._safe_url()}: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise ValueError(f"url {self._safe_url()!r}: {exc}") from exc
@@ -340,7 +425,7 @@ class RedisStorage(BlobStorage):
         self._pending_releases: list[tuple[ContentId, str]] = []
         self._next_reap = time.monotonic() + self.policies.reap_interval
         self._next_expiry = 0.0  # read the shared expiry index at the first operation
-        with _storage_error_context():
+        with _storage_error_context(self):
             self._load_all_scripts()
             self._ensure_process()
         ref = weakref.ref(self)
@@ -366,10 +451,10 @@ class RedisStorage(BlobStorage):
     def _safe_url(self) -> str:
         parts = urlsplit(getattr(self, "_url", ""))
         if parts.password is None:
-            return urlunsplit(parts)
+            return _unsplit(parts)
         netloc = parts.netloc.rsplit("@", 1)[1]
         user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        return _unsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
     def __repr__(self) -> str:
         return f"<RedisStorage {self._safe_url()}>"
@@ -407,7 +492,13 @@ class RedisStorage(BlobStorage):
 
     def _load_all_scripts(self) -> None:
         for name, (body, _) in list(self._scripts.items()):
-            sha = self._r.script_load(body)
+            try:
+                sha = self._r.script_load(body)
+            except redis.exceptions.ResponseError:
+                if not body.startswith("#!"):
+                    raise
+                body = _without_flags(body)
+                sha = self._r.script_load(body)
             self._scripts[name] = (body, _s(sha))
 
     def _ev(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -491,6 +582,11 @@ class RedisStorage(BlobStorage):
     def _maintain(self) -> None:
         self._check_open()
         self._ensure_process()
+        hb = self._heartbeat
+        if hb is not None and hb.missing:
+            # Refused at open by a server at maxmemory: beat before this
+            # process makes leases that others would otherwise reap.
+            hb.beat()
         if self._pending_releases:
             self._retry_releases()
         if time.time() >= self._next_expiry:
@@ -514,8 +610,11 @@ class RedisStorage(BlobStorage):
     def _flush_touches(self) -> None:
         with self._lock:
             touches, self._touches = self._touches, {}
-        if touches:
-            self._r.zadd(self._k_lru, touches, xx=True, gt=True)
+        items = list(touches.items())
+        for i in range(0, len(items), _BATCH):
+            # A script flagged allow-oom: a full server refuses a plain ZADD.
+            args = [x for cid_text, at in items[i : i + _BATCH] for x in (at, cid_text)]
+            self._ev("touch", [self._k_lru], args)
 
     def _expire(self) -> int:
         """End every lease whose ttl has passed; returns how many."""
@@ -1011,8 +1110,12 @@ class RedisStorage(BlobStorage):
 
         def build(pipe: Any) -> None:
             if hold_id:
-                pipe.hsetnx(self._k_procs, owner, repr(own_start_time()))
-                pipe.sadd(self._proc_key(owner), f"R {cid} {hold_id}")
+                # By scripts flagged allow-oom (as is read): readers open on a
+                # server at maxmemory too.
+                self._pipe_ev(
+                    pipe, "note", [self._k_procs], ["procs", owner, repr(own_start_time())]
+                )
+                self._pipe_ev(pipe, "note", [self._proc_key(owner)], ["hold", f"R {cid} {hold_id}"])
             self._pipe_ev(pipe, "read", keys, args)
             if with_first_chunk:
                 pipe.get(self._base(cid) + "d:0")
@@ -1031,20 +1134,24 @@ class RedisStorage(BlobStorage):
             self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
 
-    def _fetch(self, cid: ContentId, cs: int, size: int, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of one blob, fetching only the chunks
-        that hold them; IntegrityError (or LeaseExpired if the content is
-        gone) when a chunk is missing or short: never partial bytes."""
-        parts = self._fetch_parts(cid, cs, size, offset, length)
+    def _fetch(
+        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
+    ) -> bytes:
+        """Bytes [offset, offset+length) of the blob stored under upload
+        ``token``, fetching only the chunks that hold them. Never bytes of
+        another layout: LeaseExpired when that blob is gone (deleted, lost by
+        the server, or stored again since, with any chunk size),
+        IntegrityError when one of its chunks is missing or short."""
+        parts = self._fetch_parts(cid, token, cs, size, offset, length)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fetch_parts(
-        self, cid: ContentId, cs: int, size: int, offset: int, length: int
+        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
     ) -> list[bytes]:
         end = min(offset + length, size)
         if end <= offset:
             return [b""]
-        prefix = f"{self._base(cid)}d:"
+        base = self._base(cid)
         first, last = offset // cs, (end - 1) // cs
         parts: list[bytes] = []
         i = first
@@ -1055,26 +1162,51 @@ class RedisStorage(BlobStorage):
                 lo = max(offset, k * cs) - k * cs
                 hi = min(end, (k + 1) * cs) - k * cs
                 ranges.append((k, lo, hi))
-
-            def build(pipe: Any, rs: list[tuple[int, int, int]] = ranges) -> None:
-                for k, lo, hi in rs:
-                    if lo == 0 and hi == min(cs, size - k * cs):
-                        pipe.get(prefix + str(k))
-                    else:
-                        pipe.getrange(prefix + str(k), lo, hi - 1)
-
-            got = self._run_pipe(build)
+            try:
+                *got, current = self._read_chunks(base, cs, size, ranges, atomic=True)
+            except redis.exceptions.OutOfMemoryError:
+                # A server at maxmemory refuses every command queued in a
+                # MULTI. Read in a plain pipeline: the token is read after the
+                # chunks on the same connection, and a token is never current
+                # twice, so if it is still this blob's the chunks were too.
+                *got, current = self._read_chunks(base, cs, size, ranges, atomic=False)
+            if current is None or _s(current) != token:
+                raise self._layout_gone(cid)
             for (k, lo, hi), piece in zip(ranges, got, strict=True):
                 if piece is None or len(piece) != hi - lo:
-                    self._chunk_lost(cid, k)
+                    raise IntegrityError(f"chunk {k} of {cid} is missing or has the wrong size")
                 parts.append(piece)
             i = j
         return parts
 
-    def _chunk_lost(self, cid: ContentId, index: int) -> None:
+    def _read_chunks(
+        self, base: str, cs: int, size: int, ranges: list[tuple[int, int, int]], *, atomic: bool
+    ) -> list[Any]:
+        """The byte ranges (chunk, lo, hi) of chunks under ``base``, then the
+        meta's upload token, read in one MULTI when ``atomic``: the chunks read
+        are those of the blob with that token (chunk keys are reused when the
+        same content is stored again, with any chunk size)."""
+        pipe = self._r.pipeline(transaction=atomic)
+        for k, lo, hi in ranges:
+            if lo == 0 and hi == min(cs, size - k * cs):
+                pipe.get(f"{base}d:{k}")
+            else:
+                pipe.getrange(f"{base}d:{k}", lo, hi - 1)
+        pipe.hget(base + "m", "t")
+        return list(pipe.execute())
+
+    @staticmethod
+    def _layout_gone(cid: ContentId) -> LeaseExpired:
+        return LeaseExpired(
+            f"content {cid} is gone from the server (deleted, lost or stored again "
+            "since it was opened): its hold was lost",
+            content_id=cid,
+        )
+
+    def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
         current = self._r.hget(self._base(cid) + "m", "t")
-        if current is None:
-            raise LeaseExpired(f"content {cid} is gone from the server", content_id=cid)
+        if current is None or _s(current) != token:
+            raise self._layout_gone(cid)
         raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
 
     @_storage_errors
@@ -1083,15 +1215,16 @@ class RedisStorage(BlobStorage):
         res, first = self._open(cid, lid, "", with_first_chunk=True)
         size, n, cs = int(res[1]), int(res[2]), int(res[3])
         # The first chunk was fetched with the lease check (not atomically:
-        # content-addressed chunks of a re-stored blob hold the same bytes).
+        # the first chunk of every layout of this content starts with the same
+        # bytes, and one of another chunk size has another length).
         want = min(cs, size)
         if first is None or len(first) != want:
             if size:
-                self._chunk_lost(cid, 0)
+                self._chunk_lost(cid, _s(res[4]), 0)
             first = b""
         parts = [first]
         if n > 1:
-            parts += self._fetch_parts(cid, cs, size, cs, size - cs)
+            parts += self._fetch_parts(cid, _s(res[4]), cs, size, cs, size - cs)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
@@ -1104,12 +1237,12 @@ class RedisStorage(BlobStorage):
         self._maintain()
         hold_id = uuid.uuid4().hex
         res, _ = self._open(cid, lid, hold_id)
-        size, cs = int(res[1]), int(res[3])
+        size, cs, token = int(res[1]), int(res[3]), _s(res[4])
         try:
             if self.policies.verify_reads:
                 hasher = new_hasher(cid.algorithm)
                 for off in range(0, size, cs):
-                    hasher.update(self._fetch(cid, cs, size, off, cs))
+                    hasher.update(self._fetch(cid, token, cs, size, off, cs))
                 if hasher.digest() != cid.digest:
                     raise IntegrityError(f"data does not hash to {cid}")
         except BaseException:
@@ -1123,7 +1256,7 @@ class RedisStorage(BlobStorage):
             storage = ref()
             if storage is None or storage._closed:
                 raise StorageError("the storage is closed")
-            return storage._fetch(cid, cs, size, offset, length)
+            return storage._fetch(cid, token, cs, size, offset, length)
 
         def release() -> None:
             storage = ref()

@@ -49,7 +49,7 @@ def open_storage(url: str, **policies: Any) -> BlobStorage:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"url {url!r}: file urls must name a local path (file:///path)")
-        path = unquote(parts.path)
+        path = unquote(parts.path, errors="surrogateescape")
         if not path:
             raise ValueError(f"url {url!r} names no path")
         from .directory import DirectoryStorage
