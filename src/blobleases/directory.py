@@ -37,7 +37,8 @@ Choices where the contract is silent:
   files that hash right, as unreferenced content.
 * Content whose only leases expired counts as absent at once (leasing it
   raises ContentNotFound); its row goes at the next expiry pass (any write,
-  read-only introspection, reap or collect).
+  read-only introspection, reap or collect, and the close of a handle or
+  the exit of its process, which end at most a few thousand leases).
 * Accesses for LRU eviction are written to the index in batches (at most a
   second late, and before any eviction or ``stat()`` in this process).
 * One SQLite connection per handle and process, serialized by a lock; file

@@ -317,9 +317,8 @@ def _load_lease(
     cid = ContentId.parse(content_id)
     storage: BlobStorage | None
     if local_store is not None:
-        storage = _LOCAL_STORES.get(local_store) if pid == os.getpid() else None
-        if storage is None:
-            origin = local_store.split(" ", 1)[0]
+        origin = local_store.split(" ", 1)[0]
+        if pid != os.getpid():
             return BlobLease._failed(
                 None,
                 cid,
@@ -327,6 +326,11 @@ def _load_lease(
                 f"{origin} is process-local: this ticket was made in process {pid} "
                 f"and cannot be loaded in process {os.getpid()} (send a lease of a "
                 "shared store such as a path or shm://NAME, or ByValue(lease))",
+            )
+        storage = _LOCAL_STORES.get(local_store)
+        if storage is None:
+            return BlobLease._failed(
+                None, cid, size, f"the {origin} store that made this ticket no longer exists"
             )
     else:
         try:

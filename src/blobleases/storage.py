@@ -236,7 +236,10 @@ class BlobStorage(abc.ABC):
 
     def close(self) -> None:
         """Release this handle's resources. Idempotent. Leases held by this
-        process stay in a shared store until dropped or reaped."""
+        process stay in a shared store until dropped or reaped. A shared
+        store first ends the expired leases it finds (a bounded number), so
+        their content is freed now, not at some process's next operation;
+        a handle left open does the same at interpreter exit."""
         self._close()
 
     def __enter__(self) -> BlobStorage:
