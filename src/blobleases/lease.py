@@ -348,7 +348,9 @@ def _load_lease(
     except ContentNotFound:
         got = None
     except Exception as exc:
-        return BlobLease._failed(storage, cid, size, f"cannot lease it in {storage.url}: {exc}")
+        return BlobLease._failed(
+            storage, cid, size, f"cannot lease it in {_shown_url(storage.url)}: {exc}"
+        )
     if got is None:
         if expires_at is not None and time.time() >= expires_at:
             when = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")

@@ -1624,15 +1624,16 @@ class RedisStorage(BlobStorage):
         a handle left open: the recorded accesses, and the end of expired
         leases, so content whose leases expired is freed now rather than at
         some client's next operation. Bounded work: at most
-        ``_CLOSE_EXPIRE_BATCHES`` batches of expiries."""
+        ``_CLOSE_EXPIRE_BATCHES`` batches of expiries, and no expiry round
+        trip unless this handle knows of a lease that is due."""
         with contextlib.suppress(Exception):
             self._flush_touches()
         for _ in range(_CLOSE_EXPIRE_BATCHES):
+            if self._next_expiry > time.time():
+                return
             try:
                 self._expire()
             except Exception:
-                return
-            if self._next_expiry > time.time():
                 return
 
     # -- test support ----------------------------------------------------------
