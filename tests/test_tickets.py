@@ -472,6 +472,46 @@ def test_load_in_another_process_replaces_the_transfer_lease(shared: DirectorySt
     gone.close()
 
 
+class _DefaultTakeOver(MemoryStorage):
+    """A backend without its own take-over: BlobStorage's default, with the
+    calls it makes recorded."""
+
+    _take_over_lease = BlobStorage._take_over_lease
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, LeaseId, bool]] = []
+
+    def _lease_by_content(
+        self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int:
+        size = super()._lease_by_content(cid, lid, ttl, detached)
+        self.calls.append(("lease", lid, self._contains(cid)))
+        return size
+
+    def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        super()._advise_lease_dropped(lid, cid)
+        self.calls.append(("drop", lid, self._contains(cid)))
+
+
+def test_default_take_over_never_frees_the_content_in_between() -> None:
+    storage = _DefaultTakeOver()
+    lease = BlobManager(storage).store(b"third-party backend")
+    ticket = lease.transfer()
+    lease.close()
+    storage.calls.clear()
+    received = ticket.load()
+    old = LeaseId.parse(ticket.transfer_lease_id)
+    # the receiver's lease first, then the transfer lease: present throughout
+    assert storage.calls == [("lease", received.lease_id, True), ("drop", old, True)]
+    assert [i.lease_id for i in storage.iter_leases()] == [received.lease_id]
+    received.close()
+    assert storage.stats().blobs == 0
+    gone = ticket.load()
+    with pytest.raises(LeaseExpired, match="freed"):
+        gone.get_data()
+
+
 @pytest.mark.redis
 def test_redis_load_replaces_the_transfer_lease(redis_server: Any) -> None:
     from blobleases.redis_storage import RedisStorage

@@ -221,8 +221,8 @@ def _finish_at_exit(ref: weakref.ref[DirectoryStorage]) -> None:
     """At interpreter exit: :meth:`DirectoryStorage._finish` on a handle
     left open (a no-op for one garbage-collected before)."""
     storage = ref()
-    if storage is None or not storage._lock.acquire(True, _EXIT_WAIT):
-        return
+    if storage is None or storage._temporary or not storage._lock.acquire(True, _EXIT_WAIT):
+        return  # (a temporary store is removed at exit anyway)
     try:
         with contextlib.suppress(Exception):
             storage._finish()
