@@ -37,7 +37,8 @@ Choices where the contract is silent:
   files that hash right, as unreferenced content.
 * Content whose only leases expired counts as absent at once (leasing it
   raises ContentNotFound); its row goes at the next expiry pass (any write,
-  read-only introspection, reap or collect).
+  read-only introspection, reap or collect, and the close of a handle or
+  the exit of its process, which end at most a few thousand leases).
 * Accesses for LRU eviction are written to the index in batches (at most a
   second late, and before any eviction or ``stat()`` in this process).
 * One SQLite connection per handle and process, serialized by a lock; file
@@ -101,6 +102,9 @@ _OVERLAP_MIN = 256 << 10
 _LOCK_TIMEOUT = 120.0
 _ACCESS_FLUSH_ENTRIES = 512
 _SIZE_CACHE_ENTRIES = 1 << 16
+# close() ends at most this many expired leases (bounded work at exit)
+_CLOSE_EXPIRE_LIMIT = 2000
+_EXIT_WAIT = 5.0  # seconds the exit pass waits for a thread still using a handle
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _TMP_NAME = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
@@ -211,6 +215,19 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+
+
+def _finish_at_exit(ref: weakref.ref[DirectoryStorage]) -> None:
+    """At interpreter exit: :meth:`DirectoryStorage._finish` on a handle
+    left open (a no-op for one garbage-collected before)."""
+    storage = ref()
+    if storage is None or storage._temporary or not storage._lock.acquire(True, _EXIT_WAIT):
+        return  # (a temporary store is removed at exit anyway)
+    try:
+        with contextlib.suppress(Exception):
+            storage._finish()
+    finally:
+        storage._lock.release()
 
 
 def default_root() -> Path:
@@ -480,6 +497,9 @@ class DirectoryStorage(BlobStorage):
             self._close_fds()
             raise
         _INSTANCES.add(self)
+        # At exit, after the leases made on this handle (finalizers run
+        # newest first) have been dropped.
+        weakref.finalize(self, _finish_at_exit, weakref.ref(self))
 
     def _open_root(self) -> None:
         root = self._root
@@ -1239,6 +1259,15 @@ class DirectoryStorage(BlobStorage):
     def _expire(self, tx: _Tx) -> int:
         return self._end_leases(tx, "expires_at IS NOT NULL AND expires_at <= ?", (tx.now,))
 
+    def _expire_some(self, tx: _Tx, limit: int) -> int:
+        """End at most ``limit`` expired leases (and free their content)."""
+        return self._end_leases(
+            tx,
+            "(cid, lid) IN (SELECT cid, lid FROM leases "
+            "WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+            (tx.now, limit),
+        )
+
     def _reap(self, tx: _Tx) -> tuple[int, int, int]:
         """End leases and holds of dead processes (or of earlier processes
         whose pid was reused) and expired leases: (leases, holds, processes)."""
@@ -1519,6 +1548,25 @@ class DirectoryStorage(BlobStorage):
             self._commit(tx)
         if size is None:
             raise ContentNotFound(cid)
+        return size
+
+    def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
+        key = str(cid)
+        with self._lock:
+            # One transaction: ``new`` is inserted as _lease_by_content does
+            # (the unexpired ``old`` counts as a holder), then ``old`` goes.
+            tx = self._begin(expire=False)
+            tx.known = cid
+            try:
+                size, _new = self._hold(tx, key, new, None, False)
+                ended = tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(old))
+                ).rowcount
+                if size is None and ended:
+                    self._settle(tx, key)  # ``old`` had expired: free its content now
+            except BaseException as exc:
+                self._abort(tx, exc)
+            self._commit(tx)
         return size
 
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
@@ -1851,9 +1899,7 @@ class DirectoryStorage(BlobStorage):
                 return
             db = self._db
             if db is not None and self._db_pid == os.getpid():
-                if self._access:
-                    with contextlib.suppress(StorageError), self._write(maintain=False, flush=True):
-                        pass
+                self._finish()
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
             elif db is not None:
@@ -1866,6 +1912,28 @@ class DirectoryStorage(BlobStorage):
             self._close_fds()
             if self._finalizer is not None:
                 self._finalizer()
+
+    def _finish(self) -> None:
+        """What closing this handle writes, also done at interpreter exit
+        for a handle left open (call with the lock held): the recorded
+        accesses, and the end of expired leases, so content whose leases
+        expired is freed now rather than when some process next opens the
+        store. Bounded work: at most ``_CLOSE_EXPIRE_LIMIT`` leases (the
+        rest go at the next operation of any process). A temporary store
+        is about to be removed: nothing to expire."""
+        db = self._db
+        if self._closed or db is None or self._db_pid != os.getpid():
+            return
+        expired = False
+        if not self._temporary:
+            with contextlib.suppress(sqlite3.Error):
+                expired = db.execute(_SQL_EXPIRED, (time.time(),)).fetchone() is not None
+        if self._access or expired:
+            with (
+                contextlib.suppress(StorageError),
+                self._write(maintain=False, expire=False, flush=True) as tx,
+            ):
+                self._expire_some(tx, _CLOSE_EXPIRE_LIMIT)
 
     def _close_fds(self) -> None:
         fds = [*self._shard_fds.values(), *self._alg_fds.values()]

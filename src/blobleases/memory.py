@@ -394,6 +394,17 @@ class MemoryStorage(BlobStorage):
             self._hold(cid, lid, ttl, detached, blob)
             return blob.size
 
+    def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
+        with self._lock:
+            self._maintain()
+            blob = self._blobs.get(cid)
+            if blob is None:
+                return None
+            # under the lock: nobody sees the content held by neither lease
+            self._hold(cid, new, None, False, blob)
+            self._end_lease(old, cid)
+            return blob.size
+
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         with self._lock:
             return self._leased_blob(cid, lid).data

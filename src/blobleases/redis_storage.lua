@@ -127,6 +127,41 @@ end
 -- KEYS meta, leases; ARGV lease id, lease value, now
 return hold(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 
+--@ take_over
+-- KEYS meta, leases, readers; ARGV old lease id, new lease id, new lease
+-- value, now. Holds the new lease and ends the old one in this one script.
+-- When the old lease is not held (or expired), the new one is held as hold()
+-- does, except that content referenced only by expired leases counts as
+-- absent. Returns {status, size, was_unreferenced} as hold() does, and 1 if
+-- the old lease was ended.
+local m, l, r = KEYS[1], KEYS[2], KEYS[3]
+local now = tonumber(ARGV[4])
+local old = redis.call('HGET', l, ARGV[1])
+if old and not is_expired(old, now) then
+  local res = hold(m, l, ARGV[2], ARGV[3], now)
+  if res[1] == 0 then
+    return {0, 0, 0, 0}
+  end
+  redis.call('HDEL', l, ARGV[1])
+  return {res[1], res[2], res[3], 1}
+end
+local u = redis.call('HGET', m, 'u')
+if redis.call('EXISTS', m) == 1 and (not u or u == '') and redis.call('HLEN', r) == 0 then
+  local live = false
+  local all = redis.call('HVALS', l)
+  for i = 1, #all do
+    if not is_expired(all[i], now) then
+      live = true
+      break
+    end
+  end
+  if not live then
+    return {0, 0, 0, 0}
+  end
+end
+local res = hold(m, l, ARGV[2], ARGV[3], now)
+return {res[1], res[2], res[3], 0}
+
 --@ commit
 -- KEYS meta, leases; ARGV base, token, chunk count, size, chunk size, now,
 -- lease id, lease value. The staged chunks c:<token>:<i> become the blob's

@@ -90,6 +90,7 @@ _PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
 _SCAN_COUNT = 1000
 _BATCH = 256
 _READ_SIZE = 1 << 20
+_CLOSE_EXPIRE_BATCHES = 2  # close() ends at most this many batches of expired leases
 _DEFAULT_PROTOCOL = int(getattr(redis.utils, "DEFAULT_RESP_VERSION", 2))
 
 
@@ -430,6 +431,9 @@ class RedisStorage(BlobStorage):
             self._ensure_process()
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+        # At exit, after the leases made on this handle (finalizers run
+        # newest first) have been dropped.
+        weakref.finalize(self, _finish_at_exit, ref)
 
     # -- identity --------------------------------------------------------------
 
@@ -1091,6 +1095,33 @@ class RedisStorage(BlobStorage):
             raise ContentNotFound(cid)
         return size
 
+    @_storage_errors
+    def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
+        self._maintain()
+        value = _lease_value(None, False, self._owner(new.pid))
+        keys = self._ckeys(cid)
+
+        def build(pipe: Any) -> None:
+            self._intent(pipe, cid, new, None, False)
+            self._pipe_ev(pipe, "take_over", keys, [str(old), str(new), value, time.time()])
+
+        status, size, was_unref, ended = (int(x) for x in self._run_pipe(build)[-1][:4])
+        if status == 0:
+            self._undo_intent(cid, new, None, False)
+            return None
+        if status == 2:
+            self._touch(cid)
+            if was_unref:
+                self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+        if ended:
+            # the old lease's bookkeeping (a stale entry would be harmless)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                pipe = self._r.pipeline(transaction=False)
+                pipe.srem(self._proc_key(self._owner(old.pid)), f"L {cid} {old}")
+                pipe.zrem(self._k_exp, f"{cid} {old}")
+                pipe.execute()
+        return size
+
     def _open(
         self, cid: ContentId, lid: LeaseId, hold_id: str, *, with_first_chunk: bool = False
     ) -> tuple[list[Any], Any]:
@@ -1715,12 +1746,28 @@ class RedisStorage(BlobStorage):
                 return
             self._closed = True
             hb = self._heartbeat
+        self._finish()
         if hb is not None:
             hb.stop.set()
         with contextlib.suppress(Exception):
-            self._flush_touches()
-        with contextlib.suppress(Exception):
             self._r.close()
+
+    def _finish(self) -> None:
+        """What closing this handle writes, also done at interpreter exit for
+        a handle left open: the recorded accesses, and the end of expired
+        leases, so content whose leases expired is freed now rather than at
+        some client's next operation. Bounded work: at most
+        ``_CLOSE_EXPIRE_BATCHES`` batches of expiries, and no expiry round
+        trip unless this handle knows of a lease that is due."""
+        with contextlib.suppress(Exception):
+            self._flush_touches()
+        for _ in range(_CLOSE_EXPIRE_BATCHES):
+            if self._next_expiry > time.time():
+                return
+            try:
+                self._expire()
+            except Exception:
+                return
 
     # -- test support ----------------------------------------------------------
 
@@ -1733,6 +1780,14 @@ class RedisStorage(BlobStorage):
     def client(self) -> Any:
         """The redis-py client (for tests and tools)."""
         return self._r
+
+
+def _finish_at_exit(ref: weakref.ref[RedisStorage]) -> None:
+    """At interpreter exit: :meth:`RedisStorage._finish` on a handle left
+    open (a no-op for one closed or garbage-collected before)."""
+    storage = ref()
+    if storage is not None and not storage._closed:
+        storage._finish()
 
 
 def _after_fork(ref: weakref.ref[RedisStorage]) -> None:

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from .content_id import ContentId, as_buffer, check_algorithm
-from .errors import IntegrityError, LeaseExpired, StorageError
+from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError
 from .lease_id import LeaseId, check_pid
 from .policies import Policies, check_detached, check_ttl
 from .reader import BlobReader
@@ -151,6 +151,22 @@ class BlobStorage(abc.ABC):
 
     # -- extensions -------------------------------------------------------
 
+    def take_over_lease(
+        self, content_id: ContentId, from_lease_id: LeaseId, to_lease_id: LeaseId
+    ) -> int | None:
+        """Hold ``to_lease_id`` on ``content_id`` and end ``from_lease_id``
+        in one step (how a loaded ticket turns its transfer lease into the
+        receiver's lease). If ``from_lease_id`` is not held (already taken
+        over, dropped, expired), ``to_lease_id`` is held as
+        :meth:`lease_by_content` would hold it. Returns the blob's size, or
+        None (nothing held, nothing changed) when the content is absent.
+        The new lease has no ttl and depends on its process."""
+        cid = _content_id(content_id)
+        old, new = _lease_id(from_lease_id, "from_lease_id"), _lease_id(to_lease_id, "to_lease_id")
+        if old == new:
+            raise ValueError(f"to_lease_id must differ from from_lease_id ({old})")
+        return self._take_over_lease(cid, old, new)
+
     def store_bytes(
         self,
         data: Any,
@@ -220,7 +236,10 @@ class BlobStorage(abc.ABC):
 
     def close(self) -> None:
         """Release this handle's resources. Idempotent. Leases held by this
-        process stay in a shared store until dropped or reaped."""
+        process stay in a shared store until dropped or reaped. A shared
+        store first ends the expired leases it finds (a bounded number), so
+        their content is freed now, not at some process's next operation;
+        a handle left open does the same at interpreter exit."""
         self._close()
 
     def __enter__(self) -> BlobStorage:
@@ -289,6 +308,23 @@ class BlobStorage(abc.ABC):
         """Guarantee: atomically check presence and hold the lease (a no-op if
         held); a retained blob becomes referenced again; absent content raises
         ContentNotFound. Returns the blob's size in bytes."""
+
+    def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
+        """Guarantee: afterwards ``(new, cid)`` is held (no ttl, not
+        detached) and ``(old, cid)`` is not, and the content was never
+        unreferenced in between; None, having held nothing, if the content
+        is absent (content whose only leases expired counts as absent). A
+        backend makes the two changes one atomic step (one lock, transaction
+        or script): no other thread or process sees one without the other,
+        and a crash leaves both or neither. This default, for backends without one, holds ``new`` first
+        and then drops ``old``: the content is never freed in between, but a
+        crash between the two leaves ``old`` until it expires."""
+        try:
+            size = self._lease_by_content(cid, new, None, False)
+        except ContentNotFound:
+            return None
+        self._advise_lease_dropped(old, cid)
+        return size
 
     @abc.abstractmethod
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:

@@ -855,22 +855,79 @@ class BlobStorageTests:
         with pytest.raises(LeaseExpired):
             pickle.dumps(lease)
 
-    def test_transfer_ticket_outlives_close(self) -> None:
+    def test_transfer_ticket_outlives_close_and_is_single_use(self) -> None:
         storage = self.open(transfer_ttl=self.ttl_seconds * 2)
         with _registered(storage):
             lease = BlobManager(storage).store(blob(1000, 98))
             cid = lease.content_id
             ticket = lease.transfer()
             lease.close()
-            assert storage.contains(cid)
+            assert storage.contains(cid)  # the transfer lease holds it
             received = pickle.loads(pickle.dumps(ticket))
             assert isinstance(received, BlobLease)
             assert received.get_data() == blob(1000, 98)
+            # loading took the receiver's lease and ended the transfer lease
+            assert [i.lease_id for i in storage.iter_leases()] == [received.lease_id]
             received.close()
-            assert storage.contains(cid)  # the transfer lease is still alive
-            time.sleep(self.ttl_seconds * 2 + 0.1)
-            storage.collect()
-            assert not storage.contains(cid)
+            assert not storage.contains(cid)  # freed at once, not at transfer_ttl
+            gone = ticket.load()  # used, and nobody holds the content: a failing lease
+            assert gone.content_id == cid and gone.size == 1000
+            for use in (gone.get_data, gone.get_reader, gone.clone, gone.transfer):
+                with pytest.raises(LeaseExpired, match="freed"):
+                    use()
+            with pytest.raises(LeaseExpired):
+                pickle.dumps(gone)
+            gone.close()  # a no-op
+
+    def test_transfer_ticket_never_loaded_ends_at_its_ttl(self) -> None:
+        storage = self.open(transfer_ttl=self.ttl_seconds)
+        lease = BlobManager(storage).store(blob(1000, 96))
+        ticket = lease.transfer()
+        lease.close()
+        assert ticket.expires_at is not None
+        assert wait_until(lambda: time.time() > ticket.expires_at + 0.05)  # type: ignore[operator]
+        storage.collect()
+        assert not storage.contains(lease.content_id)
+        with _registered(storage):
+            stale = pickle.loads(pickle.dumps(ticket))
+        with pytest.raises(LeaseExpired, match="expired"):
+            stale.get_data()
+
+    def test_take_over_lease(self, storage: BlobStorage) -> None:
+        cid, old = self.put(storage, blob(500, 95), ttl=60, detached=True)
+        new = LeaseId.new()
+        assert storage.take_over_lease(cid, old, new) == 500
+        (info,) = storage.iter_leases()
+        assert (info.lease_id, info.expires_at, info.detached) == (new, None, False)
+        with pytest.raises(LeaseExpired):
+            storage.get_data(cid, old)
+        # old is gone: a second take-over leases as lease_by_content does
+        again = LeaseId.new()
+        assert storage.take_over_lease(cid, old, again) == 500
+        assert {i.lease_id for i in storage.iter_leases()} == {new, again}
+        storage.advise_lease_dropped(new, cid)
+        storage.advise_lease_dropped(again, cid)
+        assert not storage.contains(cid)
+        assert storage.take_over_lease(cid, old, LeaseId.new()) is None
+        assert storage.stats().leases == 0
+        with pytest.raises(TypeError, match="from_lease_id"):
+            storage.take_over_lease(cid, str(old), new)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="to_lease_id"):
+            storage.take_over_lease(cid, old, None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="content_id"):
+            storage.take_over_lease(str(cid), old, new)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="to_lease_id"):
+            storage.take_over_lease(cid, old, old)
+
+    def test_take_over_of_an_expired_lease_finds_nothing(self, storage: BlobStorage) -> None:
+        cid, old = self.put(storage, blob(500, 94), ttl=self.ttl_seconds, detached=True)
+        (info,) = storage.iter_leases()
+        assert info.expires_at is not None
+        expires_at = info.expires_at
+        # no other operation meanwhile: the take-over itself meets the expiry
+        assert wait_until(lambda: time.time() > expires_at + 0.01, timeout=self.ttl_seconds * 10)
+        assert storage.take_over_lease(cid, old, LeaseId.new()) is None
+        assert not storage.contains(cid) and storage.stats().leases == 0
 
     def test_by_value_round_trips_into_another_storage(self, storage: BlobStorage) -> None:
         target = self.open()
