@@ -116,38 +116,38 @@ _O_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
 
 _SQL_HELD = (
     "SELECT c.size FROM leases l JOIN content c ON c.cid = l.cid "
-    "WHERE l.cid = ?1 AND l.lid = ?2 AND (l.expires_at IS NULL OR l.expires_at > ?3)"
+    "WHERE l.cid = ? AND l.lid = ? AND (l.expires_at IS NULL OR l.expires_at > ?)"
 )
 # Holds a lease on content that is present: retained, read, or leased by an
 # unexpired lease (content whose only leases expired is gone, though its row
 # waits for the next expiry pass). A held but expired lease is renewed.
 _SQL_HELD_ONLY = (
-    "SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
+    "SELECT 1 FROM leases WHERE cid = ? AND lid = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
 _SQL_INSERT_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
-    "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content c WHERE c.cid = ?1 AND ("
+    "SELECT :cid, :lid, :pid, :start, :expires, :detached FROM content c WHERE c.cid = :cid AND ("
     "c.retained IS NOT NULL "
-    "OR EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND (expires_at IS NULL OR expires_at > ?7)) "
-    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)) "
+    "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)) "
     "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
     "expires_at = excluded.expires_at, detached = excluded.detached "
-    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= ?7"
+    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
 )
 # The first lease of content just added in the same transaction.
 _SQL_INSERT_FIRST_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
 _SQL_HELD_PRESENT = (
-    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 "
-    "AND (expires_at IS NULL OR expires_at > ?3)), "
-    "EXISTS(SELECT 1 FROM content WHERE cid = ?1)"
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND lid = :lid "
+    "AND (expires_at IS NULL OR expires_at > :now)), "
+    "EXISTS(SELECT 1 FROM content WHERE cid = :cid)"
 )
 _SQL_REFERENCED = (
-    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
-    "AND (expires_at IS NULL OR expires_at > ?2)) "
-    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)"
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
+    "AND (expires_at IS NULL OR expires_at > :now)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)"
 )
 _SQL_RETAINED_IN_ORDER = (
     "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
@@ -155,16 +155,16 @@ _SQL_RETAINED_IN_ORDER = (
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
 # The row of new content; a no-op (rowcount 0) if the content has a row.
 _SQL_ADD_CONTENT = (
-    "INSERT INTO content(cid, size, created, last_access, retained) VALUES (?1, ?2, ?3, ?3, NULL) "
+    "INSERT INTO content(cid, size, created, last_access, retained) VALUES (:cid, :size, :now, :now, NULL) "
     "ON CONFLICT(cid) DO NOTHING"
 )
 # Deletes content that is unreferenced (no unexpired lease, no reader) and
 # not retained; returns its size (no row if it stays).
 _SQL_DELETE_UNREFERENCED = (
-    "DELETE FROM content WHERE cid = ?1 AND retained IS NULL "
-    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
-    "AND (expires_at IS NULL OR expires_at > ?2)) "
-    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = ?1) RETURNING size"
+    "DELETE FROM content WHERE cid = :cid AND retained IS NULL "
+    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
+    "AND (expires_at IS NULL OR expires_at > :now)) "
+    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = :cid) RETURNING size"
 )
 # A blob of at most this many bytes is stored in one transaction that writes
 # its temporary file too (no look-up before it; a dedup hit writes nothing).
@@ -1059,7 +1059,16 @@ class DirectoryStorage(BlobStorage):
             inserted = 1
         else:
             inserted = db.execute(
-                _SQL_INSERT_LEASE, (key, lkey, pid, start, expires, int(detached), tx.now)
+                _SQL_INSERT_LEASE,
+                {
+                    "cid": key,
+                    "lid": lkey,
+                    "pid": pid,
+                    "start": start,
+                    "expires": expires,
+                    "detached": int(detached),
+                    "now": tx.now,
+                },
             ).rowcount
         size = self._sizes.get(key)
         if inserted <= 0 or size is None:
@@ -1083,14 +1092,14 @@ class DirectoryStorage(BlobStorage):
         db = tx.db
         if self.policies.retain_bytes <= 0:
             # Nothing is retained: one statement checks and deletes.
-            rows = db.execute(_SQL_DELETE_UNREFERENCED, (key, tx.now)).fetchall()
+            rows = db.execute(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now}).fetchall()
             if rows:
                 db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
                 tx.doomed.append(key)
                 tx.deleted += 1
                 tx.freed += int(rows[0][0])
             return
-        if db.execute(_SQL_REFERENCED, (key, tx.now)).fetchone()[0]:
+        if db.execute(_SQL_REFERENCED, {"cid": key, "now": tx.now}).fetchone()[0]:
             return
         row = db.execute(_SQL_CONTENT, (key,)).fetchone()
         if row is None or row[1] is not None:
@@ -1114,7 +1123,7 @@ class DirectoryStorage(BlobStorage):
             if db.execute(_SQL_CONTENT, (key,)).fetchone() is not None:
                 return False
             self._make_room(tx, size)
-        if db.execute(_SQL_ADD_CONTENT, (key, size, tx.now)).rowcount <= 0:
+        if db.execute(_SQL_ADD_CONTENT, {"cid": key, "size": size, "now": tx.now}).rowcount <= 0:
             return False
         if key in tx.doomed:
             # deleted earlier in this transaction: its new file must stay
@@ -1293,7 +1302,9 @@ class DirectoryStorage(BlobStorage):
             return
         with self._lock:
             db = self._op()
-            held, present = db.execute(_SQL_HELD_PRESENT, (key, str(lid), time.time())).fetchone()
+            held, present = db.execute(
+                _SQL_HELD_PRESENT, {"cid": key, "lid": str(lid), "now": time.time()}
+            ).fetchone()
         if held:
             return
         if present:
@@ -1621,11 +1632,11 @@ class DirectoryStorage(BlobStorage):
             now = time.time()
             row = db.execute(
                 "SELECT size, created, last_access, "
-                "(SELECT count(*) FROM leases WHERE cid = ?1 "
-                "AND (expires_at IS NULL OR expires_at > ?2)), "
-                "(SELECT count(*) FROM holds WHERE cid = ?1) "
-                "FROM content WHERE cid = ?1",
-                (key, now),
+                "(SELECT count(*) FROM leases WHERE cid = :cid "
+                "AND (expires_at IS NULL OR expires_at > :now)), "
+                "(SELECT count(*) FROM holds WHERE cid = :cid) "
+                "FROM content WHERE cid = :cid",
+                {"cid": key, "now": now},
             ).fetchone()
         if row is None:
             raise ContentNotFound(cid)
