@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -130,50 +131,192 @@ def test_root_owned_by_another_user_is_refused(tmp_path: Path) -> None:
         DirectoryStorage(root)
 
 
-_READ_ONLY_CHILD = """
-import sys
-from blobleases import ContentId, LeaseId, StorageError
+_READ_ONLY_CHILD = r"""
+import json, sys
+from blobleases import ContentId, ContentNotFound, LeaseId, StorageError
 from blobleases.directory import DirectoryStorage
+out = {}
+storage = DirectoryStorage(sys.argv[1])
+cid = ContentId.parse(sys.argv[2])
+out["read_only"] = storage.read_only
+out["contains"] = storage.contains(cid)
+out["listed"] = [str(c) for c in storage.iter_content()]
+out["leases"] = len(list(storage.iter_leases()))
+out["blobs"] = storage.stats().blobs
+lid = LeaseId.new()
+storage.lease_by_content(cid, lid)
+out["data"] = storage.get_data(cid, lid).hex()
+with storage.get_reader(cid, lid) as reader:
+    out["reader"] = bytes(reader.getbuffer()[:4]).hex()
+storage.advise_lease_dropped(lid, cid)
 try:
-    DirectoryStorage(sys.argv[1])
-except StorageError as exc:
-    print("refused:", exc)
-else:
-    print("opened")
+    storage.lease_by_content(ContentId.for_bytes(b"absent"), lid)
+except ContentNotFound:
+    out["absent"] = "ContentNotFound"
+out["verify"] = bool(storage.verify())
+for name, call in [
+    ("store", lambda: storage.store_bytes(b"new bytes", LeaseId.new())),
+    ("collect", storage.collect),
+    ("repair", lambda: storage.verify(repair=True)),
+]:
+    try:
+        call()
+    except StorageError as exc:
+        out[name] = str(exc)
+storage.close()
+print(json.dumps(out))
 """
 
 
-def test_read_only_root_is_refused_and_loses_nothing(tmp_path: Path) -> None:
-    root = tmp_path / "ro"
-    with DirectoryStorage(root, durability="safe") as storage:
-        cid, _ = put(storage, blob(5000, 1))
-        storage.lease_by_content(cid, LeaseId.new(), detached=True)
-    before = sorted(p.name for p in root.rglob("*"))
+def _run_read_only(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``_READ_ONLY_CHILD`` with ``root`` read-only: as root (who ignores
+    permission bits) on a read-only bind mount in a private mount
+    namespace, else with the root's mode 0500."""
     if os.geteuid() == 0:
-        # root ignores permission bits: make the filesystem itself read-only
-        # in a private mount namespace.
         if shutil.which("unshare") is None:
             pytest.skip("needs unshare to make a read-only mount as root")
         script = (
-            f"mount --bind {root} {root} && mount -o remount,ro,bind {root} {root} && "
-            f"exec {sys.executable} -c '{_READ_ONLY_CHILD}' {root}"
+            '{ mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1"; } || exit 77; '
+            f'exec {sys.executable} -c "$2" "$1" "$3"'
         )
         result = subprocess.run(
-            ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60
+            ["unshare", "-m", "sh", "-c", script, "sh", str(root), _READ_ONLY_CHILD, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        if "refused" not in result.stdout and "opened" not in result.stdout:
+        if result.returncode == 77 or result.stderr.startswith("unshare:"):
             pytest.skip(f"cannot make a read-only mount here: {result.stderr.strip()}")
-    else:
-        root.chmod(0o500)
-        try:
-            result = run_python(_READ_ONLY_CHILD, str(root))
-        finally:
-            root.chmod(0o700)
-    assert "refused:" in result.stdout and "not writable" in result.stdout, result
-    assert sorted(p.name for p in root.rglob("*")) == before
+        return result
+    root.chmod(0o500)
+    try:
+        return run_python(_READ_ONLY_CHILD, str(root), *args)
+    finally:
+        root.chmod(0o700)
+
+
+@pytest.mark.parametrize("writer_open", [False, True], ids=["closed", "open-elsewhere"])
+def test_read_only_store_opens_read_only_and_changes_nothing(
+    tmp_path: Path, writer_open: bool
+) -> None:
+    """A store this process cannot write is listed, read and verified
+    (its index opened read-only, whether or not a writer has it open
+    elsewhere); every change is refused naming the store as read-only."""
+    root = tmp_path / "ro"
+    data = blob(5000, 1)
+    with DirectoryStorage(root, durability="safe") as storage:
+        cid, _ = put(storage, data)
+        storage.lease_by_content(cid, LeaseId.new(), detached=True)
+    writer = DirectoryStorage(root) if writer_open else None
+    try:
+        before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        result = _run_read_only(root, str(cid))
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["read_only"] is True
+        assert out["contains"] is True and out["listed"] == [str(cid)]
+        assert out["leases"] == 2 and out["blobs"] == 1  # put's and the detached one
+        assert bytes.fromhex(out["data"]) == data and bytes.fromhex(out["reader"]) == data[:4]
+        assert out["absent"] == "ContentNotFound"
+        assert out["verify"] is False
+        for name in ("store", "collect", "repair"):
+            assert "read-only" in out[name] and str(root) in out[name], out
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
+    finally:
+        if writer is not None:
+            writer.close()
     with DirectoryStorage(root) as storage:
         assert storage.contains(cid)
+        assert not storage.read_only
         assert not storage.verify()
+
+
+# == which directories become a store ========================================================
+
+
+def _listing(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.lstat().st_mode) for p in root.rglob("*"))
+
+
+def test_a_non_empty_directory_that_is_not_a_store_is_refused_untouched(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir(mode=0o700)
+    (root / "notes.txt").write_text("mine")
+    (root / "etc").mkdir(mode=0o700)
+    before = _listing(root)
+    for create in (True, False):
+        with pytest.raises(StorageError, match="not empty") as info:
+            DirectoryStorage(root, create=create)
+        assert str(root) in str(info.value)
+        assert _listing(root) == before
+    with pytest.raises(StorageError, match="not empty"):
+        open_storage(f"file://{root}")
+    assert _listing(root) == before
+
+
+def test_a_store_is_created_only_in_a_missing_or_empty_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "a" / "b"
+    with pytest.raises(StorageError, match="no blobleases store") as info:
+        DirectoryStorage(missing, create=False)
+    assert str(missing) in str(info.value)
+    with pytest.raises(StorageError, match="no blobleases store"):
+        open_storage(str(missing), create=False)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    with pytest.raises(StorageError, match="no blobleases store"):
+        DirectoryStorage(empty, create=False)
+    assert list(empty.iterdir()) == []
+    for root in (missing, empty):
+        with DirectoryStorage(root) as storage:
+            cid, lid = put(storage, b"x" * 100)
+        with DirectoryStorage(root, create=False) as storage:
+            assert storage.get_data(cid, lid) == b"x" * 100
+    with pytest.raises(TypeError, match="create"):
+        DirectoryStorage(empty, create=1)  # type: ignore[arg-type]
+
+
+def test_a_refused_open_creates_nothing(tmp_path: Path) -> None:
+    """Every check comes before anything is created: a store whose tmp/ is
+    group-writable (or is a symlink) does not get back the blobs/ it lost,
+    and a foreign format marker is refused."""
+    root = tmp_path / "store"
+    with DirectoryStorage(root) as storage:
+        put(storage, b"y" * 100)
+    shutil.rmtree(root / "blobs")
+    (root / "tmp").chmod(0o770)
+    before = _listing(root)
+    with pytest.raises(StorageError, match="tmp"):
+        DirectoryStorage(root)
+    assert _listing(root) == before
+    (root / "tmp").chmod(0o700)
+    (root / "tmp").rename(root / "tmp.real")
+    (root / "tmp").symlink_to(root / "tmp.real")
+    before = _listing(root)
+    with pytest.raises(StorageError, match="tmp"):
+        DirectoryStorage(root)
+    assert _listing(root) == before
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    (other / "format").write_text("some other program's format\n")
+    before = _listing(other)
+    with pytest.raises(StorageError, match="format"):
+        DirectoryStorage(other)
+    assert _listing(other) == before
+
+
+def test_a_refused_root_gets_no_blobs_directory(tmp_path: Path) -> None:
+    """The command line once created /blobs before refusing /: a directory
+    owned by this user, not group-writable, full of other things."""
+    root = tmp_path / "like-root"
+    root.mkdir(mode=0o755)
+    for name in ("bin", "etc", "tmp"):
+        (root / name).mkdir(mode=0o755)
+    (root / "tmp").chmod(0o1777)
+    before = _listing(root)
+    with pytest.raises(StorageError):
+        open_storage(f"file://{root}")
+    assert _listing(root) == before
 
 
 # == symlinks ================================================================================
