@@ -1022,3 +1022,120 @@ def test_a_store_made_without_the_owners_table_gets_it_filled_and_still_reaps(
         assert report.leases_reaped == 1 and report.processes_reaped == 1
         assert not storage.contains(cid)
         assert not storage.verify()
+
+
+# == file descriptors, and directories removed behind a handle's back ===========================
+
+
+_FD_CHILD = r"""
+import json, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from blobleases import LeaseId
+from blobleases.content_id import ALGORITHMS
+from blobleases.directory import DirectoryStorage
+root = sys.argv[1]
+handles = [DirectoryStorage(root), DirectoryStorage(root)]
+algorithms = [a for a in ("sha256", "blake3") if a in ALGORITHMS]
+errors, counts, stored = [], [], []
+for i in range(450):
+    for alg in algorithms:
+        storage = handles[i % 2]
+        lid = LeaseId.new()
+        try:
+            cid = storage.store_bytes(b"%d %s" % (i, alg.encode()), lid, algorithm=alg)
+            stored.append((cid, lid))
+            assert handles[(i + 1) % 2].contains(cid)
+        except Exception as exc:
+            errors.append(repr(exc))
+    if i % 50 == 49:
+        counts.append(len(os.listdir("/proc/self/fd")))
+for n, (cid, lid) in enumerate(stored):
+    try:
+        handles[n % 2].get_data(cid, lid)
+    except Exception as exc:
+        errors.append(repr(exc))
+counts.append(len(os.listdir("/proc/self/fd")))
+print(json.dumps({"errors": errors[:5], "n_errors": len(errors), "counts": counts,
+                  "stored": len(stored), "algorithms": algorithms}))
+"""
+
+
+def test_descriptors_stay_bounded_under_a_small_limit(tmp_path: Path) -> None:
+    """Two handles of one store, 450 blobs of each algorithm, under
+    RLIMIT_NOFILE 64 in a child: no store fails, and the open descriptors
+    stop growing (a handle keeps a bounded set, whatever the number of blobs)."""
+    result = run_python(_FD_CHILD, str(tmp_path / "store"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    if "blake3" not in out["algorithms"]:
+        print("blake3 is not installed: sha256 only")
+    assert out["n_errors"] == 0, out["errors"]
+    assert out["stored"] == 450 * len(out["algorithms"])
+    counts = out["counts"]
+    assert max(counts) < 64
+    assert max(counts[1:]) <= counts[0] + 2, counts  # no growth after the first 50
+
+
+_REMOVED_CHILD = r"""
+import sys
+from blobleases import LeaseId
+from blobleases.directory import DirectoryStorage
+storage = DirectoryStorage(sys.argv[1])
+lid = LeaseId.new()
+cid = storage.store_bytes(b"stored by the other process after the rm", lid)
+print(cid, lid, flush=True)
+sys.stdin.readline()  # stay alive (its lease with it) until told
+print(storage.get_data(cid, lid).decode(), flush=True)
+storage.close()
+"""
+
+
+@pytest.mark.parametrize("removed", ["blobs", "blobs/sha256", "tmp"])
+def test_a_removed_directory_never_costs_another_process_its_lease(
+    tmp_path: Path, removed: str
+) -> None:
+    """``rm -rf`` of a directory under a live handle H1 (its cached
+    descriptors now name removed directories): H1 keeps storing (the tree
+    is re-created), and its collect() keeps the row and live lease of a
+    process that stored meanwhile (it looks the path up before it decides a
+    file is gone)."""
+    root = tmp_path / "store"
+    h1 = DirectoryStorage(root)
+    try:
+        old_cid, old_lid = put(h1, b"stored before the rm" * 50)
+        h1.get_data(old_cid, old_lid)
+        shutil.rmtree(root / removed)
+        other = subprocess.Popen(
+            [sys.executable, "-c", _REMOVED_CHILD, str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert other.stdout is not None and other.stdin is not None
+            line = other.stdout.readline().split()
+            assert len(line) == 2, line
+            cid, lid = ContentId.parse(line[0]), LeaseId.parse(line[1])
+            new_cid, new_lid = put(h1, b"stored by H1 after the rm" * 50)
+            assert h1.get_data(new_cid, new_lid) == b"stored by H1 after the rm" * 50
+            assert h1.get_data(cid, lid) == b"stored by the other process after the rm"
+            report = h1.verify()
+            # only the file that went with the directory is missing
+            assert report.missing == ([] if removed == "tmp" else [old_cid]), report
+            assert not report.corrupted and not report.orphaned
+            assert h1.collect().rows_removed == len(report.missing)
+            assert h1.contains(cid) and h1.contains(new_cid)
+            assert any(info.lease_id == lid for info in h1.iter_leases())
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.stdout.readline().strip() == "stored by the other process after the rm"
+            assert other.wait(timeout=60) == 0
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.wait()
+        if removed == "tmp":
+            assert h1.get_data(old_cid, old_lid) == b"stored before the rm" * 50
+        assert not h1.verify()
+    finally:
+        h1.close()
