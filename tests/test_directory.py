@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -28,6 +29,7 @@ import pytest
 from blobleases import (
     BlobManager,
     ContentId,
+    ContentNotFound,
     IntegrityError,
     LeaseExpired,
     LeaseId,
@@ -1139,3 +1141,139 @@ def test_a_removed_directory_never_costs_another_process_its_lease(
         assert not h1.verify()
     finally:
         h1.close()
+
+
+# == a corrupted index ======================================================================
+
+
+def _public_calls(storage: DirectoryStorage, cid: ContentId, lid: LeaseId) -> dict[str, str]:
+    """Every public method once: what each gave ("ok" or the error's type).
+    A raw sqlite3 error fails the test; a StorageError must name the index."""
+    calls: dict[str, Any] = {
+        "get_data": lambda: storage.get_data(cid, lid),
+        "get_reader": lambda: storage.get_reader(cid, lid).close(),
+        "contains": lambda: storage.contains(cid),
+        "stat": lambda: storage.stat(cid),
+        "iter_content": lambda: list(storage.iter_content()),
+        "iter_leases": lambda: list(storage.iter_leases()),
+        "stats": storage.stats,
+        "lease_by_content": lambda: storage.lease_by_content(cid, LeaseId.new()),
+        "store_bytes": lambda: storage.store_bytes(os.urandom(64), LeaseId.new()),
+        "advise_lease_dropped": lambda: storage.advise_lease_dropped(LeaseId.new(), cid),
+        "advise_pid_terminated": lambda: storage.advise_pid_terminated(2**22 + 1),
+        "collect": storage.collect,
+    }
+    outcomes: dict[str, str] = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except sqlite3.Error as exc:
+            pytest.fail(f"{name} raised a raw {type(exc).__name__}: {exc}")
+        except StorageError as exc:
+            assert "index.sqlite3" in str(exc), (name, exc)
+            assert isinstance(exc.__cause__, (sqlite3.Error, ValueError)), (name, exc)
+            outcomes[name] = "StorageError"
+        except (ContentNotFound, LeaseExpired, IntegrityError) as exc:
+            outcomes[name] = type(exc).__name__
+        else:
+            outcomes[name] = "ok"
+    return outcomes
+
+
+def _store_some(root: Path) -> list[tuple[ContentId, LeaseId]]:
+    with DirectoryStorage(root) as storage:
+        held = [put(storage, b"blob %d " % i * 40) for i in range(20)]
+        for cid, _ in held:
+            storage.lease_by_content(cid, LeaseId.new(), detached=True)
+    return held
+
+
+def _check_reported(root: Path, cid: ContentId, lid: LeaseId) -> None:
+    try:
+        storage = DirectoryStorage(root)
+    except StorageError as exc:
+        # damage this deep may refuse the open itself: named, never raw
+        assert "index" in str(exc) and isinstance(exc.__cause__, sqlite3.Error), exc
+        return
+    with storage:
+        report = storage.verify()
+        assert report and report.index_errors, report
+        assert all("index.sqlite3" in line for line in report.index_errors)
+        assert storage.verify(repair=True).index_errors  # nothing repaired through it
+        outcomes = _public_calls(storage, cid, lid)
+        assert "StorageError" in outcomes.values(), outcomes
+    proc = subprocess.run(
+        [sys.executable, "-m", "blobleases", "--store", str(root), "verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "index" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_text_that_is_not_utf8_in_the_index_is_reported(tmp_path: Path) -> None:
+    """Bytes of one content id in index.sqlite3 overwritten (same length, so
+    SQLite's own page checks pass): verify() reports the index, and no
+    method raises a raw sqlite3 error."""
+    root = tmp_path / "store"
+    held = _store_some(root)
+    cid, _lid = held[3]
+    index = root / "index.sqlite3"
+    raw = index.read_bytes()
+    hexid = cid.hex.encode()
+    assert raw.count(hexid) >= 2  # its content row and its lease rows
+    index.write_bytes(raw.replace(hexid, b"\xff" * len(hexid)))
+    _check_reported(root, *held[0])
+
+
+def test_garbage_pages_in_the_index_are_reported(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    held = _store_some(root)
+    index = root / "index.sqlite3"
+    raw = bytearray(index.read_bytes())
+    page = int.from_bytes(raw[16:18], "big")
+    at = raw.index(b"lease:pid=") // page * page
+    assert at > 0 and b"last_reap" not in raw[at : at + page]
+    raw[at : at + page] = os.urandom(page)
+    index.write_bytes(bytes(raw))
+    _check_reported(root, *held[0])
+
+
+_WAL_WRITER = r"""
+import sys
+from blobleases import LeaseId
+from blobleases.directory import DirectoryStorage
+storage = DirectoryStorage(sys.argv[1])
+for i in range(20):
+    cid = storage.store_bytes(b"wal blob %d " % i * 40, LeaseId.new(), detached=True)
+print(cid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_garbage_in_the_wal_is_reported(tmp_path: Path) -> None:
+    """A live process keeps the store open (its changes still in
+    index.sqlite3-wal); the WAL's lease rows overwritten with bytes that
+    are not UTF-8: verify() reports the index (it reported clean, while
+    collect() failed forever) and no method raises a raw sqlite3 error."""
+    root = tmp_path / "store"
+    DirectoryStorage(root).close()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WAL_WRITER, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        cid = ContentId.parse(writer.stdout.readline().strip())
+        wal = root / "index.sqlite3-wal"
+        raw = wal.read_bytes()
+        assert b"lease:pid=" in raw
+        damaged = re.sub(rb"lease:pid=[0-9]+,[0-9a-f-]{36}", lambda m: b"\xff" * len(m[0]), raw)
+        assert damaged != raw
+        wal.write_bytes(damaged)
+        _check_reported(root, cid, LeaseId.new())
+    finally:
+        writer.kill()
+        writer.wait()

@@ -874,9 +874,12 @@ def verify(
                 "missing": [str(c) for c in report.missing],
                 "orphaned": list(report.orphaned),
                 "repaired": report.repaired,
+                "index_errors": list(report.index_errors),
             }
         )
     else:
+        for e in report.index_errors:
+            sys.stdout.write(f"index      {e}\n")
         for c in report.corrupted:
             sys.stdout.write(f"corrupted  {c}\n")
         for c in report.missing:
@@ -891,6 +894,9 @@ def verify(
                 f"{len(report.orphaned)} orphaned"
             )
             action = "removed" if report.repaired else "run 'blobleases verify --repair' to remove"
+            if report.index_errors:
+                found = f"the index is corrupted ({len(report.index_errors)} problems)"
+                action = "nothing was checked or repaired through it"
             sys.stdout.write(f"checked {report.checked} blobs: {found}; {action}\n")
     sys.stdout.flush()
     if report and not report.repaired:

@@ -72,12 +72,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar, cast
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .errors import (
+    ContentNotFound,
+    IntegrityError,
+    InvalidContentId,
+    InvalidLeaseId,
+    StorageError,
+    StoreFull,
+)
 from .lease_id import LeaseId
 from .liveness import (
     START_TIME_TOLERANCE,
@@ -93,6 +100,22 @@ from .storage import BlobStorage, FileSource
 __all__ = ["DirectoryStorage", "default_root"]
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _index_errors(method: _F) -> _F:
+    """Index errors that reach a backend method (SQLite's, and ids in the
+    index that do not parse) leave it as StorageError naming the index."""
+
+    @functools.wraps(method)
+    def translating(self: DirectoryStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, InvalidContentId, InvalidLeaseId) as exc:
+            raise self._index_error(exc) from exc
+
+    return cast(_F, translating)
+
 
 _INDEX = "index.sqlite3"
 _MARKER = "format"
@@ -931,10 +954,20 @@ class DirectoryStorage(BlobStorage):
         for t, k in tx.flushed:  # rolled back: record them again
             self._access[k] = max(t, self._access.get(k, t))
         if isinstance(exc, sqlite3.Error):
-            raise _error(f"index operation failed in {self._root!r}", exc) from exc
+            raise self._index_error(exc) from exc
         if isinstance(exc, OSError):
             raise _error(f"file operation failed in {self._root!r}", exc) from exc
         raise exc
+
+    def _index_error(self, exc: BaseException) -> StorageError:
+        """StorageError for an error that came out of the index."""
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, sqlite3.OperationalError) and "decode" not in text:
+            return StorageError(f"index operation failed on {self._index_path!r}: {text}")
+        return StorageError(
+            f"the index {self._index_path!r} is corrupted: {text} (verify() reports it; "
+            "move it away and call DirectoryStorage.rebuild_index to index the blob files again)"
+        )
 
     def _unlink_unreferenced(self, db: sqlite3.Connection, keys: list[str]) -> None:
         """Unlink the files of ``keys`` that no row names, under the write lock
@@ -1570,6 +1603,7 @@ class DirectoryStorage(BlobStorage):
 
     # -- the backend methods -------------------------------------------------------------
 
+    @_index_errors
     def _store(
         self,
         cid: ContentId,
@@ -1605,6 +1639,7 @@ class DirectoryStorage(BlobStorage):
         name = self._write_temp(data)
         self._place(cid, key, name, data.nbytes, lid, ttl, detached)
 
+    @_index_errors
     def _store_unhashed(
         self, data: memoryview, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> ContentId:
@@ -1729,6 +1764,7 @@ class DirectoryStorage(BlobStorage):
             if self._db is not None and self._db_pid == os.getpid():
                 self._unlink_unreferenced(self._db, [key])
 
+    @_index_errors
     def _store_file(
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
@@ -1782,6 +1818,7 @@ class DirectoryStorage(BlobStorage):
             _write_all(fd, chunk)
             total += chunk.nbytes
 
+    @_index_errors
     def _lease_by_content(
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
@@ -1816,6 +1853,7 @@ class DirectoryStorage(BlobStorage):
             self._local_leases[(key, lkey)] = None if ttl is None else now + ttl
         return size
 
+    @_index_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         key = str(cid)
         with self._lock:
@@ -1848,6 +1886,7 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return data
 
+    @_index_errors
     def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
         key = str(cid)
         if self._read_only:
@@ -1895,6 +1934,7 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source
 
+    @_index_errors
     def _release_hold(self, hold: int, key: str) -> None:
         with self._lock:
             if self._closed or self._db_pid != os.getpid():
@@ -1903,6 +1943,7 @@ class DirectoryStorage(BlobStorage):
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
                     self._settle(tx, key)
 
+    @_index_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         key = str(cid)
         if self._read_only:
@@ -1924,6 +1965,7 @@ class DirectoryStorage(BlobStorage):
                 self._abort(tx, exc)
             self._commit(tx)
 
+    @_index_errors
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
             self._op()
@@ -1941,6 +1983,7 @@ class DirectoryStorage(BlobStorage):
                 (pid, start, tx.now),
             )
 
+    @_index_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
             self._end_leases(tx, "pid = ? AND detached = 0", (pid,))
@@ -1949,11 +1992,13 @@ class DirectoryStorage(BlobStorage):
             if pid == self._mypid:
                 self._proc_recorded = False
 
+    @_index_errors
     def _contains(self, cid: ContentId) -> bool:
         with self._lock:
             db = self._read_op()
             return db.execute(_SQL_CONTENT, (str(cid),)).fetchone() is not None
 
+    @_index_errors
     def _stat(self, cid: ContentId) -> BlobInfo:
         key = str(cid)
         with self._lock:
@@ -1972,12 +2017,14 @@ class DirectoryStorage(BlobStorage):
         size, created, last_access, leases, holds = row
         return BlobInfo(cid, int(size), int(leases), int(holds), created, last_access)
 
+    @_index_errors
     def _iter_content(self) -> list[ContentId]:
         with self._lock:
             db = self._read_op()
             keys = [r[0] for r in db.execute("SELECT cid FROM content")]
         return [ContentId.parse(k) for k in keys]
 
+    @_index_errors
     def _iter_leases(self) -> list[LeaseInfo]:
         with self._lock:
             db = self._read_op()
@@ -1992,6 +2039,7 @@ class DirectoryStorage(BlobStorage):
             out.append(LeaseInfo(lid, ContentId.parse(key), lid.pid, expires_at, bool(detached)))
         return out
 
+    @_index_errors
     def _stats(self) -> StorageStats:
         with self._lock:
             db = self._read_op()
@@ -2024,6 +2072,7 @@ class DirectoryStorage(BlobStorage):
             retained_bytes=int(retained_bytes),
         )
 
+    @_index_errors
     def _collect(self) -> CollectReport:
         report = CollectReport()
         with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
@@ -2150,9 +2199,15 @@ class DirectoryStorage(BlobStorage):
             with self._write(maintain=False) as tx:
                 yield tx.db
 
+    @_index_errors
     def _verify(self, repair: bool) -> VerifyReport:
         if repair and self._read_only:
             self._refuse_read_only("repair it (verify without repair)")
+        problems = self._index_problems()
+        if problems:
+            # nothing is repaired through a broken index: every row and file
+            # would be judged by what it says
+            return VerifyReport(index_errors=problems)
         with self._lock:
             db = self._read_op()
             rows = db.execute("SELECT cid, size FROM content").fetchall()
@@ -2178,6 +2233,48 @@ class DirectoryStorage(BlobStorage):
                     self._delete(tx, str(cid))
             report.repaired = True
         return report
+
+    def _index_problems(self) -> list[str]:
+        """What is wrong with the index itself: SQLite's ``quick_check`` of
+        its pages, then a decode of every row (which ``quick_check`` does not
+        do: text that is not UTF-8, ids that do not parse)."""
+        path = self._index_path
+        problems: list[str] = []
+        with self._lock:
+            db = self._conn()
+            try:
+                for (line,) in db.execute("PRAGMA quick_check(20)"):
+                    if line != "ok":
+                        problems.append(f"{path}: {line}")
+            except sqlite3.Error as exc:
+                problems.append(f"{path}: {exc}")
+            if problems:
+                return problems
+            checks: list[tuple[str, str, Callable[[Any], object]]] = [
+                (
+                    "content",
+                    "SELECT cid, size FROM content",
+                    lambda r: (ContentId.parse(r[0]), int(r[1])),
+                ),
+                (
+                    "leases",
+                    "SELECT cid, lid FROM leases",
+                    lambda r: (ContentId.parse(r[0]), LeaseId.parse(r[1])),
+                ),
+                ("holds", "SELECT cid FROM holds", lambda r: ContentId.parse(r[0])),
+            ]
+            for table, sql, decode in checks:
+                try:
+                    for row in db.execute(sql):
+                        try:
+                            decode(row)
+                        except (ValueError, TypeError) as exc:
+                            problems.append(f"{path}: a row of {table} does not decode: {exc}")
+                            if len(problems) >= 20:
+                                return problems
+                except sqlite3.Error as exc:
+                    problems.append(f"{path}: reading {table}: {exc}")
+        return problems
 
     def _close(self) -> None:
         with self._lock:
