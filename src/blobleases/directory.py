@@ -46,6 +46,17 @@ Choices where the contract is silent:
   process ends (the store is not reachable to release it).
 * The caller must not change a buffer while it is being stored: it is
   hashed and written as given, without a copy.
+* A store this process cannot write (read-only filesystem or permissions)
+  opens read-only instead of being refused: listing, reading and
+  ``verify()`` work; every change raises StorageError saying it is
+  read-only. Its leases and reader holds live in the process only (the
+  store cannot record them), so they cannot keep the bytes from a writer
+  elsewhere (a store mounted read-only here, writable there).
+* A handle keeps at most a small share of the process's descriptor limit
+  (4 to 256) of shard directory fds, least recently used closed first.
+* Through a corrupted index nothing is repaired: ``verify()`` reports it in
+  ``index_errors`` (and checks nothing else); other operations raise
+  StorageError naming the index.
 """
 
 from __future__ import annotations
