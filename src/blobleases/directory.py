@@ -313,7 +313,7 @@ def _shard_cap() -> int:
         return 16
     if soft == resource.RLIM_INFINITY:
         return 256
-    return max(4, min(256, soft // 64))
+    return max(4, min(256, soft // 16))
 
 
 def _writable(path: str) -> bool:
@@ -1167,6 +1167,15 @@ class DirectoryStorage(BlobStorage):
         another process stored since is under the new one. ``check``: look
         the path up first (for a store, whose file others must find)."""
         with self._lock:
+            if not check:
+                rel = f"blobs/{cid.algorithm}/{cid.hex[:2]}"
+                cached = self._shards.get(rel)
+                if cached is not None:
+                    self._shards.move_to_end(rel)
+                    try:
+                        return action(cached)
+                    except FileNotFoundError:
+                        check = True  # look the path up again
             for fresh in (False, True) if not check else (True,):
                 try:
                     shard = self._shard_dir(cid, create=create, check=fresh)
