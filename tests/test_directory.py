@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -1277,3 +1278,32 @@ def test_garbage_in_the_wal_is_reported(tmp_path: Path) -> None:
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_loading_a_lease_of_a_removed_store_creates_no_store(tmp_path: Path) -> None:
+    """A ticket names a store that exists: a process loading one for a
+    store removed since gets an error, never a new empty store there."""
+    root = tmp_path / "gone"
+    storage = DirectoryStorage(root)
+    lease = BlobManager(storage).store(b"x" * 100)
+    ticket = lease.transfer()
+    lease.close()
+    storage.close()
+    shutil.rmtree(root)
+    code = """
+    import pickle, sys
+    try:
+        pickle.loads(sys.stdin.buffer.read()).get_data()
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+    else:
+        print("loaded")
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        input=pickle.dumps(ticket),
+        capture_output=True,
+        timeout=60,
+    )
+    assert b"loaded" not in result.stdout, result
+    assert not root.exists()
