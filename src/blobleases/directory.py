@@ -475,11 +475,12 @@ class DirectoryStorage(BlobStorage):
     ``collect()``) and fork safe (a forked child opens its own index
     connection on first use).
 
-    A handle holds a bounded number of file descriptors (the root, ``tmp/``,
-    ``blobs/`` and one per algorithm; shard directories are opened per
-    operation) and notices when a directory it holds was removed or
-    replaced: it looks the path up again before it concludes that a blob
-    file is missing, and re-creates the directories it needs to store.
+    A handle holds a bounded number of file descriptors whatever the number
+    of blobs (the root, ``tmp/``, ``blobs/``, one per algorithm, and the
+    shard directories used last: a small share of the descriptor limit) and
+    notices when a directory it holds was removed or replaced: it looks the
+    path up again before it concludes that a blob file is missing, and
+    re-creates the directories it needs to store.
     """
 
     def __init__(
@@ -1050,8 +1051,8 @@ class DirectoryStorage(BlobStorage):
         ``create``. With ``check``, a cached fd is first checked to still be
         the directory at that path (it was not removed or replaced); if not,
         it and those below it are closed and the path is opened again (and
-        re-created if ``create``). Call with the lock held: cached fds are
-        closed only under it."""
+        re-created if ``create``). Takes the lock: cached fds are closed
+        only under it."""
         with self._lock:
             fd = self._dirs.get(rel)
             if fd is not None:
