@@ -298,6 +298,7 @@ def test_ls_sorted_human_and_json(store: Path, tmp_path: Path) -> None:
 
 
 def test_ls_and_leases_of_an_empty_store(store: Path) -> None:
+    DirectoryStorage(store).close()
     assert ok_json(cli("ls", "--json", store=store)) == []
     assert ok_json(cli("leases", "--json", store=store)) == []
     assert "no blobs" in ok(cli("ls", store=store))
@@ -498,7 +499,7 @@ def test_error_missing_file(store: Path, sample: Path, tmp_path: Path) -> None:
     assert_user_error(cli("put", str(missing), store=store), "no such file", str(missing))
     # nothing was stored, not even the good file named before the missing one
     assert_user_error(cli("put", str(sample), str(missing), store=store), str(missing))
-    assert ok_json(cli("ls", "--json", store=store)) == []
+    assert not store.exists()  # checked before the store was even created
     assert_user_error(cli("put", str(tmp_path), store=store), "is a directory")
 
 
@@ -553,6 +554,7 @@ def test_usage_errors_exit_2_without_traceback(store: Path, sample: Path) -> Non
 
 
 def test_debug_shows_the_traceback(store: Path) -> None:
+    DirectoryStorage(store).close()
     proc = cli("--debug", "get", ABSENT_CID, store=store)
     err = proc.stderr.decode()
     assert proc.returncode == 1
@@ -646,3 +648,164 @@ def test_small_files_get_no_progress_bar_even_on_a_terminal(store: Path, sample:
     )
     assert code == 0, screen
     assert "storing" not in screen
+
+
+# -- which commands create a store; read-only stores -------------------------------
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _commands_on(store: Path, cid: str) -> list[list[str]]:
+    """Every command but put and demo, as a user would run it."""
+    return [
+        ["ls"],
+        ["stats"],
+        ["leases"],
+        ["collect"],
+        ["verify"],
+        ["verify", "--repair"],
+        ["stat", cid],
+        ["cat", cid],
+        ["get", cid, "-o", str(store.parent / "out.bin")],
+        ["drop", f"lease:pid=1,{uuid.uuid4()}"],
+    ]
+
+
+def test_only_put_creates_a_store(tmp_path: Path, sample: Path) -> None:
+    missing = tmp_path / "typo-store"
+    for args in _commands_on(missing, ABSENT_CID):
+        err = assert_user_error(cli(*args, store=missing), "no blobleases store", str(missing))
+        assert not missing.exists(), (args, err)
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    for args in _commands_on(empty, ABSENT_CID):
+        assert_user_error(cli(*args, store=empty), "no blobleases store", str(empty))
+        assert list(empty.iterdir()) == [], args
+    env_store = tmp_path / "from-env"
+    assert_user_error(
+        cli("stats", store=None, env=_env(BLOBLEASES_STORE=str(env_store))), "no blobleases store"
+    )
+    assert not env_store.exists()
+    [entry] = put(missing, sample)
+    assert ok_json(cli("ls", "--json", store=missing))[0]["content_id"] == entry["content_id"]
+    [again] = put(empty, sample)
+    assert again["content_id"] == entry["content_id"]
+
+
+def test_a_non_empty_directory_that_is_not_a_store_is_refused(tmp_path: Path, sample: Path) -> None:
+    other = tmp_path / "project"
+    other.mkdir(mode=0o700)
+    (other / "notes.txt").write_text("mine")
+    (other / "src").mkdir()
+    before = _listing(other)
+    for args in (["put", str(sample)], ["ls"], ["stats"]):
+        assert_user_error(cli(*args, store=other), "not empty", str(other))
+        assert _listing(other) == before, args
+
+
+_READ_ONLY_DRIVER = r"""
+import json, subprocess, sys
+store, out = sys.argv[1], sys.argv[2]
+runs = []
+for args in json.loads(sys.argv[3]):
+    proc = subprocess.run([sys.executable, "-m", "blobleases", "--store", store, *args],
+                          capture_output=True)
+    runs.append([args, proc.returncode, proc.stdout.decode(errors="replace"),
+                 proc.stderr.decode(errors="replace")])
+print(json.dumps(runs))
+"""
+
+
+def _run_read_only(root: Path, commands: list[list[str]]) -> list[list[Any]]:
+    """Run CLI commands against ``root`` made read-only: a read-only bind
+    mount in a private mount namespace (as root, who ignores permission
+    bits), else permissions (chmod 500)."""
+    import shutil
+
+    args = [str(root), str(root.parent), json.dumps(commands)]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("needs unshare to make a read-only mount as root")
+        script = (
+            '{ mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1"; } || exit 77; '
+            f'exec {sys.executable} -c "$2" "$1" "$3" "$4"'
+        )
+        proc = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script, "sh", args[0], _READ_ONLY_DRIVER, *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(),
+        )
+        if proc.returncode == 77 or (proc.returncode != 0 and proc.stderr.startswith("unshare:")):
+            pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()}")
+    else:
+        root.chmod(0o500)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _READ_ONLY_DRIVER, *args],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=_env(),
+            )
+        finally:
+            root.chmod(0o700)
+    assert proc.returncode == 0, proc.stderr
+    runs: list[list[Any]] = json.loads(proc.stdout)
+    return runs
+
+
+def test_a_read_only_store_can_be_listed_read_and_verified(store: Path, tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    (tmp_path / "a.bin").write_bytes(data)
+    [entry] = put(store, tmp_path / "a.bin")
+    cid = entry["content_id"]
+    before = _listing(store)
+    out = tmp_path / "copy.bin"
+    commands = [
+        ["ls", "--json"],
+        ["stat", "--json", cid],
+        ["leases", "--json"],
+        ["stats", "--json"],
+        ["verify", "--json"],
+        ["get", cid, "-o", str(out)],
+        ["cat", cid],
+        ["cat", ABSENT_CID],
+        ["verify", "--repair"],
+        ["collect"],
+        ["drop", entry["lease_id"]],
+        ["put", str(tmp_path / "a.bin")],
+    ]
+    runs = {
+        " ".join(args): (rc, stdout, stderr)
+        for args, rc, stdout, stderr in _run_read_only(store, commands)
+    }
+
+    def good(name: str) -> str:
+        rc, stdout, stderr = runs[name]
+        assert rc == 0 and "Traceback" not in stderr, (name, rc, stderr)
+        return stdout
+
+    assert [b["content_id"] for b in json.loads(good("ls --json"))] == [cid]
+    assert json.loads(good(f"stat --json {cid}"))["size"] == 5000
+    assert [x["lease_id"] for x in json.loads(good("leases --json"))] == [entry["lease_id"]]
+    assert json.loads(good("stats --json"))["blobs"] == 1
+    assert json.loads(good("verify --json"))["ok"] is True
+    good(f"get {cid} -o {out}")
+    assert out.read_bytes() == data
+    assert runs[f"cat {cid}"][0] == 0
+    for name, needle in [
+        (f"cat {ABSENT_CID}", "not found"),
+        ("verify --repair", "read-only"),
+        ("collect", "read-only"),
+        (f"drop {entry['lease_id']}", "read-only"),
+        (f"put {tmp_path / 'a.bin'}", "read-only"),
+    ]:
+        rc, _stdout, stderr = runs[name]
+        assert rc == 1 and needle in stderr and stderr.count("\n") == 1, (name, rc, stderr)
+    assert _listing(store) == before
+    # the lease is intact, the store still writable where it is not mounted read-only
+    assert ok(cli("drop", entry["lease_id"], store=store))

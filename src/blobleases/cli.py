@@ -142,14 +142,16 @@ def _store_url() -> str:
     return str(default_root())
 
 
-def _storage() -> BlobStorage:
+def _storage(*, create: bool = False) -> BlobStorage:
     """The store named by --store, $BLOBLEASES_STORE or the default root,
-    opened once per invocation."""
+    opened once per invocation. Only ``put`` creates it (``create``): every
+    other command on a path that holds no store fails and creates nothing.
+    A store this process cannot write opens read-only."""
     if _state.storage is None:
         url = _store_url()
         _state.url = url
         try:
-            _state.storage = open_storage(url)
+            _state.storage = open_storage(url, create=create)
         except (ImportError, BlobLeaseError, OSError, ValueError, TypeError) as exc:
             raise CliError(f"cannot open store {url!r}: {_one_line(exc)}") from exc
     return _state.storage
@@ -433,7 +435,7 @@ def put(
     for name in files:  # check every file before storing anything
         if name != "-":
             _check_readable(name)
-    storage = _storage()
+    storage = _storage(create=True)
     results: list[dict[str, Any]] = []
     pending: list[str] = []
     progress: Progress | None = None
@@ -872,9 +874,12 @@ def verify(
                 "missing": [str(c) for c in report.missing],
                 "orphaned": list(report.orphaned),
                 "repaired": report.repaired,
+                "index_errors": list(report.index_errors),
             }
         )
     else:
+        for e in report.index_errors:
+            sys.stdout.write(f"index      {e}\n")
         for c in report.corrupted:
             sys.stdout.write(f"corrupted  {c}\n")
         for c in report.missing:
@@ -889,6 +894,9 @@ def verify(
                 f"{len(report.orphaned)} orphaned"
             )
             action = "removed" if report.repaired else "run 'blobleases verify --repair' to remove"
+            if report.index_errors:
+                found = f"the index is corrupted ({len(report.index_errors)} problems)"
+                action = "nothing was checked or repaired through it"
             sys.stdout.write(f"checked {report.checked} blobs: {found}; {action}\n")
     sys.stdout.flush()
     if report and not report.repaired:

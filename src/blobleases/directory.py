@@ -47,6 +47,17 @@ Choices where the contract is silent:
   process ends (the store is not reachable to release it).
 * The caller must not change a buffer while it is being stored: it is
   hashed and written as given, without a copy.
+* A store this process cannot write (read-only filesystem or permissions)
+  opens read-only instead of being refused: listing, reading and
+  ``verify()`` work; every change raises StorageError saying it is
+  read-only. Its leases and reader holds live in the process only (the
+  store cannot record them), so they cannot keep the bytes from a writer
+  elsewhere (a store mounted read-only here, writable there).
+* A handle keeps at most a small share of the process's descriptor limit
+  (4 to 256) of shard directory fds, least recently used closed first.
+* Through a corrupted index nothing is repaired: ``verify()`` reports it in
+  ``index_errors`` (and checks nothing else); other operations raise
+  StorageError naming the index.
 """
 
 from __future__ import annotations
@@ -54,9 +65,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
+import resource
 import secrets
 import shutil
 import sqlite3
@@ -65,17 +78,25 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeVar, cast
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
-from .directory_index import connect, create_schema
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .directory_index import check_schema, connect, create_schema
+from .errors import (
+    ContentNotFound,
+    IntegrityError,
+    InvalidContentId,
+    InvalidLeaseId,
+    StorageError,
+    StoreFull,
+)
 from .lease_id import LeaseId
 from .liveness import (
     START_TIME_TOLERANCE,
@@ -89,6 +110,24 @@ from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyRep
 from .storage import BlobStorage, FileSource
 
 __all__ = ["DirectoryStorage", "default_root"]
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _index_errors(method: _F) -> _F:
+    """Index errors that reach a backend method (SQLite's, and ids in the
+    index that do not parse) leave it as StorageError naming the index."""
+
+    @functools.wraps(method)
+    def translating(self: DirectoryStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, InvalidContentId, InvalidLeaseId) as exc:
+            raise self._index_error(exc) from exc
+
+    return cast(_F, translating)
+
 
 _INDEX = "index.sqlite3"
 _MARKER = "format"
@@ -120,55 +159,61 @@ _O_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
 
 _SQL_HELD = (
     "SELECT c.size FROM leases l JOIN content c ON c.cid = l.cid "
-    "WHERE l.cid = ?1 AND l.lid = ?2 AND (l.expires_at IS NULL OR l.expires_at > ?3)"
+    "WHERE l.cid = ? AND l.lid = ? AND (l.expires_at IS NULL OR l.expires_at > ?)"
 )
 # Holds a lease on content that is present: retained, read, or leased by an
 # unexpired lease (content whose only leases expired is gone, though its row
 # waits for the next expiry pass). A held but expired lease is renewed.
 _SQL_HELD_ONLY = (
-    "SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
+    "SELECT 1 FROM leases WHERE cid = ? AND lid = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
 _SQL_INSERT_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
-    "SELECT ?1, ?2, ?3, ?4, ?5, ?6 FROM content c WHERE c.cid = ?1 AND ("
+    "SELECT :cid, :lid, :pid, :start, :expires, :detached FROM content c WHERE c.cid = :cid AND ("
     "c.retained IS NOT NULL "
-    "OR EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND (expires_at IS NULL OR expires_at > ?7)) "
-    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)) "
+    "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)) "
     "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
     "expires_at = excluded.expires_at, detached = excluded.detached "
-    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= ?7"
+    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
 )
 # The first lease of content just added in the same transaction.
 _SQL_INSERT_FIRST_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
 _SQL_HELD_PRESENT = (
-    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 AND lid = ?2 "
-    "AND (expires_at IS NULL OR expires_at > ?3)), "
-    "EXISTS(SELECT 1 FROM content WHERE cid = ?1)"
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND lid = :lid "
+    "AND (expires_at IS NULL OR expires_at > :now)), "
+    "EXISTS(SELECT 1 FROM content WHERE cid = :cid)"
 )
 _SQL_REFERENCED = (
-    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
-    "AND (expires_at IS NULL OR expires_at > ?2)) "
-    "OR EXISTS(SELECT 1 FROM holds WHERE cid = ?1)"
+    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
+    "AND (expires_at IS NULL OR expires_at > :now)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)"
 )
 _SQL_RETAINED_IN_ORDER = (
     "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
 )
+# The size of content that is present (as _SQL_INSERT_LEASE sees it).
+_SQL_PRESENT_SIZE = (
+    "SELECT size FROM content c WHERE c.cid = :cid AND (c.retained IS NOT NULL "
+    "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
+    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid))"
+)
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
 # The row of new content; a no-op (rowcount 0) if the content has a row.
 _SQL_ADD_CONTENT = (
-    "INSERT INTO content(cid, size, created, last_access, retained) VALUES (?1, ?2, ?3, ?3, NULL) "
+    "INSERT INTO content(cid, size, created, last_access, retained) VALUES (:cid, :size, :now, :now, NULL) "
     "ON CONFLICT(cid) DO NOTHING"
 )
 # Deletes content that is unreferenced (no unexpired lease, no reader) and
 # not retained; returns its size (no row if it stays).
 _SQL_DELETE_UNREFERENCED = (
-    "DELETE FROM content WHERE cid = ?1 AND retained IS NULL "
-    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = ?1 "
-    "AND (expires_at IS NULL OR expires_at > ?2)) "
-    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = ?1) RETURNING size"
+    "DELETE FROM content WHERE cid = :cid AND retained IS NULL "
+    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
+    "AND (expires_at IS NULL OR expires_at > :now)) "
+    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = :cid) RETURNING size"
 )
 # A blob of at most this many bytes is stored in one transaction that writes
 # its temporary file too (no look-up before it; a dedup hit writes nothing).
@@ -274,6 +319,28 @@ def _read_exact(fd: int, size: int) -> bytes:
 def _remove_tree(root: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _shard_cap() -> int:
+    """How many shard directory fds a handle keeps open: a small share of
+    this process's descriptor limit (4 to 256)."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return 16
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(4, min(256, soft // 16))
+
+
+def _writable(path: str) -> bool:
+    """Whether this process can create files in directory ``path``."""
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return True
 
 
 def _check_dir_stat(st: os.stat_result, path: str) -> None:
@@ -439,21 +506,38 @@ class DirectoryStorage(BlobStorage):
     process that opens the same path (``open_storage(storage.url)``).
 
     Takes every policy keyword of :class:`~blobleases.policies.Policies`.
-    Creates ``path`` (mode 0700) if needed; refuses (StorageError saying why)
-    a path that is a file, is owned by another user, is writable by group or
-    others, is not writable, or whose index was deleted (see
-    :meth:`rebuild_index`). Crash safe (a process killed at any point leaves
-    nothing that ``verify()`` reports after the next ``collect()``) and fork
-    safe (a forked child opens its own index connection on first use).
+    A store is created (``path`` made with mode 0700 if needed) only in a
+    missing or empty directory, and only when ``create`` is true; otherwise
+    ``path`` must hold a store. Refused (StorageError saying why, with
+    nothing created or changed): a path that is a file, is owned by another
+    user or writable by group or others, a non-empty directory that is not
+    a store, a store whose ``blobs/`` or ``tmp/`` is not ours, or one whose
+    index was deleted (see :meth:`rebuild_index`). A store that this
+    process cannot write (a read-only filesystem, or read-only permissions)
+    opens read-only (:attr:`read_only`). Crash safe (a process killed at any
+    point leaves nothing that ``verify()`` reports after the next
+    ``collect()``) and fork safe (a forked child opens its own index
+    connection on first use).
+
+    A handle holds a bounded number of file descriptors whatever the number
+    of blobs (the root, ``tmp/``, ``blobs/``, one per algorithm, and the
+    shard directories used last: a small share of the descriptor limit) and
+    notices when a directory it holds was removed or replaced: it looks the
+    path up again before it concludes that a blob file is missing, and
+    re-creates the directories it needs to store.
     """
 
-    def __init__(self, path: str | os.PathLike[str], **policies: Any) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, create: bool = True, **policies: Any
+    ) -> None:
+        if not isinstance(create, bool):
+            raise TypeError(f"create must be a bool, not {type(create).__name__}")
         super().__init__(**policies)
-        self._setup(path, rebuild=False)
+        self._setup(path, rebuild=False, create=create)
 
     # -- construction ------------------------------------------------------------
 
-    def _setup(self, path: object, *, rebuild: bool) -> None:
+    def _setup(self, path: object, *, rebuild: bool, create: bool = True) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         raw = os.fspath(path)
@@ -480,18 +564,24 @@ class DirectoryStorage(BlobStorage):
         self._temp_prefix: tuple[int, str] = (0, "")
         self._next_reap = 0.0
         self._root_fd = -1
-        self._tmp_fd = -1
+        self._tmp_fd = -1  # the current fd of _dirs["tmp"] (-1: none)
         self._writer_lock: _WriterLock | None = None
-        self._blobs_fd = -1
-        self._alg_fds: dict[str, int] = {}
-        self._shard_fds: dict[tuple[str, str], int] = {}
+        self._blobs_fd = -1  # the current fd of _dirs["blobs"] (-1: none)
+        # cached fds of "tmp", "blobs" and "blobs/<algorithm>" (see _dir_fd)
+        self._dirs: dict[str, int] = {}
+        # cached fds of shard directories "blobs/<algorithm>/<xx>", bounded
+        self._shards: OrderedDict[str, int] = OrderedDict()
+        self._shard_cap = _shard_cap()
+        self._read_only = False
+        # read-only handles hold leases in this process only: (cid, lid) -> expiry
+        self._local_leases: dict[tuple[str, str], float | None] = {}
         self._finalizer: weakref.finalize[Any, DirectoryStorage] | None = None
         # one hashing thread per handle and process, started on first use
         self._hasher_pool: ThreadPoolExecutor | None = None
         self._hasher_pid = 0
         self._hasher_busy = threading.Lock()
         try:
-            self._open_root()
+            self._open_root(create=create, rebuild=rebuild)
             self._open_index(rebuild=rebuild)
         except BaseException:
             self._close_fds()
@@ -501,30 +591,51 @@ class DirectoryStorage(BlobStorage):
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, weakref.ref(self))
 
-    def _open_root(self) -> None:
+    def _open_root(self, *, create: bool, rebuild: bool) -> None:
+        """Open the root and check everything in it before anything is
+        created: a refused open creates nothing."""
         root = self._root
         try:
+            st: os.stat_result | None = os.stat(root)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _error(f"cannot open store root {root!r}", exc) from exc
+        if st is None:
+            if not create:
+                raise StorageError(f"no blobleases store at {root!r}: the directory does not exist")
             try:
-                st = os.stat(root)
-            except FileNotFoundError:
                 os.makedirs(root, mode=0o700, exist_ok=True)
                 st = os.stat(root)
                 if stat_module.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
                     os.chmod(root, 0o700)
                     st = os.stat(root)
-        except OSError as exc:
-            raise _error(f"cannot create or open store root {root!r}", exc) from exc
+            except OSError as exc:
+                raise _error(f"cannot create store root {root!r}", exc) from exc
         _check_dir_stat(st, root)
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise StorageError(
-                f"store root {root!r} is not writable (read-only filesystem or permissions)"
-            )
         try:
             self._root_fd = os.open(root, _O_DIR)
         except OSError as exc:
             raise _error(f"cannot open store root {root!r}", exc) from exc
-        self._blobs_fd = self._subdir(self._root_fd, "blobs", "blobs", create=True)
-        self._tmp_fd = self._subdir(self._root_fd, "tmp", "tmp", create=True)
+        try:
+            index = self._inspect_root(create=create, rebuild=rebuild)
+            if self._read_only:
+                self._dir_fd("blobs", create=False)
+                self._dir_fd("tmp", create=False)
+                return
+            if index is None:
+                # the index first: a directory holding it is a store, so an
+                # interrupted creation is completed by the next open
+                if rebuild:
+                    for stale in (_INDEX + "-wal", _INDEX + "-shm", _INDEX + "-journal"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(stale, dir_fd=self._root_fd)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
+            self._dir_fd("blobs", create=True)
+            self._dir_fd("tmp", create=True)
+        except OSError as exc:
+            raise _error(f"cannot open the store in {root!r}", exc) from exc
 
     def _subdir(self, parent: int, name: str, shown: str, *, create: bool) -> int:
         """Open (creating if asked) directory ``name`` under ``parent``
@@ -556,37 +667,82 @@ class DirectoryStorage(BlobStorage):
             )
         return fd
 
+    def _inspect_root(self, *, create: bool, rebuild: bool) -> os.stat_result | None:
+        """Refuse a root that does not hold a store (unless it is empty and
+        ``create``), or whose entries are not what a store's are; decide
+        whether the handle is read-only. Returns the index's stat (None if
+        there is no index). Creates nothing."""
+        root, fd = self._root, self._root_fd
+        marker = self._lstat(fd, _MARKER)
+        index = self._lstat(fd, _INDEX)
+        if marker is None and index is None:
+            if os.listdir(fd):
+                raise StorageError(
+                    f"refusing {root!r}: the directory is not empty and holds no blobleases "
+                    f"store (no {_MARKER!r} or {_INDEX!r} file); a store is created only in "
+                    "a missing or empty directory"
+                )
+            if not create:
+                raise StorageError(f"no blobleases store at {root!r}: the directory is empty")
+        if marker is not None:
+            text = b""
+            if stat_module.S_ISREG(marker.st_mode):
+                with contextlib.suppress(OSError):
+                    mfd = os.open(_MARKER, _O_READ, dir_fd=fd)
+                    try:
+                        text = os.read(mfd, len(_MARKER_TEXT) + 1)
+                    finally:
+                        os.close(mfd)
+            if text != _MARKER_TEXT:
+                raise StorageError(
+                    f"refusing {root!r}: its {_MARKER!r} file does not mark a blobleases store "
+                    "of a format this version knows"
+                )
+        for name in ("blobs", "tmp"):
+            st = self._lstat(fd, name)
+            if st is not None and (
+                not stat_module.S_ISDIR(st.st_mode)
+                or st.st_uid != os.geteuid()
+                or st.st_mode & 0o022
+            ):
+                raise StorageError(
+                    f"refusing {os.path.join(root, name)!r}: it is a symlink or not a "
+                    "directory, owned by another user, or writable by group or others"
+                )
+        if index is not None and not stat_module.S_ISREG(index.st_mode):
+            raise StorageError(
+                f"refusing the index {self._index_path!r}: it is not a regular file (a symlink?)"
+            )
+        if index is None and marker is not None and not rebuild:
+            raise StorageError(
+                f"the index {self._index_path!r} is missing although {root!r} holds "
+                "a blobleases store (was it deleted?); refusing to open it, since every "
+                "lease it recorded would be lost silently. To rebuild the index from "
+                "the blob files (as unreferenced content), call "
+                "DirectoryStorage.rebuild_index(path); or remove the directory."
+            )
+        if not _writable(root) or (index is not None and not os.access(self._index_path, os.W_OK)):
+            if index is None or rebuild:
+                raise StorageError(
+                    f"store root {root!r} is not writable (read-only filesystem or "
+                    f"permissions): cannot {'rebuild its index' if rebuild else 'create a store'}"
+                )
+            self._read_only = True
+            self._next_reap = float("inf")  # a read-only handle never reaps
+        return index
+
     def _open_index(self, *, rebuild: bool) -> None:
         try:
-            marker = self._lstat(self._root_fd, _MARKER)
-            index = self._lstat(self._root_fd, _INDEX)
-            if index is not None and not stat_module.S_ISREG(index.st_mode):
-                raise StorageError(
-                    f"refusing the index {self._index_path!r}: it is not a regular file "
-                    "(a symlink?)"
-                )
-            if index is None and marker is not None and not rebuild:
-                raise StorageError(
-                    f"the index {self._index_path!r} is missing although {self._root!r} holds "
-                    "a blobleases store (was it deleted?); refusing to open it, since every "
-                    "lease it recorded would be lost silently. To rebuild the index from "
-                    "the blob files (as unreferenced content), call "
-                    "DirectoryStorage.rebuild_index(path); or remove the directory."
-                )
-            if index is None:
-                if rebuild:
-                    for stale in (_INDEX + "-wal", _INDEX + "-shm", _INDEX + "-journal"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(stale, dir_fd=self._root_fd)
-                with contextlib.suppress(FileExistsError):
-                    os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
-            db = connect(self._index_path, safe=self._safe)
+            db = connect(self._index_path, safe=self._safe, read_only=self._read_only)
             try:
-                create_schema(db)
+                if self._read_only:
+                    check_schema(db)
+                else:
+                    create_schema(db)
             except BaseException:
                 db.close()
                 raise
-            if marker is None:
+            if not self._read_only and self._lstat(self._root_fd, _MARKER) is None:
                 try:
                     fd = os.open(_MARKER, _O_TMP, 0o600, dir_fd=self._root_fd)
                 except FileExistsError:
@@ -602,6 +758,14 @@ class DirectoryStorage(BlobStorage):
         self._db_pid = os.getpid()
         self._mypid = self._db_pid
         self._mystart = own_start_time()
+
+    @property
+    def read_only(self) -> bool:
+        """True when this handle opened the store read-only (its root or
+        index is not writable here): it lists, reads and verifies; every
+        change raises StorageError. Its leases and readers are held in this
+        process only (nothing can be recorded in the store)."""
+        return self._read_only
 
     @staticmethod
     def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
@@ -627,10 +791,10 @@ class DirectoryStorage(BlobStorage):
         return storage
 
     @classmethod
-    def shared_memory(cls, name: str, **policies: Any) -> DirectoryStorage:
+    def shared_memory(cls, name: str, *, create: bool = True, **policies: Any) -> DirectoryStorage:
         """The store ``name`` on tmpfs (``/dev/shm/blobleases-<uid>/<name>``):
         RAM-backed, shared by every process of this user, gone at reboot.
-        Its url is ``shm://<name>``."""
+        Its url is ``shm://<name>``. ``create`` as for the constructor."""
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         if not _SHM_NAME.fullmatch(name):
@@ -640,6 +804,8 @@ class DirectoryStorage(BlobStorage):
         if not os.path.isdir(_SHM_BASE):
             raise StorageError(f"shared memory stores need {_SHM_BASE} (a tmpfs), not found")
         base = os.path.join(_SHM_BASE, f"blobleases-{os.geteuid()}")
+        if not create and not os.path.lexists(base):
+            raise StorageError(f"no blobleases store at {os.path.join(base, name)!r}")
         try:
             os.mkdir(base, 0o700)
         except FileExistsError:
@@ -653,7 +819,7 @@ class DirectoryStorage(BlobStorage):
         if stat_module.S_ISLNK(st.st_mode):
             raise StorageError(f"refusing {base!r}: it is a symlink")
         _check_dir_stat(st, base)
-        storage = cls(os.path.join(base, name), **policies)
+        storage = cls(os.path.join(base, name), create=create, **policies)
         storage._url = f"shm://{name}"
         return storage
 
@@ -737,7 +903,7 @@ class DirectoryStorage(BlobStorage):
             _INHERITED.append(db)
             self._db = None
         try:
-            db = connect(self._index_path, safe=self._safe)
+            db = connect(self._index_path, safe=self._safe, read_only=self._read_only)
         except sqlite3.Error as exc:
             raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
         self._db, self._db_pid, self._mypid = db, pid, pid
@@ -773,6 +939,8 @@ class DirectoryStorage(BlobStorage):
         """Start a write transaction (call with the lock held; end it with
         :meth:`_commit` or :meth:`_abort`)."""
         db = self._conn()
+        if self._read_only:
+            self._refuse_read_only("change it")
         if maintain and time.time() >= self._next_reap:
             self._auto_reap()
         # _conn() checked that this process owns the connection: a writer
@@ -832,9 +1000,7 @@ class DirectoryStorage(BlobStorage):
             try:
                 known = tx.known
                 cid = known if known is not None and str(known) == key else ContentId.parse(key)
-                fd = self._shard_fd(cid, create=False)
-                if fd is not None:
-                    os.unlink(cid.hex, dir_fd=fd)
+                self._unlink_blob(cid)
             except (OSError, ValueError, StorageError):
                 pass
 
@@ -847,10 +1013,20 @@ class DirectoryStorage(BlobStorage):
         for t, k in tx.flushed:  # rolled back: record them again
             self._access[k] = max(t, self._access.get(k, t))
         if isinstance(exc, sqlite3.Error):
-            raise _error(f"index operation failed in {self._root!r}", exc) from exc
+            raise self._index_error(exc) from exc
         if isinstance(exc, OSError):
             raise _error(f"file operation failed in {self._root!r}", exc) from exc
         raise exc
+
+    def _index_error(self, exc: BaseException) -> StorageError:
+        """StorageError for an error that came out of the index."""
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, sqlite3.OperationalError) and "decode" not in text:
+            return StorageError(f"index operation failed on {self._index_path!r}: {text}")
+        return StorageError(
+            f"the index {self._index_path!r} is corrupted: {text} (verify() reports it; "
+            "move it away and call DirectoryStorage.rebuild_index to index the blob files again)"
+        )
 
     def _unlink_unreferenced(self, db: sqlite3.Connection, keys: list[str]) -> None:
         """Unlink the files of ``keys`` that no row names, under the write lock
@@ -870,17 +1046,19 @@ class DirectoryStorage(BlobStorage):
             for key in dict.fromkeys(keys):
                 if db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
                     continue
-                cid = ContentId.parse(key)
-                fd = self._shard_fd(cid, create=False)
-                if fd is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(cid.hex, dir_fd=fd)
-        except (OSError, sqlite3.Error):
+                with contextlib.suppress(FileNotFoundError):
+                    self._unlink_blob(ContentId.parse(key))
+        except (OSError, sqlite3.Error, StorageError):
             pass
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("COMMIT")
             writer.exit()
+
+    def _unlink_blob(self, cid: ContentId) -> None:
+        """Unlink ``cid``'s file (FileNotFoundError if there is none)."""
+        name = cid.hex
+        self._in_shard(cid, lambda shard: os.unlink(name, dir_fd=shard))
 
     def _writer(self) -> _WriterLock:
         """This process's writer lock of this store (shared by its handles)."""
@@ -904,6 +1082,8 @@ class DirectoryStorage(BlobStorage):
 
     def _touch(self, key: str, now: float) -> None:
         """Record an access for LRU, written to the index in batches."""
+        if self._read_only:
+            return
         self._access[key] = now
         if len(self._access) >= _ACCESS_FLUSH_ENTRIES or time.monotonic() >= self._access_flush_at:
             with self._write(maintain=False, expire=False, flush=True):
@@ -911,39 +1091,175 @@ class DirectoryStorage(BlobStorage):
 
     # -- directories and files --------------------------------------------------------
 
-    def _shard_fd(self, cid: ContentId, *, create: bool) -> int | None:
-        """The directory fd holding ``cid``'s file; None if it does not exist
-        (and ``create`` is false). Never follows a symlink."""
-        hexid = cid.hex
-        key = (cid.algorithm, hexid[:2])
-        fd = self._shard_fds.get(key)
-        if fd is not None:
-            return fd
+    def _dir_fd(self, rel: str, *, create: bool, check: bool = False) -> int | None:
+        """The cached fd of directory ``rel`` (``tmp``, ``blobs`` or
+        ``blobs/<algorithm>``), opened component by component from the root
+        without following a symlink; None if it does not exist and not
+        ``create``. With ``check``, a cached fd is first checked to still be
+        the directory at that path (it was not removed or replaced); if not,
+        it and those below it are closed and the path is opened again (and
+        re-created if ``create``). Takes the lock: cached fds are closed
+        only under it."""
         with self._lock:
-            fd = self._shard_fds.get(key)
+            fd = self._dirs.get(rel)
             if fd is not None:
-                return fd
-            alg_fd = self._alg_fds.get(cid.algorithm)
-            try:
-                if alg_fd is None:
-                    fresh = self._lstat(self._blobs_fd, cid.algorithm) is None
-                    if fresh and not create:
-                        return None
-                    alg_fd = self._subdir(
-                        self._blobs_fd, cid.algorithm, f"blobs/{cid.algorithm}", create=True
-                    )
-                    self._alg_fds[cid.algorithm] = alg_fd
-                    if fresh:
-                        self._make_shards(alg_fd)
-                if not create and self._lstat(alg_fd, hexid[:2]) is None:
-                    return None
-                fd = self._subdir(
-                    alg_fd, hexid[:2], f"blobs/{cid.algorithm}/{hexid[:2]}", create=True
-                )
-            except OSError as exc:
-                raise _error(f"cannot open the blob directory of {cid}", exc) from exc
-            self._shard_fds[key] = fd
+                if not check or self._current(rel, fd):
+                    return fd
+                self._forget(rel)
+            parent_rel, _, name = rel.rpartition("/")
+            parent = (
+                self._dir_fd(parent_rel, create=create, check=check)
+                if parent_rel
+                else self._root_fd
+            )
+            if parent is None:
+                return None
+            fresh = self._lstat(parent, name) is None
+            if fresh and not create:
+                return None
+            fd = self._subdir(parent, name, rel, create=True)
+            self._dirs[rel] = fd
+            if rel == "tmp":
+                self._tmp_fd = fd
+            elif rel == "blobs":
+                self._blobs_fd = fd
+            elif fresh:
+                self._make_shards(fd)
             return fd
+
+    def _current(self, rel: str, fd: int) -> bool:
+        """Whether ``fd`` is still the directory at ``rel`` under the root."""
+        try:
+            held = os.fstat(fd)
+            if held.st_nlink == 0:
+                return False  # removed
+            now = os.stat(rel, dir_fd=self._root_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+    def _forget(self, rel: str) -> None:
+        """Close the cached fds of ``rel`` and of every directory below it
+        (lock held)."""
+        for key in [k for k in self._shards if k == rel or k.startswith(rel + "/")]:
+            with contextlib.suppress(OSError):
+                os.close(self._shards.pop(key))
+        for key in [k for k in self._dirs if k == rel or k.startswith(rel + "/")]:
+            fd = self._dirs.pop(key)
+            if key == "tmp":
+                self._tmp_fd = -1
+            elif key == "blobs":
+                self._blobs_fd = -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _shard_dir(self, cid: ContentId, *, create: bool, check: bool) -> int | None:
+        """The cached fd of ``cid``'s shard directory (lock held; at most
+        ``_shard_cap`` are kept, least recently used closed first); None if
+        it does not exist and not ``create``. ``check`` as for _dir_fd."""
+        rel = f"blobs/{cid.algorithm}/{cid.hex[:2]}"
+        shards = self._shards
+        fd = shards.get(rel)
+        if fd is not None:
+            if not check or self._current(rel, fd):
+                shards.move_to_end(rel)
+                return fd
+            self._forget(rel)
+        alg = self._dir_fd("blobs/" + cid.algorithm, create=create, check=check)
+        if alg is None:
+            return None
+        name = cid.hex[:2]
+        try:
+            fd = self._open_dir_at(alg, name)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not shards:
+                raise
+            for old in shards.values():  # out of descriptors: give ours back
+                with contextlib.suppress(OSError):
+                    os.close(old)
+            shards.clear()
+            fd = self._open_dir_at(alg, name)
+        if fd is None:
+            if not create:
+                return None
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=alg)
+            fd = os.open(name, _O_DIR, dir_fd=alg)
+        shards[rel] = fd
+        while len(shards) > self._shard_cap:
+            _, old = shards.popitem(last=False)
+            with contextlib.suppress(OSError):
+                os.close(old)
+        return fd
+
+    @staticmethod
+    def _open_dir_at(parent: int, name: str) -> int | None:
+        try:
+            return os.open(name, _O_DIR, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+
+    def _in_shard(
+        self,
+        cid: ContentId,
+        action: Callable[[int], _T],
+        *,
+        create: bool = False,
+        check: bool = False,
+    ) -> _T:
+        """``action(fd)`` with the fd of ``cid``'s shard directory, under
+        the lock (cached fds are closed only under it). FileNotFoundError
+        (from a missing directory, or from ``action``) is raised only after
+        a second try through fresh path look-ups: a directory this handle
+        holds may have been removed or replaced behind its back, and what
+        another process stored since is under the new one. ``check``: look
+        the path up first (for a store, whose file others must find)."""
+        with self._lock:
+            if not check:
+                rel = f"blobs/{cid.algorithm}/{cid.hex[:2]}"
+                cached = self._shards.get(rel)
+                if cached is not None:
+                    self._shards.move_to_end(rel)
+                    try:
+                        return action(cached)
+                    except FileNotFoundError:
+                        check = True  # look the path up again
+            for fresh in (False, True) if not check else (True,):
+                try:
+                    shard = self._shard_dir(cid, create=create, check=fresh)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise StorageError(
+                            f"refusing the blob directory of {cid} in {self._root!r}: it is "
+                            "a symlink or not a directory"
+                        ) from exc
+                    raise _error(f"cannot open the blob directory of {cid}", exc) from exc
+                if shard is None:
+                    if fresh:
+                        raise FileNotFoundError(errno.ENOENT, f"no blob directory for {cid}")
+                    continue
+                try:
+                    return action(shard)
+                except FileNotFoundError:
+                    if fresh:
+                        raise
+            raise AssertionError("unreachable")
+
+    def _in_tmp(self, action: Callable[[int], _T], *, create: bool = True) -> _T:
+        """``action(fd)`` with the fd of ``tmp/`` (lock held while it runs);
+        retried once through a fresh look-up (re-creating ``tmp/``) if it
+        raises FileNotFoundError."""
+        with self._lock:
+            for fresh in (False, True):
+                fd = self._dir_fd("tmp", create=create, check=fresh)
+                if fd is None:
+                    raise FileNotFoundError(errno.ENOENT, "no tmp directory")
+                try:
+                    return action(fd)
+                except FileNotFoundError:
+                    if fresh:
+                        raise
+            raise AssertionError("unreachable")
 
     def _make_shards(self, alg_fd: int) -> None:
         """Create the 256 shard directories of a new algorithm directory at
@@ -964,15 +1280,23 @@ class DirectoryStorage(BlobStorage):
         return f"{prefix[1]}{secrets.token_hex(8)}.tmp"
 
     def _open_temp(self) -> tuple[str, int]:
+        if self._read_only:
+            self._refuse_read_only("store")
         name = self._temp_name()
         try:
-            return name, os.open(name, _O_TMP, 0o600, dir_fd=self._tmp_fd)
+            return name, self._in_tmp(lambda tmp: os.open(name, _O_TMP, 0o600, dir_fd=tmp))
         except OSError as exc:
             raise _error(f"cannot create a temporary file in {self._root!r}/tmp", exc) from exc
 
     def _discard_temp(self, name: str) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), self._lock:
             os.unlink(name, dir_fd=self._tmp_fd)
+
+    def _refuse_read_only(self, what: str) -> NoReturn:
+        raise StorageError(
+            f"the store {self._root!r} is read-only (read-only filesystem or permissions): "
+            f"cannot {what}"
+        )
 
     def _write_temp(self, data: memoryview) -> str:
         name, fd = self._open_temp()
@@ -994,10 +1318,7 @@ class DirectoryStorage(BlobStorage):
         ``size`` bytes. Missing file: LeaseExpired if the lease went
         meanwhile, else IntegrityError; a symlink or wrong size: IntegrityError."""
         try:
-            shard = self._shard_fd(cid, create=False)
-            if shard is None:
-                raise FileNotFoundError(errno.ENOENT, "no such blob directory")
-            fd = os.open(cid.hex, _O_READ, dir_fd=shard)
+            fd = self._in_shard(cid, lambda shard: os.open(cid.hex, _O_READ, dir_fd=shard))
         except FileNotFoundError as exc:
             if lid is not None and not self._is_held(cid, lid):
                 raise self._lease_expired(cid, lid) from None
@@ -1024,11 +1345,8 @@ class DirectoryStorage(BlobStorage):
     def _check_file(self, cid: ContentId, size: int | None) -> int | None:
         """Rehash ``cid``'s file: its size if it is intact (and of ``size``
         when given), else None. FileNotFoundError if it is missing."""
-        shard = self._shard_fd(cid, create=False)
-        if shard is None:
-            raise FileNotFoundError(errno.ENOENT, "no such blob directory")
         try:
-            fd = os.open(cid.hex, _O_READ, dir_fd=shard)
+            fd = self._in_shard(cid, lambda shard: os.open(cid.hex, _O_READ, dir_fd=shard))
         except FileNotFoundError:
             raise
         except OSError:
@@ -1106,7 +1424,16 @@ class DirectoryStorage(BlobStorage):
             inserted = 1
         else:
             inserted = db.execute(
-                _SQL_INSERT_LEASE, (key, lkey, pid, start, expires, int(detached), tx.now)
+                _SQL_INSERT_LEASE,
+                {
+                    "cid": key,
+                    "lid": lkey,
+                    "pid": pid,
+                    "start": start,
+                    "expires": expires,
+                    "detached": int(detached),
+                    "now": tx.now,
+                },
             ).rowcount
         size = self._sizes.get(key)
         if inserted <= 0 or size is None:
@@ -1130,14 +1457,14 @@ class DirectoryStorage(BlobStorage):
         db = tx.db
         if self.policies.retain_bytes <= 0:
             # Nothing is retained: one statement checks and deletes.
-            rows = db.execute(_SQL_DELETE_UNREFERENCED, (key, tx.now)).fetchall()
+            rows = db.execute(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now}).fetchall()
             if rows:
                 db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
                 tx.doomed.append(key)
                 tx.deleted += 1
                 tx.freed += int(rows[0][0])
             return
-        if db.execute(_SQL_REFERENCED, (key, tx.now)).fetchone()[0]:
+        if db.execute(_SQL_REFERENCED, {"cid": key, "now": tx.now}).fetchone()[0]:
             return
         row = db.execute(_SQL_CONTENT, (key,)).fetchone()
         if row is None or row[1] is not None:
@@ -1161,7 +1488,7 @@ class DirectoryStorage(BlobStorage):
             if db.execute(_SQL_CONTENT, (key,)).fetchone() is not None:
                 return False
             self._make_room(tx, size)
-        if db.execute(_SQL_ADD_CONTENT, (key, size, tx.now)).rowcount <= 0:
+        if db.execute(_SQL_ADD_CONTENT, {"cid": key, "size": size, "now": tx.now}).rowcount <= 0:
             return False
         if key in tx.doomed:
             # deleted earlier in this transaction: its new file must stay
@@ -1319,12 +1646,31 @@ class DirectoryStorage(BlobStorage):
     def _is_held(self, cid: ContentId, lid: LeaseId) -> bool:
         with self._lock:
             db = self._conn()
+            if self._read_only:
+                return self._held_read_only(db, str(cid), str(lid), time.time()) is not None
             return db.execute(_SQL_HELD, (str(cid), str(lid), time.time())).fetchone() is not None
+
+    def _held_read_only(
+        self, db: sqlite3.Connection, key: str, lkey: str, now: float
+    ) -> int | None:
+        """A read-only handle's lease check: the size if ``(lkey, key)`` is
+        held in this process or in the index, else None (lock held)."""
+        local = (key, lkey)
+        if local in self._local_leases:
+            expires = self._local_leases[local]
+            if expires is None or expires > now:
+                row = db.execute(_SQL_CONTENT, (key,)).fetchone()
+                return None if row is None else int(row[0])
+            del self._local_leases[local]
+        row = db.execute(_SQL_HELD, (key, lkey, now)).fetchone()
+        return None if row is None else int(row[0])
 
     def _read_op(self, *, flush: bool = False) -> sqlite3.Connection:
         """Start a read-only operation (lock held): reap if due, end expired
         leases if any, and (if ``flush``) write recorded accesses."""
         db = self._op()
+        if self._read_only:
+            return db
         if (flush and self._access) or db.execute(
             _SQL_EXPIRED, (time.time(),)
         ).fetchone() is not None:
@@ -1334,6 +1680,7 @@ class DirectoryStorage(BlobStorage):
 
     # -- the backend methods -------------------------------------------------------------
 
+    @_index_errors
     def _store(
         self,
         cid: ContentId,
@@ -1344,12 +1691,16 @@ class DirectoryStorage(BlobStorage):
         hashed: bool,
     ) -> None:
         key = str(cid)
+        if self._read_only:
+            self._refuse_read_only("store")
         if data.nbytes <= _SMALL_STORE:
             self._place(cid, key, None, data.nbytes, lid, ttl, detached, data=data, hashed=hashed)
             return
         with self._lock:
             db = self._op()
-            held, present = db.execute(_SQL_HELD_PRESENT, (key, str(lid), time.time())).fetchone()
+            held, present = db.execute(
+                _SQL_HELD_PRESENT, {"cid": key, "lid": str(lid), "now": time.time()}
+            ).fetchone()
         if held:
             return
         if present:
@@ -1365,6 +1716,7 @@ class DirectoryStorage(BlobStorage):
         name = self._write_temp(data)
         self._place(cid, key, name, data.nbytes, lid, ttl, detached)
 
+    @_index_errors
     def _store_unhashed(
         self, data: memoryview, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> ContentId:
@@ -1457,11 +1809,13 @@ class DirectoryStorage(BlobStorage):
                             if not hashed and not cid.matches(data):
                                 raise IntegrityError(f"data does not hash to {cid}")
                             name = self._write_temp(data)
-                        shard = self._shard_fd(cid, create=True)
-                        os.replace(name, cid.hex, src_dir_fd=self._tmp_fd, dst_dir_fd=shard)
+                        self._in_shard(
+                            cid,
+                            functools.partial(self._rename_in, name, cid.hex),
+                            create=True,
+                            check=True,
+                        )
                         placed = True
-                        if self._safe:
-                            os.fsync(shard)  # type: ignore[arg-type]
                         self._hold(tx, key, lid, ttl, detached, first=True)
                 except BaseException as exc:
                     self._abort(tx, exc)
@@ -1474,6 +1828,12 @@ class DirectoryStorage(BlobStorage):
             if name is not None and not placed:
                 self._discard_temp(name)
 
+    def _rename_in(self, name: str, target: str, shard: int) -> None:
+        """Move temporary file ``name`` to ``target`` in directory ``shard``."""
+        os.replace(name, target, src_dir_fd=self._tmp_fd, dst_dir_fd=shard)
+        if self._safe:
+            os.fsync(shard)
+
     def _discard_placed(self, cid: ContentId, key: str) -> None:
         """Undo a rename whose transaction failed: unlink the file unless a
         row (of another store) names it."""
@@ -1481,6 +1841,7 @@ class DirectoryStorage(BlobStorage):
             if self._db is not None and self._db_pid == os.getpid():
                 self._unlink_unreferenced(self._db, [key])
 
+    @_index_errors
     def _store_file(
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
@@ -1534,10 +1895,13 @@ class DirectoryStorage(BlobStorage):
             _write_all(fd, chunk)
             total += chunk.nbytes
 
+    @_index_errors
     def _lease_by_content(
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
         key = str(cid)
+        if self._read_only:
+            return self._lease_read_only(cid, lid, ttl)
         with self._lock:
             # Expired leases need not be ended first: the insert ignores them.
             tx = self._begin(expire=False)
@@ -1550,8 +1914,14 @@ class DirectoryStorage(BlobStorage):
             raise ContentNotFound(cid)
         return size
 
+    @_index_errors
     def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
         key = str(cid)
+        if self._read_only:
+            try:
+                return self._lease_read_only(cid, new, None)
+            except ContentNotFound:
+                return None
         with self._lock:
             # One transaction: ``new`` is inserted as _lease_by_content does
             # (the unexpired ``old`` counts as a holder), then ``old`` goes.
@@ -1569,13 +1939,34 @@ class DirectoryStorage(BlobStorage):
             self._commit(tx)
         return size
 
+    def _lease_read_only(self, cid: ContentId, lid: LeaseId, ttl: float | None) -> int:
+        """A lease of a read-only handle: held in this process only (the
+        store cannot record it), on content that is present."""
+        key, lkey = str(cid), str(lid)
+        with self._lock:
+            db = self._op()
+            now = time.time()
+            size = self._held_read_only(db, key, lkey, now)
+            if size is None:
+                row = db.execute(_SQL_PRESENT_SIZE, {"cid": key, "now": now}).fetchone()
+                if row is None:
+                    raise ContentNotFound(cid)
+                size = int(row[0])
+            self._local_leases[(key, lkey)] = None if ttl is None else now + ttl
+        return size
+
+    @_index_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         key = str(cid)
         with self._lock:
             db = self._op()
             now = time.time()
             size = self._sizes.get(key)
-            if size is None:
+            if self._read_only:
+                size = self._held_read_only(db, key, str(lid), now)
+                if size is None:
+                    raise self._lease_expired(cid, lid)
+            elif size is None:
                 row = db.execute(_SQL_HELD, (key, str(lid), now)).fetchone()
                 if row is None:
                     raise self._lease_expired(cid, lid)
@@ -1597,8 +1988,17 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return data
 
+    @_index_errors
     def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
         key = str(cid)
+        if self._read_only:
+            # nothing can free the content through this handle: a hold in
+            # this process only (nothing to release)
+            with self._lock:
+                size = self._held_read_only(self._op(), key, str(lid), time.time())
+            if size is None:
+                raise self._lease_expired(cid, lid)
+            return BlobReader(self._map(cid, lid, size), size, lambda: None)
         with self._write() as tx:
             row = tx.db.execute(_SQL_HELD, (key, str(lid), tx.now)).fetchone()
             if row is None:
@@ -1636,6 +2036,7 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source
 
+    @_index_errors
     def _release_hold(self, hold: int, key: str) -> None:
         with self._lock:
             if self._closed or self._db_pid != os.getpid():
@@ -1644,8 +2045,15 @@ class DirectoryStorage(BlobStorage):
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
                     self._settle(tx, key)
 
+    @_index_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         key = str(cid)
+        if self._read_only:
+            with self._lock:
+                if self._local_leases.pop((key, str(lid)), 0) != 0:
+                    return
+                if not self._is_held(cid, lid):
+                    return  # not held: a no-op
         with self._lock:
             # No need to end expired leases first: settling ignores them.
             tx = self._begin(expire=False)
@@ -1659,6 +2067,7 @@ class DirectoryStorage(BlobStorage):
                 self._abort(tx, exc)
             self._commit(tx)
 
+    @_index_errors
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
             self._op()
@@ -1676,6 +2085,7 @@ class DirectoryStorage(BlobStorage):
                 (pid, start, tx.now),
             )
 
+    @_index_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
             self._end_leases(tx, "pid = ? AND detached = 0", (pid,))
@@ -1684,11 +2094,13 @@ class DirectoryStorage(BlobStorage):
             if pid == self._mypid:
                 self._proc_recorded = False
 
+    @_index_errors
     def _contains(self, cid: ContentId) -> bool:
         with self._lock:
             db = self._read_op()
             return db.execute(_SQL_CONTENT, (str(cid),)).fetchone() is not None
 
+    @_index_errors
     def _stat(self, cid: ContentId) -> BlobInfo:
         key = str(cid)
         with self._lock:
@@ -1696,23 +2108,25 @@ class DirectoryStorage(BlobStorage):
             now = time.time()
             row = db.execute(
                 "SELECT size, created, last_access, "
-                "(SELECT count(*) FROM leases WHERE cid = ?1 "
-                "AND (expires_at IS NULL OR expires_at > ?2)), "
-                "(SELECT count(*) FROM holds WHERE cid = ?1) "
-                "FROM content WHERE cid = ?1",
-                (key, now),
+                "(SELECT count(*) FROM leases WHERE cid = :cid "
+                "AND (expires_at IS NULL OR expires_at > :now)), "
+                "(SELECT count(*) FROM holds WHERE cid = :cid) "
+                "FROM content WHERE cid = :cid",
+                {"cid": key, "now": now},
             ).fetchone()
         if row is None:
             raise ContentNotFound(cid)
         size, created, last_access, leases, holds = row
         return BlobInfo(cid, int(size), int(leases), int(holds), created, last_access)
 
+    @_index_errors
     def _iter_content(self) -> list[ContentId]:
         with self._lock:
             db = self._read_op()
             keys = [r[0] for r in db.execute("SELECT cid FROM content")]
         return [ContentId.parse(k) for k in keys]
 
+    @_index_errors
     def _iter_leases(self) -> list[LeaseInfo]:
         with self._lock:
             db = self._read_op()
@@ -1727,6 +2141,7 @@ class DirectoryStorage(BlobStorage):
             out.append(LeaseInfo(lid, ContentId.parse(key), lid.pid, expires_at, bool(detached)))
         return out
 
+    @_index_errors
     def _stats(self) -> StorageStats:
         with self._lock:
             db = self._read_op()
@@ -1759,6 +2174,7 @@ class DirectoryStorage(BlobStorage):
             retained_bytes=int(retained_bytes),
         )
 
+    @_index_errors
     def _collect(self) -> CollectReport:
         report = CollectReport()
         with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
@@ -1778,17 +2194,28 @@ class DirectoryStorage(BlobStorage):
         return report
 
     def _file_exists(self, cid: ContentId) -> bool:
-        shard = self._shard_fd(cid, create=False)
-        return shard is not None and self._lstat(shard, cid.hex) is not None
+        """Whether ``cid``'s file exists, a miss confirmed by a fresh path
+        look-up (never a stale directory's say-so)."""
+        name = cid.hex
+
+        def look(shard: int) -> None:
+            os.stat(name, dir_fd=shard, follow_symlinks=False)
+
+        try:
+            self._in_shard(cid, look)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _scan_blob_files(self) -> list[tuple[str, str, str]]:
         """Every (algorithm, shard, name) non-directory entry under blobs/."""
         found: list[tuple[str, str, str]] = []
         for alg in ALGORITHMS:
-            try:
-                alg_fd = os.open(alg, _O_DIR, dir_fd=self._blobs_fd)
-            except OSError:
-                continue
+            with self._lock:
+                held = self._dir_fd("blobs/" + alg, create=False, check=True)
+                if held is None:
+                    continue
+                alg_fd = os.dup(held)
             try:
                 for shard in os.listdir(alg_fd):
                     if not _HEX2.fullmatch(shard):
@@ -1812,7 +2239,10 @@ class DirectoryStorage(BlobStorage):
         """Names in tmp/ whose writer is dead (or that no writer of ours made)."""
         dead: list[str] = []
         alive: dict[int, float | None] = {}
-        for name in os.listdir(self._tmp_fd):
+        with self._lock:
+            tmp = self._dir_fd("tmp", create=False, check=True)
+            names = [] if tmp is None else os.listdir(tmp)
+        for name in names:
             match = _TMP_NAME.fullmatch(name)
             if match is not None:
                 pid, start = int(match.group(1)), int(match.group(2)) / 1_000_000
@@ -1834,18 +2264,19 @@ class DirectoryStorage(BlobStorage):
         except OSError as exc:
             raise _error(f"cannot list the files of {self._root!r}", exc) from exc
         orphans: list[str] = []
-        with self._write(maintain=False) as tx:
+        with self._checking() as db:
             for alg, shard, name in candidates:
                 if _HEX64.fullmatch(name) and name[:2] == shard:
                     key = f"{alg}-{name}"
-                    if tx.db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
+                    if db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
                         continue
                 path = os.path.join(self._root, "blobs", alg, shard, name)
                 orphans.append(path)
                 if repair:
-                    try:
-                        shard_fd = os.open(shard, _O_DIR, dir_fd=self._alg_dir(alg))
-                    except OSError:
+                    with self._lock:
+                        alg_fd = self._dir_fd("blobs/" + alg, create=False)
+                        shard_fd = None if alg_fd is None else self._open_dir_at(alg_fd, shard)
+                    if shard_fd is None:
                         continue
                     try:
                         with contextlib.suppress(FileNotFoundError):
@@ -1855,18 +2286,30 @@ class DirectoryStorage(BlobStorage):
         for name in temps:
             orphans.append(os.path.join(self._root, "tmp", name))
             if repair:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError), self._lock:
                     os.unlink(name, dir_fd=self._tmp_fd)
         return orphans
 
-    def _alg_dir(self, alg: str) -> int:
-        fd = self._alg_fds.get(alg)
-        if fd is None:
-            fd = self._subdir(self._blobs_fd, alg, f"blobs/{alg}", create=True)
-            self._alg_fds[alg] = fd
-        return fd
+    @contextlib.contextmanager
+    def _checking(self) -> Iterator[sqlite3.Connection]:
+        """The index under the write lock (for a read-only handle, which
+        cannot take it, the index as it is)."""
+        if self._read_only:
+            with self._lock:
+                yield self._conn()
+        else:
+            with self._write(maintain=False) as tx:
+                yield tx.db
 
+    @_index_errors
     def _verify(self, repair: bool) -> VerifyReport:
+        if repair and self._read_only:
+            self._refuse_read_only("repair it (verify without repair)")
+        problems = self._index_problems()
+        if problems:
+            # nothing is repaired through a broken index: every row and file
+            # would be judged by what it says
+            return VerifyReport(index_errors=problems)
         with self._lock:
             db = self._read_op()
             rows = db.execute("SELECT cid, size FROM content").fetchall()
@@ -1892,6 +2335,48 @@ class DirectoryStorage(BlobStorage):
                     self._delete(tx, str(cid))
             report.repaired = True
         return report
+
+    def _index_problems(self) -> list[str]:
+        """What is wrong with the index itself: SQLite's ``quick_check`` of
+        its pages, then a decode of every row (which ``quick_check`` does not
+        do: text that is not UTF-8, ids that do not parse)."""
+        path = self._index_path
+        problems: list[str] = []
+        with self._lock:
+            db = self._conn()
+            try:
+                for (line,) in db.execute("PRAGMA quick_check(20)"):
+                    if line != "ok":
+                        problems.append(f"{path}: {line}")
+            except sqlite3.Error as exc:
+                problems.append(f"{path}: {exc}")
+            if problems:
+                return problems
+            checks: list[tuple[str, str, Callable[[Any], object]]] = [
+                (
+                    "content",
+                    "SELECT cid, size FROM content",
+                    lambda r: (ContentId.parse(r[0]), int(r[1])),
+                ),
+                (
+                    "leases",
+                    "SELECT cid, lid FROM leases",
+                    lambda r: (ContentId.parse(r[0]), LeaseId.parse(r[1])),
+                ),
+                ("holds", "SELECT cid FROM holds", lambda r: ContentId.parse(r[0])),
+            ]
+            for table, sql, decode in checks:
+                try:
+                    for row in db.execute(sql):
+                        try:
+                            decode(row)
+                        except (ValueError, TypeError) as exc:
+                            problems.append(f"{path}: a row of {table} does not decode: {exc}")
+                            if len(problems) >= 20:
+                                return problems
+                except sqlite3.Error as exc:
+                    problems.append(f"{path}: reading {table}: {exc}")
+        return problems
 
     def _close(self) -> None:
         with self._lock:
@@ -1936,9 +2421,10 @@ class DirectoryStorage(BlobStorage):
                 self._expire_some(tx, _CLOSE_EXPIRE_LIMIT)
 
     def _close_fds(self) -> None:
-        fds = [*self._shard_fds.values(), *self._alg_fds.values()]
-        fds += [fd for fd in (self._blobs_fd, self._tmp_fd, self._root_fd) if fd >= 0]
-        self._shard_fds, self._alg_fds = {}, {}
+        fds = [*self._shards.values(), *self._dirs.values()]
+        self._shards = OrderedDict()
+        fds += [self._root_fd] if self._root_fd >= 0 else []
+        self._dirs = {}
         self._blobs_fd = self._tmp_fd = self._root_fd = -1
         for fd in fds:
             with contextlib.suppress(OSError):

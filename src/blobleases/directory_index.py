@@ -31,8 +31,9 @@ when a process dies (even by SIGKILL).
 from __future__ import annotations
 
 import sqlite3
+from urllib.parse import quote
 
-__all__ = ["SCHEMA_VERSION", "connect", "create_schema"]
+__all__ = ["SCHEMA_VERSION", "check_schema", "connect", "create_schema"]
 
 SCHEMA_VERSION = 1
 
@@ -97,9 +98,16 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('dedup_hits', 0);
 """
 
 
-def connect(path: str, *, safe: bool) -> sqlite3.Connection:
+def connect(path: str, *, safe: bool, read_only: bool = False) -> sqlite3.Connection:
     """Open the index at ``path`` in autocommit mode (transactions are
-    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``."""
+    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``.
+
+    ``read_only``: opened with ``mode=ro``, which reads a WAL index only
+    while its ``-wal`` and ``-shm`` files exist (a process has it open
+    elsewhere); else (none of them, and none can be made on a read-only
+    filesystem) with ``immutable=1``: nobody writes the index then."""
+    if read_only:
+        return _connect_read_only(path)
     db = sqlite3.connect(
         path,
         timeout=120.0,
@@ -118,6 +126,42 @@ def connect(path: str, *, safe: bool) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    last: sqlite3.Error | None = None
+    for query in ("mode=ro", "mode=ro&immutable=1"):
+        db = sqlite3.connect(
+            f"file:{quote(path, safe='/')}?{query}",
+            uri=True,
+            timeout=120.0,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=256,
+        )
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            db.close()
+            last = exc
+            continue
+        except BaseException:
+            db.close()
+            raise
+        return db
+    assert last is not None
+    raise last
+
+
+def check_schema(db: sqlite3.Connection) -> None:
+    """Refuse an index of a newer schema (for a read-only connection, which
+    cannot create one)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"the index has schema version {version}; this blobleases knows "
+            f"{SCHEMA_VERSION}: upgrade blobleases"
+        )
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:

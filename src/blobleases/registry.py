@@ -91,7 +91,7 @@ def storage_for_url(url: str | None) -> BlobStorage:
             return cached
         from .urls import open_storage
 
-        opened = open_storage(url)
+        opened = open_storage(url, create=False)  # a ticket names a store that exists
         _REGISTRY.opened[url] = opened
         if current is None:
             _REGISTRY.registered = opened

@@ -72,6 +72,9 @@ class VerifyReport:
     size); ``missing``: blobs the index knows but whose bytes are gone;
     ``orphaned``: stored bytes no index entry names (paths or keys, as text).
     ``repaired`` is True when ``verify(repair=True)`` removed what it found.
+    ``index_errors``: what is wrong with the index itself (a DirectoryStorage's
+    SQLite file), one line each; nothing is checked or repaired through a
+    broken index.
     """
 
     checked: int = 0
@@ -79,6 +82,7 @@ class VerifyReport:
     missing: list[ContentId] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
     repaired: bool = False
+    index_errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -86,7 +90,7 @@ class VerifyReport:
         return not self
 
     def __bool__(self) -> bool:
-        return bool(self.corrupted or self.missing or self.orphaned)
+        return bool(self.corrupted or self.missing or self.orphaned or self.index_errors)
 
 
 @dataclass(frozen=True, slots=True)

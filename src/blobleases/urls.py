@@ -17,10 +17,16 @@ __all__ = ["open_storage"]
 _SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def open_storage(url: str, **policies: Any) -> BlobStorage:
-    """Open the store that ``url`` names, with the given policy keywords."""
+def open_storage(url: str, *, create: bool = True, **policies: Any) -> BlobStorage:
+    """Open the store that ``url`` names, with the given policy keywords.
+
+    ``create=False``: a directory store (a path, ``file://``, ``shm://``)
+    must exist already (StorageError, with nothing created, if not); the
+    other kinds are opened as usual."""
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, not {type(url).__name__}")
+    if not isinstance(create, bool):
+        raise TypeError(f"create must be a bool, not {type(create).__name__}")
     if not url:
         raise ValueError("url must not be empty")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
@@ -44,7 +50,7 @@ def open_storage(url: str, **policies: Any) -> BlobStorage:
             )
         from .directory import DirectoryStorage
 
-        return DirectoryStorage.shared_memory(name, **policies)
+        return DirectoryStorage.shared_memory(name, create=create, **policies)
     if scheme == "file":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
@@ -54,7 +60,7 @@ def open_storage(url: str, **policies: Any) -> BlobStorage:
             raise ValueError(f"url {url!r} names no path")
         from .directory import DirectoryStorage
 
-        return DirectoryStorage(path, **policies)
+        return DirectoryStorage(path, create=create, **policies)
     if scheme in ("redis", "rediss", "redis+cluster", "unix"):
         from .redis_storage import RedisStorage
 
@@ -66,4 +72,4 @@ def open_storage(url: str, **policies: Any) -> BlobStorage:
         )
     from .directory import DirectoryStorage
 
-    return DirectoryStorage(url, **policies)
+    return DirectoryStorage(url, create=create, **policies)
