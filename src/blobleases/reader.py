@@ -242,16 +242,15 @@ class BlobReader(io.BufferedIOBase):
     def seek(self, offset: Any, whence: Any = io.SEEK_SET) -> int:
         if self.closed:
             self._closed_error()
-        offset = operator.index(offset)
-        whence = operator.index(whence)
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
+        delta, how = operator.index(offset), operator.index(whence)
+        if how == io.SEEK_SET:
+            pos = delta
+        elif how == io.SEEK_CUR:
+            pos = self._pos + delta
+        elif how == io.SEEK_END:
+            pos = self._size + delta
         else:
-            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+            raise ValueError(f"invalid whence ({how}, should be 0, 1 or 2)")
         if pos < 0:
             raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: seek to {pos}")
         self._lines.clear()
