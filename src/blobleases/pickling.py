@@ -19,6 +19,7 @@ and buffer list: ``inner = (refs, pickle bytes)``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sys
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .content_id import ContentId, check_algorithm
-from .errors import ContentNotFound, LeaseExpired
+from .errors import BlobLeaseError, ContentNotFound, LeaseExpired
 from .lease import BlobLease
 from .lease_id import LeaseId
 from .manager import BlobManager
@@ -235,6 +236,12 @@ def _lease(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> BlobLe
             lease = pickle.loads(ticket)
             if not isinstance(lease, BlobLease):
                 raise ValueError("payload holds a ticket that is not a lease")
+            # Tickets are single-use: end the transfer lease now (a no-op
+            # where loading the ticket ended it).
+            with contextlib.suppress(BlobLeaseError):
+                lease.storage.advise_lease_dropped(
+                    LeaseId.parse(transfer_text), ContentId.parse(cid_text)
+                )
             return lease
         cid = ContentId.parse(cid_text)
         lease = BlobManager(storage).get_by_content_id(cid)
@@ -253,5 +260,11 @@ def _view(lease: BlobLease) -> memoryview:
     keeps both the reader's hold and ``lease`` (LeaseExpired if gone)."""
     with lease.get_reader() as reader:
         view = reader.getbuffer()
-    weakref.finalize(view.obj, lease.close)
+    weakref.finalize(view.obj, _end_lease, lease)
     return view
+
+
+def _end_lease(lease: BlobLease) -> None:
+    # The storage may be closed by now: a shared store reaps the lease.
+    with contextlib.suppress(BlobLeaseError):
+        lease.close()

@@ -39,7 +39,7 @@ _PEEK = 8192
 _BLOCK = 1 << 16
 #: Range readers fetch at least this much at once for small reads and lines.
 _RANGE_BLOCK = 1 << 18
-_COPY_CHUNK = 1 << 22
+_COPY_CHUNK = 1 << 18
 _NEWLINE = re.compile(b"\n")
 
 
@@ -407,7 +407,7 @@ class BlobReader(io.BufferedIOBase):
         if limit > 0:
             lines: list[bytes] = []
             total = 0
-            while total < limit:
+            while total <= limit:
                 line = self.readline()
                 if not line:
                     break
