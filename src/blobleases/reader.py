@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import io
+import itertools
 import mmap
 import operator
 import os
@@ -193,8 +194,12 @@ class BlobReader(io.BufferedIOBase):
         self._pos = 0
         self._lock = threading.Lock()
         self._hold = _Hold(release)
-        # Lines split ahead by __next__, last first, all starting at _pos.
+        # Lines split ahead by iteration, last first. While there are some,
+        # _pos is where they end: the position is _pos minus their length
+        # (line iteration then costs a list pop, no position update), and
+        # _ends[k] is the length of _lines[:k], computed when tell() asks.
         self._lines: list[bytes] = []
+        self._ends: list[int] | None = None
         # A range reader's cached block: its bytes and where they start.
         self._block = b""
         self._block_start = 0
@@ -237,11 +242,26 @@ class BlobReader(io.BufferedIOBase):
     def tell(self) -> int:
         if self.closed:
             self._closed_error()
-        return self._pos
+        lines = self._lines
+        if not lines:
+            return self._pos
+        ends = self._ends
+        if ends is None or len(ends) <= len(lines):
+            # Pops only shorten _lines: a table made now stays right.
+            ends = self._ends = [0, *itertools.accumulate(map(len, lines))]
+        return self._pos - ends[len(lines)]
+
+    def _settle(self) -> None:
+        """Drop the lines split ahead, making _pos the position."""
+        if self._lines:
+            self._pos = self.tell()
+            self._lines = []
+            self._ends = None
 
     def seek(self, offset: Any, whence: Any = io.SEEK_SET) -> int:
         if self.closed:
             self._closed_error()
+        self._settle()
         delta, how = operator.index(offset), operator.index(whence)
         if how == io.SEEK_SET:
             pos = delta
@@ -253,7 +273,6 @@ class BlobReader(io.BufferedIOBase):
             raise ValueError(f"invalid whence ({how}, should be 0, 1 or 2)")
         if pos < 0:
             raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: seek to {pos}")
-        self._lines.clear()
         self._pos = pos
         return pos
 
@@ -284,9 +303,9 @@ class BlobReader(io.BufferedIOBase):
     def read(self, size: Any = -1, /) -> bytes:
         if self.closed:
             self._closed_error()
+        self._settle()
         start = self._pos
         data = self._bytes(start, start + self._count(size))
-        self._lines.clear()
         self._pos = start + len(data)
         return data
 
@@ -297,6 +316,7 @@ class BlobReader(io.BufferedIOBase):
         if self.closed:
             self._closed_error()
         target = memoryview(buffer).cast("B")
+        self._settle()
         start = self._pos
         n = self._count(len(target))
         if n <= 0:
@@ -307,7 +327,6 @@ class BlobReader(io.BufferedIOBase):
             chunk = self._bytes(start, start + n)
             n = len(chunk)
             target[:n] = chunk
-        self._lines.clear()
         self._pos = start + n
         return n
 
@@ -319,6 +338,7 @@ class BlobReader(io.BufferedIOBase):
         to 8 KiB or ``size``), without moving it."""
         if self.closed:
             self._closed_error()
+        self._settle()
         start = self._pos
         end = min(start + max(operator.index(size), _PEEK), self._size)
         if self._view is None:
@@ -346,16 +366,12 @@ class BlobReader(io.BufferedIOBase):
         if self.closed:
             self._closed_error()
         limit = -1 if size is None else operator.index(size)
-        lines = self._lines
         if limit < 0:
-            if not lines:
-                lines = self._split_ahead()
-                if not lines:
-                    return b""
-            line = lines.pop()
-            self._pos += len(line)
-            return line
-        lines.clear()
+            try:
+                return self._lines.pop()
+            except IndexError:
+                return self._next_line()
+        self._settle()
         start = self._pos
         end = self._find_newline(start, start + self._count(limit))
         line = self._bytes(start, end)
@@ -363,37 +379,36 @@ class BlobReader(io.BufferedIOBase):
         return line
 
     def __next__(self) -> bytes:
-        lines = self._lines
-        if lines:
-            line = lines.pop()
-            self._pos += len(line)
-            return line
-        if self.closed:
-            self._closed_error()
-        lines = self._split_ahead()
-        if not lines:
+        try:
+            return self._lines.pop()
+        except IndexError:
+            line = self._next_line()
+        if not line:
             raise StopIteration
-        line = lines.pop()
-        self._pos += len(line)
         return line
 
-    def _split_ahead(self) -> list[bytes]:
-        """Split the whole lines of the next block (at least one line, none
-        at the end) into ``_lines``, last first, and return it."""
+    def _next_line(self) -> bytes:
+        """Split the whole lines of the next block (at least one line) into
+        ``_lines``, last first, and pop the first (b"" at the end)."""
+        if self.closed:
+            self._closed_error()
         start = self._pos
-        if start < self._size:
-            end = min(start + _BLOCK, self._size)
-            block = self._bytes(start, end)
-            if end < self._size:  # split whole lines only
-                cut = block.rfind(b"\n") + 1
-                if not cut:
-                    block = self._bytes(start, self._find_newline(start, self._size))
-                elif cut < len(block):
-                    block = block[:cut]
-            lines = _split_lines(block)
-            lines.reverse()
-            self._lines = lines
-        return self._lines
+        if start >= self._size:
+            return b""
+        end = min(start + _BLOCK, self._size)
+        block = self._bytes(start, end)
+        if end < self._size:  # split whole lines only
+            cut = block.rfind(b"\n") + 1
+            if not cut:
+                block = self._bytes(start, self._find_newline(start, self._size))
+            elif cut < len(block):
+                block = block[:cut]
+        lines = _split_lines(block)
+        lines.reverse()
+        self._pos = start + len(block)
+        self._ends = None
+        self._lines = lines
+        return lines.pop()
 
     def __iter__(self) -> BlobReader:
         if self.closed:
@@ -414,8 +429,8 @@ class BlobReader(io.BufferedIOBase):
                 lines.append(line)
                 total += len(line)
             return lines
-        pending, self._lines = self._lines[::-1], []
-        start = self._pos + sum(map(len, pending))
+        pending, self._lines, self._ends = self._lines[::-1], [], None
+        start = self._pos  # where the pending lines end
         rest = self._bytes(start, max(start, self._size))
         self._pos = start + len(rest)
         return pending + _split_lines(rest) if pending else _split_lines(rest)
@@ -464,6 +479,7 @@ class BlobReader(io.BufferedIOBase):
                 return
             super().close()
             self._lines = []
+            self._ends = None
             self._block = b""
             view, self._view = self._view, None
             self._whole = None
@@ -484,5 +500,5 @@ class BlobReader(io.BufferedIOBase):
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"pos={self._pos}"
+        state = "closed" if self.closed else f"pos={self.tell()}"
         return f"<BlobReader size={self._size} {state}>"
