@@ -323,27 +323,48 @@ def test_bad_payloads_and_arguments(storage: BlobStorage) -> None:
 # -- other processes -----------------------------------------------------------
 
 
-def _receive(payload: bytes) -> tuple[float, bool, str, tuple[int, ...], bool, int]:
+def _frames() -> dict[str, Any]:
+    """A pandas DataFrame and a pyarrow Table, where installed."""
+    made: dict[str, Any] = {}
+    try:
+        import pandas as pd
+
+        made["frame"] = pd.DataFrame({"a": np.arange(50_000.0), "b": ["s"] * 50_000})
+    except ImportError:
+        pass
+    try:
+        import pyarrow as pa
+
+        made["table"] = pa.table({"a": np.arange(50_000.0)})
+    except ImportError:
+        pass
+    return made
+
+
+def _receive(payload: bytes) -> tuple[Any, ...]:
     """In a spawned child: load the payload through the store its tickets name."""
     out = loads(payload)
     array = out["array"]
+    frames = _frames()
     return (
         float(array.sum()),
         bool(array.flags.writeable),
         str(array.dtype),
         tuple(array.shape),
         bool(array.flags.f_contiguous),
-        len(out["bytes"]),
+        bytes(out["bytes"]) == b"q" * 100_000,
+        sorted(name for name, value in frames.items() if out[name].equals(value)),
     )
 
 
 def test_round_trip_in_a_spawned_process(shared: BlobStorage) -> None:
     array = np.asfortranarray(np.arange(200_000, dtype=np.float32).reshape(400, 500))
-    payload = dumps({"array": array, "bytes": b"q" * 100_000}, storage=shared)
+    frames = _frames()
+    payload = dumps({"array": array, "bytes": b"q" * 100_000, **frames}, storage=shared)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         got = pool.apply(_receive, (payload,))
-    assert got == (float(array.sum()), False, "float32", (400, 500), True, 100_000)
+    assert got == (float(array.sum()), False, "float32", (400, 500), True, True, sorted(frames))
     # The child loaded the tickets (single-use) and let go: nothing is left.
     shared.collect()
     assert shared.stats().blobs == 0

@@ -9,12 +9,13 @@ keeps the lease and the reader hold behind it.
 Payload layout (a protocol 5 pickle of plain values, so loading it runs no
 blobleases code before :func:`loads` decides how to load the tickets)::
 
-    ("blobleases.dumps", 1, blobs, inner)
+    ("blobleases.dumps", 1, blobs, (refs, inner))
 
 ``blobs`` lists one ``(content id, transfer lease id, pickled ticket)`` per
-stored blob; ``inner`` is the pickle of the object, whose out-of-band
-buffers are, in order, the blobs numbered by ``refs`` in its persistent ids
-and buffer list: ``inner = (refs, pickle bytes)``.
+stored blob; ``inner`` is the pickle of the object. Its out-of-band buffers
+are, in order, the blobs numbered in ``refs``; its persistent ids
+``("blobleases.buffer", kind, blob number, format, shape)`` stand for the
+bytes-like objects.
 """
 
 from __future__ import annotations
@@ -217,15 +218,19 @@ def loads(payload: bytes, *, storage: BlobStorage | None = None) -> Any:
         raise
     del leases
 
-    def persistent_load(pid: Any) -> memoryview:
+    return _Loader(inner, views, refs).load()
+
+
+class _Loader(pickle.Unpickler):
+    def __init__(self, inner: bytes, views: list[memoryview], refs: list[int]) -> None:
+        super().__init__(io.BytesIO(inner), buffers=[views[n] for n in refs])
+        self._views = views
+
+    def persistent_load(self, pid: Any) -> memoryview:
         tag, _kind, number, fmt, shape = pid
         if tag != _PID:
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        return _shaped(views[number], fmt, tuple(shape))
-
-    unpickler = pickle.Unpickler(io.BytesIO(inner), buffers=[views[n] for n in refs])
-    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
-    return unpickler.load()
+        return _shaped(self._views[number], fmt, tuple(shape))
 
 
 def _lease(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> BlobLease:
