@@ -19,6 +19,7 @@ any other buffer) is copied once into an anonymous ``mmap`` on the first
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -31,6 +32,8 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
+
+from .errors import IntegrityError
 
 __all__ = ["BlobReader", "BufferSource", "RangeSource", "ReaderSource"]
 
@@ -501,8 +504,13 @@ class BlobReader(io.BufferedIOBase):
         else:
             mapped = mmap.mmap(-1, self._size)
             for offset in range(0, self._size, _COPY_CHUNK):
-                chunk = self._source.read_range(offset, min(_COPY_CHUNK, self._size - offset))
-                mapped[offset : offset + len(chunk)] = chunk
+                length = min(_COPY_CHUNK, self._size - offset)
+                chunk = self._source.read_range(offset, length)
+                if len(chunk) != length:
+                    raise IntegrityError(
+                        f"the blob is shorter than its {self._size} bytes (at {offset})"
+                    )
+                mapped[offset : offset + length] = chunk
             view = memoryview(mapped).toreadonly()
         self._hold.keep(view.obj)
         return view
@@ -521,7 +529,8 @@ class BlobReader(io.BufferedIOBase):
             view, self._view = self._view, None
             self._whole = None
         if view is not None:
-            view.release()
+            with contextlib.suppress(BufferError):  # then it ends with its exports
+                view.release()
         del view
         try:
             if _PID.value == self._hold.pid:
