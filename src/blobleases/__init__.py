@@ -26,6 +26,7 @@ from .lease import BlobLease, ByValue, LeaseTicket
 from .lease_id import LeaseId
 from .manager import BlobManager, get_by_content_id, store, store_file
 from .memory import MemoryStorage
+from .pickling import dumps, loads
 from .policies import Policies
 from .reader import BlobReader
 from .registry import get_storage, register_storage, unregister_storage
@@ -68,8 +69,10 @@ __all__ = [
     "StoreFull",
     "VerifyReport",
     "__version__",
+    "dumps",
     "get_by_content_id",
     "get_storage",
+    "loads",
     "open_storage",
     "register_storage",
     "store",

@@ -56,16 +56,39 @@ def new_hasher(algorithm: str = "sha256") -> Any:
     return blake3.blake3(max_threads=blake3.blake3.AUTO)
 
 
+class _NotContiguous(TypeError, ValueError):
+    """A buffer that is not C-contiguous (a TypeError, and a ValueError as
+    it always was)."""
+
+
+#: Field names in a struct format (``T{<d:name:}``), which may hold any letter.
+_FIELD_NAMES = re.compile(r":[^:]*:")
+
+
 def as_buffer(data: object, name: str = "data") -> memoryview:
-    """A flat read-only byte view of a bytes-like object, without copying."""
+    """A flat read-only byte view of a C-contiguous bytes-like object,
+    without copying. Buffers of Python objects (numpy object arrays: their
+    bytes are pointers) and buffers that are not C-contiguous (Fortran
+    order, transposed, strided) raise TypeError."""
     if isinstance(data, str):
         raise TypeError(f"{name} must be bytes-like, not str (encode it first)")
     try:
         view = memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be bytes-like, not {type(data).__name__}") from None
+    if "O" in _FIELD_NAMES.sub("", view.format):
+        raise TypeError(
+            f"{name} is a buffer of Python objects (format {view.format!r}, e.g. a numpy "
+            "object array): its bytes are pointers; pickle it (blobleases.dumps) instead"
+        )
     if not view.c_contiguous:
-        raise ValueError(f"{name} must be a C-contiguous buffer")
+        raise _NotContiguous(
+            f"{name} must be a C-contiguous buffer: copy it first (numpy.ascontiguousarray(a) "
+            "or bytes(memoryview(a))), or pass the object through blobleases.dumps, "
+            "which handles every memory layout"
+        )
+    if view.nbytes == 0:
+        return memoryview(b"")
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view.toreadonly()

@@ -2,18 +2,49 @@
 
 A reader is a *hold*: the storage keeps the blob's bytes until the reader is
 closed (or garbage-collected, or its process is reaped), even if the lease it
-was opened through is dropped.
+was opened through is dropped, and after that for as long as any view from
+:meth:`BlobReader.getbuffer` lives (a memoryview, a slice of it, a numpy
+array over it).
+
+How a view keeps the hold (Python 3.11 has no ``__buffer__``, so no Python
+object can export a buffer of its own): every view is exported by one
+*exporter* object made for this reader alone, and a ``weakref.finalize`` on
+that exporter ends the hold when the last view (and the reader) let go of it.
+Directory readers export from their own ``mmap``; a blob a backend holds as
+``bytes`` is exported by a ctypes array over those bytes (no copy, about
+0.5 us per reader) that keeps them alive; a backend that fetches ranges (or
+any other buffer) is copied once into an anonymous ``mmap`` on the first
+``getbuffer``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import io
+import itertools
+import mmap
+import operator
 import os
+import re
 import threading
+import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, NoReturn, Protocol
+
+from .errors import IntegrityError
 
 __all__ = ["BlobReader", "BufferSource", "RangeSource", "ReaderSource"]
+
+#: How much ``peek`` returns at least, and the block a range reader caches
+#: and line iteration splits at once.
+_PEEK = 8192
+_BLOCK = 1 << 16
+#: Range readers fetch at least this much at once for small reads and lines.
+_RANGE_BLOCK = 1 << 18
+_COPY_CHUNK = 1 << 18
+_NEWLINE = re.compile(b"\n")
 
 
 class ReaderSource(Protocol):
@@ -21,29 +52,39 @@ class ReaderSource(Protocol):
 
     def buffer(self) -> memoryview | None:
         """The whole blob as a read-only view without copying, or None if the
-        backend cannot map it (then readers use :meth:`read_range`)."""
+        backend cannot map it (then readers use :meth:`read_range`).
+
+        The view's exporter (``view.obj``) must be an object made for this
+        reader alone that supports weak references (an ``mmap``, say), or
+        ``bytes``: the reader's hold lasts while the exporter lives. Any
+        other exporter is copied once when a view is asked for."""
 
     def read_range(self, offset: int, length: int) -> bytes:
         """``length`` bytes (fewer only at the end) starting at ``offset``."""
 
     def close(self) -> None:
-        """Release what the source holds (maps, files, connections)."""
+        """Release what the source holds (maps, files, connections). Views the
+        reader exported stay valid: they keep their exporter alive."""
 
 
 class BufferSource:
     """A source over a buffer the backend already holds (bytes or mmap)."""
 
     def __init__(self, buffer: memoryview, on_close: Callable[[], None] | None = None) -> None:
-        self._view = buffer.toreadonly()
+        self._view: memoryview | None = buffer.toreadonly()
         self._on_close = on_close
 
-    def buffer(self) -> memoryview:
+    def buffer(self) -> memoryview | None:
         return self._view
 
     def read_range(self, offset: int, length: int) -> bytes:
-        return bytes(self._view[offset : offset + length])
+        view = self._view
+        if view is None:
+            raise ValueError("I/O operation on closed blob reader")
+        return bytes(view[offset : offset + length])
 
     def close(self) -> None:
+        self._view = None
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
@@ -72,13 +113,114 @@ class RangeSource:
             on_close()
 
 
-class BlobReader(io.BufferedIOBase):
-    """Reads one blob: ``read``, ``read1``, ``readinto``, ``peek``, ``seek``,
-    ``tell`` and :meth:`getbuffer`; ``.size`` is the blob's length.
+class _Pid:
+    """This process's pid, kept current across fork without a system call
+    on every reader."""
 
-    Closing releases the reader's hold on the blob (exactly once, and only in
-    the process that opened it: a forked child's copy never releases the
-    parent's hold).
+    def __init__(self) -> None:
+        self.value = os.getpid()
+        os.register_at_fork(after_in_child=self.forked)
+
+    def forked(self) -> None:
+        self.value = os.getpid()
+
+
+_PID = _Pid()
+
+
+class _Hold:
+    """A reader's hold on its blob: ended (``release`` called, once) when the
+    reader is closed and every exporter of its views is gone. Only the
+    process that opened the reader ends it: a forked child's copies of the
+    reader and its views never end the parent's hold."""
+
+    __slots__ = ("_count", "_lock", "_release", "pid")
+
+    def __init__(self, release: Callable[[], None] | None) -> None:
+        self._count = 1  # the open reader
+        self._lock = threading.Lock()
+        self.pid = _PID.value
+        self._release = release
+
+    def keep(self, exporter: object) -> None:
+        """Hold on until ``exporter`` is garbage-collected."""
+        with self._lock:
+            self._count += 1
+        ref = _ExporterRef(exporter, _exporter_gone)
+        ref.hold = self
+        _EXPORTERS[id(ref)] = ref
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count:
+                return
+            release, self._release = self._release, None
+        if release is not None and _PID.value == self.pid:
+            release()
+
+
+class _ExporterRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to an exporter that ends its share of a hold."""
+
+    __slots__ = ("hold",)
+    hold: _Hold
+
+
+#: The live exporters' references by id (a weakref's callback runs only
+#: while the weakref lives; weakrefs hash as their referent, which may not
+#: hash). A plain weakref costs 0.1 us, weakref.finalize 2 us.
+_EXPORTERS: dict[int, _ExporterRef] = {}
+
+
+def _exporter_gone(ref: _ExporterRef) -> None:
+    _EXPORTERS.pop(id(ref), None)
+    ref.hold.drop()
+
+
+def _bytes_exporter(data: bytes) -> memoryview:
+    """A read-only view of ``data`` whose exporter is a new ctypes array over
+    the same memory (no copy) that keeps ``data`` alive."""
+    address = ctypes.c_void_p.from_buffer(ctypes.c_char_p(data)).value or 0
+    exporter = (ctypes.c_ubyte * len(data)).from_address(address)
+    exporter._owner = data  # type: ignore[attr-defined]
+    return memoryview(exporter).cast("B").toreadonly()
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    """``data`` cut after every newline (b"\\n" only, as files do); the last
+    line may lack one."""
+    cut = data.rfind(b"\n") + 1
+    whole = data if cut == len(data) else data[:cut]
+    if b"\r" in whole:  # bytes.splitlines also splits at \r
+        lines = [part + b"\n" for part in whole.split(b"\n")[:-1]]
+    else:
+        lines = whole.splitlines(keepends=True)
+    if cut < len(data):
+        lines.append(data[cut:])
+    return lines
+
+
+def _supports_weakref(obj: object) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+class BlobReader(io.BufferedIOBase):
+    """Reads one blob as ``open(path, "rb")`` would: ``read``, ``read1``,
+    ``readinto``, ``peek``, ``readline``, ``readlines``, line iteration,
+    ``seek``, ``tell``, and :meth:`getbuffer`; ``.size`` is the blob's length.
+
+    Where a file and ``io.BytesIO`` differ it behaves as the file: seeking
+    before the start raises OSError (EINVAL); every method of a closed
+    reader raises ValueError. Offsets and sizes accept any integer with
+    ``__index__``. A reader cannot be pickled: send its lease.
+
+    The reader's hold on the blob ends exactly once, when it is closed (or
+    garbage-collected) and every view from :meth:`getbuffer` is released.
     """
 
     def __init__(
@@ -88,10 +230,28 @@ class BlobReader(io.BufferedIOBase):
         self._source = source
         self._size = size
         self._pos = 0
-        self._release = release
-        self._owner_pid = os.getpid()
         self._lock = threading.Lock()
-        self._view = source.buffer()
+        self._hold = _Hold(release)
+        # Lines split ahead by iteration, last first. While there are some,
+        # _pos is where they end: the position is _pos minus their length
+        # (line iteration then costs a list pop, no position update), and
+        # _ends[k] is the length of _lines[:k], computed when tell() asks.
+        self._lines: list[bytes] = []
+        self._ends: list[int] | None = None
+        # A range reader's cached block: its bytes and where they start.
+        self._block = b""
+        self._block_start = 0
+        self._view: memoryview | None = None
+        view = source.buffer()
+        if view is not None:
+            if type(view.obj) is bytes:
+                view = _bytes_exporter(view.obj) if view.nbytes == len(view.obj) else None
+            elif not _supports_weakref(view.obj):
+                view = None
+            if view is not None:
+                self._hold.keep(view.obj)
+                self._view = view
+        # The whole blob for getbuffer() when the source has no usable view.
         self._whole: memoryview | None = None
 
     @property
@@ -99,98 +259,261 @@ class BlobReader(io.BufferedIOBase):
         """The blob's length in bytes."""
         return self._size
 
+    def _closed_error(self) -> NoReturn:
+        raise ValueError("I/O operation on closed blob reader")
+
     def readable(self) -> bool:
+        if self.closed:
+            self._closed_error()
         return True
 
     def seekable(self) -> bool:
+        if self.closed:
+            self._closed_error()
         return True
 
     def writable(self) -> bool:
+        if self.closed:
+            self._closed_error()
         return False
 
-    def _check(self) -> None:
-        if self.closed:
-            raise ValueError("I/O operation on closed blob reader")
-
     def tell(self) -> int:
-        self._check()
-        return self._pos
+        if self.closed:
+            self._closed_error()
+        lines = self._lines
+        if not lines:
+            return self._pos
+        ends = self._ends
+        if ends is None or len(ends) <= len(lines):
+            # Pops only shorten _lines: a table made now stays right.
+            ends = self._ends = [0, *itertools.accumulate(map(len, lines))]
+        return self._pos - ends[len(lines)]
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._check()
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TypeError(f"offset must be an int, not {type(offset).__name__}")
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
+    def _settle(self) -> None:
+        """Drop the lines split ahead, making _pos the position."""
+        if self._lines:
+            self._pos = self.tell()
+            self._lines = []
+            self._ends = None
+
+    def seek(self, offset: Any, whence: Any = io.SEEK_SET) -> int:
+        if self.closed:
+            self._closed_error()
+        self._settle()
+        delta, how = operator.index(offset), operator.index(whence)
+        if how == io.SEEK_SET:
+            pos = delta
+        elif how == io.SEEK_CUR:
+            pos = self._pos + delta
+        elif how == io.SEEK_END:
+            pos = self._size + delta
         else:
-            raise ValueError(f"whence must be 0, 1 or 2, not {whence!r}")
+            raise ValueError(f"invalid whence ({how}, should be 0, 1 or 2)")
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: seek to {pos}")
         self._pos = pos
         return pos
 
-    def _take(self, size: int | None) -> bytes:
-        self._check()
-        if size is None or size < 0:
-            size = max(self._size - self._pos, 0)
-        start = self._pos
-        end = min(start + size, self._size)
+    def _count(self, size: Any) -> int:
+        """How many bytes a read of ``size`` gets from the position."""
+        left = max(self._size - self._pos, 0)
+        if size is None:
+            return left
+        size = operator.index(size)
+        return left if size < 0 else min(size, left)
+
+    def _bytes(self, start: int, end: int, ahead: bool = False) -> bytes:
+        """The blob's bytes ``start:end`` (within the blob). A range reader
+        serves them from its cached block if there, else fetches exactly
+        them, or with ``ahead`` (lines, peek) a block from ``start``."""
         if end <= start:
             return b""
-        if self._view is not None:
-            data = bytes(self._view[start:end])
-        else:
-            data = self._source.read_range(start, end - start)
+        view = self._view
+        if view is not None:
+            return view[start:end].tobytes()
+        block_start = self._block_start
+        if start >= block_start and end <= block_start + len(self._block):
+            return self._block[start - block_start : end - block_start]
+        if not ahead or end - start >= _RANGE_BLOCK:
+            return self._source.read_range(start, end - start)
+        self._block = self._source.read_range(start, _RANGE_BLOCK)
+        self._block_start = start
+        return self._block[: end - start]
+
+    def read(self, size: Any = -1, /) -> bytes:
+        if self.closed:
+            self._closed_error()
+        self._settle()
+        start = self._pos
+        data = self._bytes(start, start + self._count(size))
         self._pos = start + len(data)
         return data
 
-    def read(self, size: int | None = -1, /) -> bytes:
-        return self._take(size)
+    def read1(self, size: Any = -1, /) -> bytes:
+        return self.read(size)
 
-    def read1(self, size: int = -1, /) -> bytes:
-        return self._take(size)
-
-    def readinto(self, buffer: object, /) -> int:
-        self._check()
-        target = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+    def readinto(self, buffer: Any, /) -> int:
+        if self.closed:
+            self._closed_error()
+        target = memoryview(buffer).cast("B")
+        self._settle()
         start = self._pos
-        end = min(start + len(target), self._size)
-        if end <= start:
+        n = self._count(len(target))
+        if n <= 0:
             return 0
-        n = end - start
         if self._view is not None:
-            target[:n] = self._view[start:end]
+            target[:n] = self._view[start : start + n]
         else:
-            chunk = self._source.read_range(start, n)
+            chunk = self._bytes(start, start + n)
             n = len(chunk)
             target[:n] = chunk
         self._pos = start + n
         return n
 
-    def readinto1(self, buffer: object, /) -> int:
+    def readinto1(self, buffer: Any, /) -> int:
         return self.readinto(buffer)
 
-    def peek(self, size: int = 0, /) -> bytes:
-        self._check()
-        pos = self._pos
-        data = self._take(size if size > 0 else 8192)
-        self._pos = pos
-        return data
+    def peek(self, size: Any = 0, /) -> bytes:
+        """At least one byte from the position unless at the end (usually up
+        to 8 KiB or ``size``), without moving it."""
+        if self.closed:
+            self._closed_error()
+        self._settle()
+        start = self._pos
+        end = min(start + max(operator.index(size), _PEEK), self._size)
+        if self._view is None:
+            block_end = self._block_start + len(self._block)
+            if self._block_start <= start < block_end:
+                end = max(end, min(block_end, self._size))
+        return self._bytes(start, end, ahead=True)
+
+    def _find_newline(self, start: int, end: int) -> int:
+        """The offset just past the first newline in ``start:end``, or ``end``."""
+        view = self._view
+        if view is not None:
+            found = _NEWLINE.search(view, start, end)
+            return end if found is None else int(found.end())
+        pos = start
+        while pos < end:
+            chunk_end = min(pos + _RANGE_BLOCK, end)
+            found_at = self._bytes(pos, chunk_end, ahead=True).find(b"\n")
+            if found_at >= 0:
+                return pos + found_at + 1
+            pos = chunk_end
+        return end
+
+    def readline(self, size: Any = -1, /) -> bytes:
+        if self.closed:
+            self._closed_error()
+        limit = -1 if size is None else operator.index(size)
+        if limit < 0:
+            try:
+                return self._lines.pop()
+            except IndexError:
+                return self._next_line()
+        self._settle()
+        start = self._pos
+        end = self._find_newline(start, start + self._count(limit))
+        line = self._bytes(start, end, ahead=True)
+        self._pos = start + len(line)
+        return line
+
+    def __next__(self) -> bytes:
+        try:
+            return self._lines.pop()
+        except IndexError:
+            line = self._next_line()
+        if not line:
+            raise StopIteration
+        return line
+
+    def _next_line(self) -> bytes:
+        """Split the whole lines of the next block (at least one line) into
+        ``_lines``, last first, and pop the first (b"" at the end)."""
+        if self.closed:
+            self._closed_error()
+        start = self._pos
+        if start >= self._size:
+            return b""
+        end = min(start + _BLOCK, self._size)
+        block = self._bytes(start, end, ahead=True)
+        if end < self._size:  # split whole lines only
+            cut = block.rfind(b"\n") + 1
+            if not cut:
+                block = self._bytes(start, self._find_newline(start, self._size), ahead=True)
+            elif cut < len(block):
+                block = block[:cut]
+        lines = _split_lines(block)
+        lines.reverse()
+        self._pos = start + len(block)
+        self._ends = None
+        self._lines = lines
+        return lines.pop()
+
+    def __iter__(self) -> BlobReader:
+        if self.closed:
+            self._closed_error()
+        return self
+
+    def readlines(self, hint: Any = -1, /) -> list[bytes]:
+        if self.closed:
+            self._closed_error()
+        limit = -1 if hint is None else operator.index(hint)
+        if limit > 0:
+            lines: list[bytes] = []
+            total = 0
+            while total <= limit:
+                line = self.readline()
+                if not line:
+                    break
+                lines.append(line)
+                total += len(line)
+            return lines
+        pending, self._lines, self._ends = self._lines[::-1], [], None
+        start = self._pos  # where the pending lines end
+        rest = self._bytes(start, max(start, self._size))
+        self._pos = start + len(rest)
+        return pending + _split_lines(rest) if pending else _split_lines(rest)
 
     def getbuffer(self) -> memoryview:
         """The whole blob as a read-only memoryview: zero-copy where the
-        backend maps the blob (memory, files), else one copy. The view stays
-        valid while it is referenced; the reader's hold lasts until close."""
-        self._check()
-        if self._view is not None:
-            return self._view
-        if self._whole is None:
-            self._whole = memoryview(self._source.read_range(0, self._size)).toreadonly()
-        return self._whole
+        backend maps the blob (memory, files), else one copy.
+
+        The view (and any slice or numpy array over it) stays valid after
+        :meth:`close`, and the blob stays held and counted until the reader
+        is closed and every such view is gone. ``view.obj`` is the object
+        whose lifetime keeps the hold."""
+        if self.closed:
+            self._closed_error()
+        with self._lock:
+            if self._view is not None:
+                exporter = self._view.obj
+            else:
+                if self._whole is None:
+                    self._whole = self._copy_whole()
+                exporter = self._whole.obj
+            view = memoryview(exporter)
+        if view.format != "B":
+            view = view.cast("B")
+        return view.toreadonly()
+
+    def _copy_whole(self) -> memoryview:
+        """The blob copied once into an anonymous mmap that keeps the hold."""
+        if not self._size:
+            view = _bytes_exporter(b"")
+        else:
+            mapped = mmap.mmap(-1, self._size)
+            for offset in range(0, self._size, _COPY_CHUNK):
+                length = min(_COPY_CHUNK, self._size - offset)
+                chunk = self._source.read_range(offset, length)
+                if len(chunk) != length:
+                    raise IntegrityError(
+                        f"the blob is shorter than its {self._size} bytes (at {offset})"
+                    )
+                mapped[offset : offset + length] = chunk
+            view = memoryview(mapped).toreadonly()
+        self._hold.keep(view.obj)
+        return view
 
     def detach(self) -> io.RawIOBase:
         raise io.UnsupportedOperation("a blob reader has no raw stream to detach")
@@ -200,17 +523,28 @@ class BlobReader(io.BufferedIOBase):
             if self.closed:
                 return
             super().close()
-            self._view = None
+            self._lines = []
+            self._ends = None
+            self._block = b""
+            view, self._view = self._view, None
             self._whole = None
-            if os.getpid() != self._owner_pid:
-                return
-            try:
+        if view is not None:
+            with contextlib.suppress(BufferError):  # then it ends with its exports
+                view.release()
+        del view
+        try:
+            if _PID.value == self._hold.pid:
+                # Views still exported keep their exporter (the mapping) alive.
                 self._source.close()
-            finally:
-                release, self._release = self._release, None
-                if release is not None:
-                    release()
+        finally:
+            self._hold.drop()
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(
+            "a BlobReader cannot be pickled: send its lease instead "
+            "(pickle the BlobLease or lease.transfer(), and open a reader in the receiver)"
+        )
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"pos={self._pos}"
+        state = "closed" if self.closed else f"pos={self.tell()}"
         return f"<BlobReader size={self._size} {state}>"

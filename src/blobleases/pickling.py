@@ -1,0 +1,275 @@
+"""dumps and loads: pickles whose large buffers travel by lease.
+
+``dumps`` pickles with protocol 5 and stores every large buffer (numpy,
+pandas and pyarrow out-of-band buffers; ``bytes``, ``bytearray`` and
+``memoryview`` objects) once as a blob, sending a ticket in its place.
+``loads`` maps each blob back as a read-only zero-copy view whose lifetime
+keeps the lease and the reader hold behind it.
+
+Payload layout (a protocol 5 pickle of plain values, so loading it runs no
+blobleases code before :func:`loads` decides how to load the tickets)::
+
+    ("blobleases.dumps", 1, blobs, (refs, inner))
+
+``blobs`` lists one ``(content id, transfer lease id, pickled ticket)`` per
+stored blob; ``inner`` is the pickle of the object. Its out-of-band buffers
+are, in order, the blobs numbered in ``refs``; its persistent ids
+``("blobleases.buffer", kind, blob number, format, shape)`` stand for the
+bytes-like objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .content_id import ContentId, check_algorithm
+from .errors import BlobLeaseError, ContentNotFound, LeaseExpired
+from .lease import BlobLease
+from .lease_id import LeaseId
+from .manager import BlobManager
+from .registry import get_storage
+from .storage import BlobStorage
+
+__all__ = ["dumps", "loads"]
+
+_TAG = "blobleases.dumps"
+_VERSION = 1
+_PROTOCOL = 5
+
+# Persistent ids: (_PID, kind, blob index, format, shape).
+_PID = "blobleases.buffer"
+
+
+def _default_algorithm(storage: BlobStorage) -> str:
+    """The storage's default hash: its ``default_algorithm`` if it names one,
+    else sha256."""
+    algorithm = getattr(storage, "default_algorithm", None)
+    return algorithm if isinstance(algorithm, str) else "sha256"
+
+
+def _memoryview_from_bytes(data: bytes, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    """A small pickled memoryview: read-only, with its format and shape."""
+    return _shaped(memoryview(data), fmt, shape)
+
+
+def _shaped(view: memoryview, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    """``view`` (flat bytes) cast back to ``fmt`` and ``shape`` where
+    memoryview can (native single formats), else left flat bytes."""
+    view = view.toreadonly()
+    if fmt == "B" and len(shape) == 1:
+        return view
+    try:
+        shaped: memoryview = view.cast(fmt, shape)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return view
+    return shaped
+
+
+class _Dumper(pickle.Pickler):
+    def __init__(
+        self,
+        file: io.BytesIO,
+        store: Callable[[memoryview], int],
+        min_size: int,
+        refs: list[int],
+    ) -> None:
+        super().__init__(file, protocol=_PROTOCOL, buffer_callback=self._buffer)
+        self._store = store
+        self._min_size = min_size
+        self._refs = refs
+        numpy = sys.modules.get("numpy")
+        self._ndarray: Any = getattr(numpy, "ndarray", None)
+
+    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        """Out of band (False) when large: stored as a blob."""
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickle says so in band
+            return True
+        if raw.nbytes < self._min_size:
+            return True
+        self._refs.append(self._store(raw))
+        return False
+
+    def persistent_id(self, obj: Any) -> Any:
+        # bytes and bytearray never reach reducer_override; every object
+        # reaches persistent_id.
+        kind = type(obj)
+        if kind is bytes or kind is bytearray:
+            if len(obj) < self._min_size:
+                return None
+            return (_PID, kind.__name__, self._store(memoryview(obj)), "B", (len(obj),))
+        if kind is memoryview:
+            if obj.nbytes < self._min_size or "O" in obj.format:
+                return None
+            flat = pickle.PickleBuffer(obj).raw() if obj.c_contiguous else None
+            if flat is None:
+                flat = memoryview(obj.tobytes())
+            return (_PID, "memoryview", self._store(flat), obj.format, obj.shape)
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is memoryview:  # small (large ones are persistent ids)
+            if "O" in obj.format:
+                return NotImplemented
+            return (_memoryview_from_bytes, (obj.tobytes(), obj.format, obj.shape))
+        ndarray = self._ndarray
+        if (
+            ndarray is not None
+            and isinstance(obj, ndarray)
+            and not obj.flags.c_contiguous
+            and not obj.flags.f_contiguous
+            and not obj.dtype.hasobject
+        ):
+            # numpy pickles a strided array in band as bytes, which would
+            # then come back as a view; a contiguous copy goes out of band.
+            return obj.copy(order="C").__reduce_ex__(_PROTOCOL)
+        return NotImplemented
+
+
+def dumps(
+    obj: Any,
+    *,
+    storage: BlobStorage | None = None,
+    min_size: int = 65536,
+    algorithm: str | None = None,
+) -> bytes:
+    """Pickle ``obj`` (protocol 5), storing every buffer of at least
+    ``min_size`` bytes once as a blob in ``storage`` (default: the registered
+    one) and sending a ticket (``lease.transfer()``) in its place.
+
+    Large buffers are numpy's (any memory order or shape), pandas' and
+    pyarrow's out-of-band ``PickleBuffer``s and ``bytes``, ``bytearray`` and
+    ``memoryview`` objects themselves; smaller ones, and objects without a
+    flat buffer (numpy object arrays), stay in the pickle. Equal buffers are
+    stored once. ``algorithm=None`` is the storage's default (sha256 unless
+    it names a ``default_algorithm``). If pickling fails, the transfer
+    leases made so far are ended: nothing stays stored for this call.
+    """
+    if storage is None:
+        storage = get_storage()
+    elif not isinstance(storage, BlobStorage):
+        raise TypeError(f"storage must be a BlobStorage or None, not {type(storage).__name__}")
+    if isinstance(min_size, bool) or not isinstance(min_size, int):
+        raise TypeError(f"min_size must be an int, not {type(min_size).__name__}")
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, not {min_size}")
+    algo = _default_algorithm(storage) if algorithm is None else check_algorithm(algorithm)
+    manager = BlobManager(storage)
+    blobs: list[tuple[str, str, bytes]] = []
+    index: dict[ContentId, int] = {}
+
+    def store(raw: memoryview) -> int:
+        with manager.store(raw, algorithm=algo) as lease:
+            known = index.get(lease.content_id)
+            if known is not None:
+                return known
+            ticket = lease.transfer()
+        index[lease.content_id] = len(blobs)
+        blobs.append((str(lease.content_id), ticket.transfer_lease_id, pickle.dumps(ticket)))
+        return len(blobs) - 1
+
+    refs: list[int] = []
+    out = io.BytesIO()
+    try:
+        _Dumper(out, store, min_size, refs).dump(obj)
+        return pickle.dumps((_TAG, _VERSION, blobs, (refs, out.getvalue())), protocol=_PROTOCOL)
+    except BaseException:
+        # Nobody will load these tickets: end their transfer leases now.
+        for cid_text, transfer_text, _ticket in blobs:
+            storage.advise_lease_dropped(LeaseId.parse(transfer_text), ContentId.parse(cid_text))
+        raise
+
+
+def loads(payload: bytes, *, storage: BlobStorage | None = None) -> Any:
+    """Rebuild an object pickled by :func:`dumps`, in any process that can
+    open its store.
+
+    Each large buffer comes back as a read-only zero-copy view of its blob
+    (numpy arrays keep dtype, shape and order, with ``flags.writeable``
+    False; ``bytes``, ``bytearray`` and ``memoryview`` objects come back as
+    read-only memoryviews). The lease and reader hold behind a blob last as
+    long as some view of it lives (an array, a slice, a memoryview), then
+    end by themselves. The tickets load into ``storage`` if given, else into
+    the store each names (the registered one, or opened by url). Tickets
+    are single-use; LeaseExpired if a blob's content is gone.
+    """
+    if storage is not None and not isinstance(storage, BlobStorage):
+        raise TypeError(f"storage must be a BlobStorage or None, not {type(storage).__name__}")
+    try:
+        tag, version, blobs, (refs, inner) = pickle.loads(payload)
+    except Exception as exc:
+        raise ValueError("payload is not a pickle made by blobleases.dumps") from exc
+    if tag != _TAG or version != _VERSION:
+        raise ValueError(f"payload is not a pickle made by blobleases.dumps ({tag!r} {version!r})")
+    leases = [_lease(entry, storage) for entry in blobs]
+    try:
+        views = [_view(lease) for lease in leases]
+    except BaseException:
+        for lease in leases:
+            lease.close()
+        raise
+    del leases
+
+    return _Loader(inner, views, refs).load()
+
+
+class _Loader(pickle.Unpickler):
+    def __init__(self, inner: bytes, views: list[memoryview], refs: list[int]) -> None:
+        super().__init__(io.BytesIO(inner), buffers=[views[n] for n in refs])
+        self._views = views
+
+    def persistent_load(self, pid: Any) -> memoryview:
+        tag, _kind, number, fmt, shape = pid
+        if tag != _PID:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return _shaped(self._views[number], fmt, tuple(shape))
+
+
+def _lease(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> BlobLease:
+    """The lease a payload's blob entry loads to (LeaseExpired if gone)."""
+    cid_text, transfer_text, ticket = entry
+    try:
+        if storage is None:
+            lease = pickle.loads(ticket)
+            if not isinstance(lease, BlobLease):
+                raise ValueError("payload holds a ticket that is not a lease")
+            # Tickets are single-use: end the transfer lease now (a no-op
+            # where loading the ticket ended it).
+            with contextlib.suppress(BlobLeaseError):
+                lease.storage.advise_lease_dropped(
+                    LeaseId.parse(transfer_text), ContentId.parse(cid_text)
+                )
+            return lease
+        cid = ContentId.parse(cid_text)
+        lease = BlobManager(storage).get_by_content_id(cid)
+        # Like loading the ticket: the transfer lease has done its job.
+        storage.advise_lease_dropped(LeaseId.parse(transfer_text), cid)
+        return lease
+    except ContentNotFound as exc:
+        raise LeaseExpired(
+            f"content {cid_text} of the payload is gone (its ticket expired, or the content "
+            "was freed or evicted)"
+        ) from exc
+
+
+def _view(lease: BlobLease) -> memoryview:
+    """A read-only view of the whole blob whose exporter, while it lives,
+    keeps both the reader's hold and ``lease`` (LeaseExpired if gone)."""
+    with lease.get_reader() as reader:
+        view = reader.getbuffer()
+    weakref.finalize(view.obj, _end_lease, lease)
+    return view
+
+
+def _end_lease(lease: BlobLease) -> None:
+    # The storage may be closed by now: a shared store reaps the lease.
+    with contextlib.suppress(BlobLeaseError):
+        lease.close()
