@@ -914,7 +914,9 @@ def test_a_store_of_schema_version_1_is_migrated_and_still_reaps(
     try:
         child_start = psutil.Process(child.pid).create_time()
         dead_lid, live_lid, detached_lid = (
-            LeaseId.new(pid=dead), LeaseId.new(pid=child.pid), LeaseId.new()
+            LeaseId.new(pid=dead),
+            LeaseId.new(pid=child.pid),
+            LeaseId.new(),
         )
         db = sqlite3.connect(root / "index.sqlite3")
         db.executescript(

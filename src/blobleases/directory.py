@@ -991,11 +991,12 @@ class DirectoryStorage(BlobStorage):
         token = lock.token
         with self._write(maintain=False, expire=False) as tx:
             db = tx.db
-            if db.execute(
-                "SELECT 1 FROM leases WHERE owner = ? AND detached = 0 LIMIT 1", (token,)
-            ).fetchone() or db.execute(
-                "SELECT 1 FROM holds WHERE owner = ? LIMIT 1", (token,)
-            ).fetchone():
+            if (
+                db.execute(
+                    "SELECT 1 FROM leases WHERE owner = ? AND detached = 0 LIMIT 1", (token,)
+                ).fetchone()
+                or db.execute("SELECT 1 FROM holds WHERE owner = ? LIMIT 1", (token,)).fetchone()
+            ):
                 return
             db.execute("DELETE FROM owners WHERE owner = ?", (token,))
         lock.drop(self._owners_fd, generation)
