@@ -1,0 +1,341 @@
+"""Liveness across pid namespaces (containers sharing a volume): real
+``unshare -p -f`` namespaces, with and without ``--mount-proc``, sharing one
+DirectoryStorage (and one RedisStorage) with processes of the host's pid
+namespace. The same pid numbers mean different processes there, and /proc
+may show another namespace than the process's own: no live lease is reaped
+across namespaces, and every killed holder's leases are reaped from the
+other side.
+
+Holders are child processes that take leases and readers, keep working in
+a background thread, and answer commands on stdin with one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from blobleases import ContentId, LeaseExpired, LeaseId
+from blobleases.directory import DirectoryStorage
+from blobleases.testing import blob
+
+REAP = 0.5  # reap_interval of every handle in these tests
+SRC = os.environ.get("NS_TEST_SRC", str(Path(__file__).resolve().parents[1] / "src"))
+
+_HOLDER = r"""
+import json, os, sys, threading, time, traceback
+from blobleases import ContentId, LeaseId, open_storage
+from blobleases.testing import blob
+
+url, name, shared_text, reap = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+storage = open_storage(url, reap_interval=reap)
+seed = sum(name.encode()) * 1000
+held = []
+for i in range(6):
+    data = blob(3000 + i, seed + i)
+    lid = LeaseId.new()
+    cid = storage.store_bytes(data, lid)
+    held.append((cid, lid, data))
+shared = ContentId.parse(shared_text)
+shared_lid = LeaseId.new()
+storage.lease_by_content(shared, shared_lid)
+shared_data = storage.get_data(shared, shared_lid)
+held.append((shared, shared_lid, shared_data))
+readers = [(storage.get_reader(cid, lid), data) for cid, lid, data in held[:2]]
+temp = storage._write_temp(memoryview(b"half written")) if hasattr(storage, "_write_temp") else ""
+errors = []
+running = threading.Event()
+running.set()
+stop = threading.Event()
+
+def work():
+    n = 0
+    while not stop.is_set():
+        if not running.wait(0.05):
+            continue
+        try:
+            n += 1
+            lid = LeaseId.new()
+            data = blob(500, seed + 100 + n % 7) + name.encode()
+            cid = storage.store_bytes(data, lid)
+            assert storage.get_data(cid, lid) == data
+            storage.advise_lease_dropped(lid, cid)
+            cid, lid, data = held[n % len(held)]
+            assert storage.get_data(cid, lid) == data
+        except Exception:
+            errors.append(traceback.format_exc())
+            return
+        time.sleep(0.01)
+
+thread = threading.Thread(target=work, daemon=True)
+thread.start()
+
+def reply(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+reply(ready=True, pidns=os.readlink("/proc/self/ns/pid"), pid=os.getpid(),
+      leases=[[str(c), str(l)] for c, l, _ in held], temp=temp)
+for line in sys.stdin:
+    command = line.strip()
+    try:
+        if command == "check":
+            for cid, lid, data in held:
+                assert storage.get_data(cid, lid) == data, f"wrong bytes for {lid}"
+            for reader, data in readers:
+                reader.seek(0)
+                assert reader.read() == data, "a reader returned wrong bytes"
+            if temp:
+                assert os.path.exists(os.path.join(str(storage.root), "tmp", temp)), (
+                    "this live writer's temporary file was removed"
+                )
+            reply(ok=not errors, error="".join(errors))
+        elif command == "pause":
+            running.clear()
+            time.sleep(0.1)  # let a running step finish
+            reply(ok=True)
+        elif command == "resume":
+            running.set()
+            reply(ok=True)
+        elif command == "collect":
+            report = storage.collect()
+            reply(ok=True, leases_reaped=report.leases_reaped)
+        elif command == "exit":
+            stop.set()
+            thread.join()
+            reply(ok=not errors, error="".join(errors))
+            break
+        else:
+            reply(ok=False, error=f"unknown command {command!r}")
+    except Exception:
+        reply(ok=False, error=traceback.format_exc())
+"""
+
+
+def _unshare_refusal() -> str | None:
+    """Why ``unshare -p -f --mount-proc`` cannot run here, or None."""
+    try:
+        done = subprocess.run(
+            ["unshare", "-p", "-f", "--mount-proc", "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare is not available: {exc}"
+    if done.returncode != 0:
+        return f"unshare -p -f --mount-proc is refused: {done.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> None:
+    reason = _unshare_refusal()
+    if reason is not None:
+        print(f"SKIPPED: {reason}")
+        pytest.skip(reason)
+
+
+class Holder:
+    """A holder process, in a new pid namespace (``namespace``: ``"proc"``
+    with its own /proc, ``"bare"`` seeing the host's /proc) or the host's."""
+
+    def __init__(self, url: str, name: str, shared: ContentId, namespace: str | None) -> None:
+        prefix: list[str] = []
+        if namespace == "proc":
+            prefix = ["unshare", "-p", "-f", "--mount-proc"]
+        elif namespace == "bare":
+            prefix = ["unshare", "-p", "-f"]
+        env = dict(os.environ, PYTHONPATH=SRC)
+        self.name = name
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _HOLDER, url, name, str(shared), str(REAP)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.namespaced = namespace is not None
+        hello = self._read()
+        assert hello.get("ready"), hello
+        self.pidns: str = hello["pidns"]
+        self.leases = [(ContentId.parse(c), LeaseId.parse(lid)) for c, lid in hello["leases"]]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
+        assert ready, f"holder {self.name} did not answer"
+        line = self.proc.stdout.readline()
+        assert line, f"holder {self.name} exited (status {self.proc.poll()})"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        assert answer["ok"], f"holder {self.name}: {command}: {answer.get('error')}"
+        return answer
+
+    def kill(self) -> None:
+        """SIGKILL the holding Python process itself (in a namespace: the
+        child of ``unshare``, the namespace's pid 1) and wait until it is gone."""
+        if self.namespaced:
+            children = psutil.Process(self.proc.pid).children()
+            assert len(children) == 1, children
+            os.kill(children[0].pid, signal.SIGKILL)
+        else:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=120)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            for child in _children(self.proc.pid):
+                child.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _index_leases(root: Path) -> set[str]:
+    """Lease ids in the index, read without a DirectoryStorage (so without
+    the reap an operation of this process would do)."""
+    db = sqlite3.connect(root / "index.sqlite3")
+    try:
+        return {r[0] for r in db.execute("SELECT lid FROM leases")}
+    finally:
+        db.close()
+
+
+def _work(storage: DirectoryStorage, rounds: int, salt: int) -> None:
+    """Ordinary work of the host: store, lease, read, drop and collect."""
+    for i in range(rounds):
+        lid = LeaseId.new()
+        data = blob(700, salt + i)
+        cid = storage.store_bytes(data, lid)
+        other = LeaseId.new()
+        storage.lease_by_content(cid, other)
+        assert storage.get_data(cid, other) == data
+        storage.advise_lease_dropped(lid, cid)
+        storage.advise_lease_dropped(other, cid)
+        storage.collect()
+
+
+def _busy_for(storage: DirectoryStorage, seconds: float, salt: int) -> None:
+    """Keep the host working for at least ``seconds`` (reaps fall due meanwhile)."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        _work(storage, 3, salt + 10 * n)
+        n += 1
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def holders() -> Iterator[list[Holder]]:
+    made: list[Holder] = []
+    yield made
+    for holder in made:
+        holder.close()
+
+
+def _gone(storage: DirectoryStorage, holder: Holder) -> bool:
+    lids = {str(i.lease_id) for i in storage.iter_leases()}
+    return not lids & {str(lid) for _, lid in holder.leases}
+
+
+def test_holders_in_two_namespaces_and_the_host_share_a_store(
+    namespaces: None, tmp_path: Path, holders: list[Holder]
+) -> None:
+    root = tmp_path / "s"
+    with DirectoryStorage(root, reap_interval=REAP) as storage:
+        shared_data = blob(5000, 1)
+        host_lid = LeaseId.new()
+        shared = storage.store_bytes(shared_data, host_lid)
+        url = storage.url
+        a = Holder(url, "a", shared, "proc")
+        holders.append(a)
+        b = Holder(url, "b", shared, "proc")
+        holders.append(b)
+        h = Holder(url, "h", shared, None)
+        holders.append(h)
+        assert len({a.pidns, b.pidns, h.pidns}) == 3
+        _busy_for(storage, 4 * REAP, 1000)
+        for holder in (a, b, h):
+            holder.ask("check")
+        assert storage.get_data(shared, host_lid) == shared_data
+
+        # A namespaced holder is SIGKILLed: the host reaps it (the others are
+        # paused, so only the host can) within reap_interval plus one operation.
+        b.ask("pause")
+        h.ask("pause")
+        a.kill()
+        time.sleep(REAP)
+        assert _gone(storage, a)  # iter_leases is the one operation
+        for cid, lid in a.leases[:6]:
+            assert not storage.contains(cid)
+            with pytest.raises(LeaseExpired):
+                storage.get_data(cid, lid)
+        b.ask("resume")
+        h.ask("resume")
+        _busy_for(storage, 2 * REAP, 2000)
+        b.ask("check")
+        h.ask("check")
+
+        # A host holder is SIGKILLed: a namespaced process's collect() reaps it.
+        h.kill()
+        b.ask("collect")
+        assert not _index_leases(root) & {str(lid) for _, lid in h.leases}
+        b.ask("check")
+        b.ask("exit")
+        assert storage.get_data(shared, host_lid) == shared_data
+        storage.advise_lease_dropped(host_lid, shared)
+        storage.collect()
+        assert not storage.verify()
+
+
+def test_a_namespaced_holder_without_its_own_proc_is_reaped_when_killed(
+    namespaces: None, tmp_path: Path, holders: list[Holder]
+) -> None:
+    """``unshare -p -f`` without ``--mount-proc``: the holder's /proc shows
+    the host's pid namespace (its pid 1 is the host's init)."""
+    root = tmp_path / "s"
+    with DirectoryStorage(root, reap_interval=REAP) as storage:
+        shared_data = blob(5000, 2)
+        host_lid = LeaseId.new()
+        shared = storage.store_bytes(shared_data, host_lid)
+        c = Holder(storage.url, "c", shared, "bare")
+        holders.append(c)
+        _busy_for(storage, 3 * REAP, 3000)
+        c.ask("check")
+        c.ask("pause")
+        c.kill()
+        time.sleep(REAP)
+        assert _gone(storage, c)
+        for cid, _ in c.leases[:6]:
+            assert not storage.contains(cid)
+        assert storage.get_data(shared, host_lid) == shared_data
+        storage.collect()
+        assert not list((root / "tmp").iterdir())  # its temporary file went too
+        assert not storage.verify()
