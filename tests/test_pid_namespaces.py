@@ -28,7 +28,9 @@ import pytest
 
 from blobleases import ContentId, LeaseExpired, LeaseId
 from blobleases.directory import DirectoryStorage
-from blobleases.testing import blob
+from blobleases.redis_storage import RedisStorage
+from blobleases.testing import blob, wait_until
+from redis_servers import RedisServer
 
 REAP = 0.5  # reap_interval of every handle in these tests
 SRC = os.environ.get("NS_TEST_SRC", str(Path(__file__).resolve().parents[1] / "src"))
@@ -38,8 +40,8 @@ import json, os, sys, threading, time, traceback
 from blobleases import ContentId, LeaseId, open_storage
 from blobleases.testing import blob
 
-url, name, shared_text, reap = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-storage = open_storage(url, reap_interval=reap)
+url, name, shared_text, options = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+storage = open_storage(url, **json.loads(options))
 seed = sum(name.encode()) * 1000
 held = []
 for i in range(6):
@@ -151,7 +153,14 @@ class Holder:
     """A holder process, in a new pid namespace (``namespace``: ``"proc"``
     with its own /proc, ``"bare"`` seeing the host's /proc) or the host's."""
 
-    def __init__(self, url: str, name: str, shared: ContentId, namespace: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        shared: ContentId,
+        namespace: str | None,
+        **options: Any,
+    ) -> None:
         prefix: list[str] = []
         if namespace == "proc":
             prefix = ["unshare", "-p", "-f", "--mount-proc"]
@@ -160,7 +169,16 @@ class Holder:
         env = dict(os.environ, PYTHONPATH=SRC)
         self.name = name
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _HOLDER, url, name, str(shared), str(REAP)],
+            [
+                *prefix,
+                sys.executable,
+                "-c",
+                _HOLDER,
+                url,
+                name,
+                str(shared),
+                json.dumps({"reap_interval": REAP, **options}),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -338,4 +356,71 @@ def test_a_namespaced_holder_without_its_own_proc_is_reaped_when_killed(
         assert storage.get_data(shared, host_lid) == shared_data
         storage.collect()
         assert not list((root / "tmp").iterdir())  # its temporary file went too
+        assert not storage.verify()
+
+
+# == RedisStorage: owners name their pid namespace ====================================
+
+HEARTBEAT = 3.0  # heartbeat_ttl of the Redis holders
+
+
+def test_redis_holders_in_two_namespaces_share_a_store(
+    namespaces: None, redis_server: RedisServer, holders: list[Holder]
+) -> None:
+    """Every process has the same host id (one machine); the namespaced
+    holders are each pid 1 of their namespace. No live lease is reaped; a
+    killed holder's leases go once its heartbeat lapses, seen from the host
+    and from inside another namespace."""
+    namespace = f"ns-{os.urandom(6).hex()}"
+    url = f"{redis_server.url}?namespace={namespace}"
+    options: dict[str, Any] = {"heartbeat_ttl": HEARTBEAT}
+    with RedisStorage(url, reap_interval=REAP, heartbeat_ttl=HEARTBEAT) as storage:
+        shared_data = blob(5000, 3)
+        host_lid = LeaseId.new()
+        shared = storage.store_bytes(shared_data, host_lid)
+        a = Holder(url, "a", shared, "proc", **options)
+        holders.append(a)
+        b = Holder(url, "b", shared, "proc", **options)
+        holders.append(b)
+        c = Holder(url, "c", shared, "bare", **options)
+        holders.append(c)
+        h = Holder(url, "h", shared, None, **options)
+        holders.append(h)
+        end = time.monotonic() + max(3 * REAP, 2 * HEARTBEAT)
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            lid = LeaseId.new()
+            cid = storage.store_bytes(blob(700, 4000 + n), lid)
+            storage.advise_lease_dropped(lid, cid)
+            storage.collect()
+            time.sleep(0.05)
+        for holder in (a, b, c, h):
+            holder.ask("check")
+        assert storage.get_data(shared, host_lid) == shared_data
+
+        a.kill()
+        a_lids = {lid for _, lid in a.leases}
+        assert wait_until(
+            lambda: not a_lids & {i.lease_id for i in storage.iter_leases()}, timeout=120
+        )
+        for cid, _ in a.leases[:6]:
+            assert not storage.contains(cid)
+        for holder in (b, c, h):
+            holder.ask("check")
+
+        h.kill()
+        h_lids = {lid for _, lid in h.leases}
+
+        def reaped() -> bool:
+            b.ask("collect")  # a namespaced process collects too
+            return not h_lids & {i.lease_id for i in storage.iter_leases()}
+
+        assert wait_until(reaped, timeout=120, interval=0.2)
+        for holder in (b, c):
+            holder.ask("check")
+            holder.ask("exit")
+        assert storage.get_data(shared, host_lid) == shared_data
+        storage.advise_lease_dropped(host_lid, shared)
+        storage.collect()
         assert not storage.verify()
