@@ -424,3 +424,132 @@ def test_redis_holders_in_two_namespaces_share_a_store(
         storage.advise_lease_dropped(host_lid, shared)
         storage.collect()
         assert not storage.verify()
+
+
+# == Pids named by the caller mean pids of its own namespace ==========================
+
+_ADVISE = r"""
+import sys
+from blobleases import open_storage
+storage = open_storage(sys.argv[1])
+for pid in map(int, sys.argv[2:]):
+    storage.advise_pid_terminated(pid)
+    storage.advise_of_pid(pid)
+storage.collect()
+storage.close()
+"""
+
+
+def test_pids_named_in_another_namespace_are_other_processes(
+    namespaces: None, tmp_path: Path
+) -> None:
+    """A lease this process took for a live child (``LeaseId.new(pid=...)``,
+    judged by pid and start time) and this process's own lease survive a
+    namespaced process's ``advise_pid_terminated`` and ``advise_of_pid`` of
+    the same pid numbers and its ``collect()``; the child's lease is reaped
+    here once the child dies."""
+    root = tmp_path / "s"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with DirectoryStorage(root, reap_interval=REAP) as storage:
+            data = blob(4000, 5)
+            mine = LeaseId.new()
+            cid = storage.store_bytes(data, mine)
+            theirs = LeaseId.new(pid=child.pid)
+            storage.lease_by_content(cid, theirs)
+            pids = [str(child.pid), str(os.getpid()), "1"]
+            for mode in (["--mount-proc"], []):
+                subprocess.run(
+                    [
+                        "unshare",
+                        "-p",
+                        "-f",
+                        *mode,
+                        sys.executable,
+                        "-c",
+                        _ADVISE,
+                        storage.url,
+                        *pids,
+                    ],
+                    check=True,
+                    env=dict(os.environ, PYTHONPATH=SRC),
+                    timeout=120,
+                )
+                assert storage.get_data(cid, theirs) == data
+                assert storage.get_data(cid, mine) == data
+            child.kill()
+            child.wait()
+            report = storage.collect()
+            assert report.leases_reaped == 1
+            with pytest.raises(LeaseExpired):
+                storage.get_data(cid, theirs)
+            assert storage.get_data(cid, mine) == data
+            assert not storage.verify()
+    finally:
+        child.kill()
+        child.wait()
+
+
+# == The lock files themselves ========================================================
+
+_PROBE = r"""
+import sys
+from blobleases.liveness import owner_alive
+import os
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+print(" ".join(f"{t}={int(owner_alive(fd, t))}" for t in sys.argv[2:]))
+"""
+
+
+def _probe(owners: Path, *tokens: str) -> dict[str, bool]:
+    """Probe lock files from another process (never from this one: closing
+    the probe's descriptor would drop this process's own lock)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(owners), *tokens],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=SRC),
+    ).stdout.split()
+    return {k: v == "1" for k, v in (item.split("=") for item in out)}
+
+
+def test_each_process_holds_a_lock_file_while_it_lives(tmp_path: Path) -> None:
+    """A holder's ``owners/<token>`` (0600) is locked while it lives, is one
+    per process (a forked child gets its own), and goes with its rows when
+    it is reaped; this process's own file goes when its last handle closes
+    with nothing held."""
+    root = tmp_path / "s"
+    owners = root / "owners"
+    with DirectoryStorage(root, reap_interval=3600) as storage:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(blob(3000, 6), lid)
+        (mine,) = [p.name for p in owners.iterdir()]
+        assert (owners / mine).stat().st_mode & 0o777 == 0o600
+        assert _probe(owners, mine) == {mine: True}
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child is killed
+            try:
+                storage.lease_by_content(cid, LeaseId.new())
+            finally:
+                signal.pause()
+                os._exit(0)
+        try:
+            tokens: set[str] = set()
+            deadline = time.monotonic() + 120
+            while len(tokens) < 2 and time.monotonic() < deadline:
+                tokens = {p.name for p in owners.iterdir()}
+                time.sleep(0.01)
+            (theirs,) = tokens - {mine}
+            while len(list(storage.iter_leases())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _probe(owners, mine, theirs) == {mine: True, theirs: True}
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert _probe(owners, theirs) == {theirs: False}
+        report = storage.collect()
+        assert report.leases_reaped == 1 and report.processes_reaped == 1
+        assert [p.name for p in owners.iterdir()] == [mine]
+        storage.advise_lease_dropped(lid, cid)
+    assert not list(owners.iterdir())
