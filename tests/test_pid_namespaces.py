@@ -553,3 +553,52 @@ def test_each_process_holds_a_lock_file_while_it_lives(tmp_path: Path) -> None:
         assert [p.name for p in owners.iterdir()] == [mine]
         storage.advise_lease_dropped(lid, cid)
     assert not list(owners.iterdir())
+
+
+_OLD_FORMAT_CLIENT = r"""
+import sys, time
+from blobleases import LeaseId
+from blobleases.redis_storage import RedisStorage
+
+# a client of the format before pid namespaces were named: owners "<host id>/<pid>"
+RedisStorage._local = property(lambda self: self.host_id)
+storage = RedisStorage(sys.argv[1], heartbeat_ttl=float(sys.argv[2]), reap_interval=0.5)
+lid = LeaseId.new()
+cid = storage.store_bytes(b"stored by an older client", lid)
+print(cid, lid, storage._owner(lid.pid), flush=True)
+time.sleep(600)
+"""
+
+
+def test_redis_owners_of_the_older_format_are_judged_by_their_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """An owner ``<host id>/<pid>`` (no pid namespace: written by an older
+    blobleases) keeps its leases while its heartbeat lives, and they are
+    reaped once it lapses."""
+    url = f"{redis_server.url}?namespace=old-{os.urandom(6).hex()}"
+    client = subprocess.Popen(
+        [sys.executable, "-c", _OLD_FORMAT_CLIENT, url, str(HEARTBEAT)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=SRC),
+    )
+    try:
+        assert client.stdout is not None
+        cid_text, lid_text, owner = client.stdout.readline().split()
+        with RedisStorage(url, reap_interval=REAP, heartbeat_ttl=HEARTBEAT) as storage:
+            assert owner == f"{storage.host_id}/{client.pid}"
+            assert storage._owner(client.pid) != owner
+            cid, lid = ContentId.parse(cid_text), LeaseId.parse(lid_text)
+            for _ in range(3):
+                storage.collect()
+                assert storage.get_data(cid, lid) == b"stored by an older client"
+            client.kill()
+            client.wait()
+            assert wait_until(lambda: not storage.contains(cid), timeout=120, interval=0.2)
+            assert not storage.verify()
+    finally:
+        client.kill()
+        client.wait()
+        if client.stdout is not None:
+            client.stdout.close()
