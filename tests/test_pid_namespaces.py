@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -602,3 +603,34 @@ def test_redis_owners_of_the_older_format_are_judged_by_their_heartbeat(
         client.wait()
         if client.stdout is not None:
             client.stdout.close()
+
+
+def test_lock_files_removed_behind_our_back_are_put_back(
+    tmp_path: Path, holders: list[Holder]
+) -> None:
+    """``owners/`` removed with every lock file in it: each live process puts
+    its file back at its next reap, and a handle whose directory descriptor
+    went stale reopens it before judging anyone, so no live lease is reaped."""
+    root = tmp_path / "s"
+    owners = root / "owners"
+    with DirectoryStorage(root, reap_interval=REAP) as storage:
+        data = blob(4000, 7)
+        mine = LeaseId.new()
+        shared = storage.store_bytes(data, mine)
+        h = Holder(storage.url, "h", shared, None)
+        holders.append(h)
+        h.ask("check")
+        shutil.rmtree(owners)
+        deadline = time.monotonic() + 120
+        while not (owners.is_dir() and list(owners.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the holder keeps working: its next reap puts its file back
+        assert len(list(owners.iterdir())) == 1
+        report = storage.collect()
+        assert report.leases_reaped == 0
+        assert len(list(owners.iterdir())) == 2  # this process's file is back too
+        h.ask("check")
+        assert storage.get_data(shared, mine) == data
+        h.kill()
+        assert storage.collect().processes_reaped == 1
+        assert storage.get_data(shared, mine) == data
+        assert not storage.verify()

@@ -94,6 +94,7 @@ from .liveness import (
     own_start_time,
     owner_alive,
     pid_scope,
+    probe_owner,
     process_start_time,
     process_token,
     remove_dead_owner,
@@ -1001,6 +1002,24 @@ class DirectoryStorage(BlobStorage):
             db.execute("DELETE FROM owners WHERE owner = ?", (token,))
         lock.drop(self._owners_fd, generation)
 
+    def _check_owners_dir(self) -> None:
+        """Before judging owners by their lock files: reopen ``owners/`` if
+        it was removed or replaced behind our back (a stale descriptor would
+        show every owner missing), and put this process's own lock file back
+        if it is gone (others would take this process for dead)."""
+        try:
+            current = self._lstat(self._root_fd, "owners")
+            st = os.fstat(self._owners_fd)
+            if current is None or (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
+                fd = self._subdir(self._root_fd, "owners", "owners", create=True)
+                old, self._owners_fd = self._owners_fd, fd
+                os.close(old)
+            lock = self._owner_lock
+            if lock is not None and lock.pid == os.getpid():
+                lock.ensure_linked(self._owners_fd)
+        except OSError as exc:
+            raise _error(f"cannot open {self._root!r}/owners", exc) from exc
+
     def _temp_name(self) -> str:
         return f"{self._owner_token()}-{secrets.token_hex(8)}.tmp"
 
@@ -1308,6 +1327,7 @@ class DirectoryStorage(BlobStorage):
         started at another time; pid owners of other namespaces are never
         judged here. Lock files of dead owners go after ``tx`` commits."""
         db = tx.db
+        self._check_owners_dir()
         # every owner of a non-detached lease or a hold has a row (see
         # directory_index): a small table, not a scan of every lease
         rows = db.execute("SELECT owner, pid, start, scope FROM owners").fetchall()
@@ -1321,8 +1341,17 @@ class DirectoryStorage(BlobStorage):
                 continue
             lock_owner = is_owner_token(owner)
             if lock_owner:
-                if owner_alive(self._owners_fd, owner):
+                state = probe_owner(self._owners_fd, owner)
+                if state:
                     continue
+                if state is None and owner_scope == scope and judge_pids:
+                    # its file was removed behind its back (it puts it back at
+                    # its next reap): in our own namespace its pid can tell
+                    if pid not in starts:
+                        starts[pid] = process_start_time(pid)
+                    current = starts[pid]
+                    if current is not None and same_start(start, current):
+                        continue
             else:
                 if owner_scope != scope or not judge_pids:
                     continue

@@ -47,6 +47,7 @@ __all__ = [
     "owner_alive",
     "pid_namespace",
     "pid_scope",
+    "probe_owner",
     "process_start_time",
     "process_token",
     "remove_dead_owner",
@@ -181,14 +182,15 @@ def process_token() -> str:
     return _process.token
 
 
-def owner_alive(owners_fd: int, token: str) -> bool:
+def probe_owner(owners_fd: int, token: str) -> bool | None:
     """Whether the owner ``token`` (never this process's own: opening its
     own file and closing it would drop its lock) holds its lock file in the
-    directory ``owners_fd``. Missing or unlocked: dead. Acquires nothing."""
+    directory ``owners_fd``: True (locked: alive), False (unlocked: dead),
+    None (no such file). Acquires nothing."""
     try:
         fd = os.open(token, _O_PROBE, dir_fd=owners_fd)
     except FileNotFoundError:
-        return False
+        return None
     except OSError as exc:
         # a symlink is no owner's; anything else: assume alive, never reap on doubt
         return exc.errno != errno.ELOOP
@@ -199,6 +201,12 @@ def owner_alive(owners_fd: int, token: str) -> bool:
     finally:
         os.close(fd)
     return bool(struct.unpack(_FLOCK, reply)[0] != fcntl.F_UNLCK)
+
+
+def owner_alive(owners_fd: int, token: str) -> bool:
+    """Whether the owner ``token`` (never this process's own) holds its lock
+    file in ``owners_fd``: missing or unlocked means dead (see :func:`probe_owner`)."""
+    return probe_owner(owners_fd, token) is True
 
 
 def remove_dead_owner(owners_fd: int, token: str) -> bool:
@@ -301,6 +309,27 @@ class OwnerLock:
                 if fd >= 0:
                     os.close(fd)
                 raise
+
+    def ensure_linked(self, owners_fd: int) -> bool:
+        """Make sure the lock file is still ``owners/<token>`` in the
+        directory ``owners_fd`` (someone may have removed it, or the whole
+        directory, behind our back: other processes would take us for dead):
+        if not, create and lock it again. True if it had to be re-created."""
+        with _registry_lock:
+            if self.pid != os.getpid() or self._all.get(self.key) is not self:
+                return False
+            try:
+                st = os.fstat(self.fd)
+                now = os.stat(self.token, dir_fd=owners_fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    return False
+            except FileNotFoundError:
+                pass
+            fd = self._create(owners_fd, self.token)
+            old, self.fd = self.fd, fd
+            with contextlib.suppress(OSError):
+                os.close(old)  # releases only the lock on the old, unlinked file
+            return True
 
     def release(self) -> int:
         """One user fewer; returns the generation to pass to :meth:`drop`."""
