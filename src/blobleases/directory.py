@@ -1322,10 +1322,12 @@ class DirectoryStorage(BlobStorage):
 
     def _reap(self, tx: _Tx) -> tuple[int, int, int]:
         """End leases and holds of dead owners and expired leases: (leases,
-        holds, owners). A lock owner is dead when its lock file is missing or
-        unlocked; a pid owner of this pid namespace when its pid is dead or
-        started at another time; pid owners of other namespaces are never
-        judged here. Lock files of dead owners go after ``tx`` commits."""
+        holds, owners). A lock owner is dead when its lock file is unlocked,
+        or missing (for an owner of this pid namespace, only if its pid is
+        also dead or started at another time: its file may have been removed
+        behind its back); a pid owner of this pid namespace when its pid is
+        dead or started at another time; pid owners of other namespaces are
+        never judged here. Lock files of dead owners go after ``tx`` commits."""
         db = tx.db
         self._check_owners_dir()
         # every owner of a non-detached lease or a hold has a row (see

@@ -22,7 +22,8 @@ plus ``meta`` (schema version, the shared "last reap" time, dedup hits).
 
 An ``owner`` is either a *lock owner*, a 32-hex token naming the lock file
 ``owners/<token>`` that its process holds an ``fcntl`` lock on (see
-:class:`blobleases.liveness.OwnerLock`), or a *pid owner*
+:class:`blobleases.liveness.OwnerLock`; its row's pid and start time are
+its own, consulted only when its file is missing), or a *pid owner*
 ``pid:<pid>:<start in microseconds>:<scope>`` for leases taken on behalf of
 another pid, judged by pid and start time within ``scope`` only. The code
 records an owner's row before any lease or hold naming it, in the same
