@@ -124,14 +124,17 @@ def connect(path: str, *, safe: bool) -> sqlite3.Connection:
     return db
 
 
-def _run_script(db: sqlite3.Connection, script: str, args: tuple[str, ...] = ()) -> None:
+def _run_script(db: sqlite3.Connection, script: str, params: dict[str, str] | None = None) -> None:
     """Run ``script`` statement by statement inside the open transaction
-    (``executescript`` would commit it); ``args`` bind ``?1`` where used."""
+    (``executescript`` would commit it), binding ``params`` by name where used."""
     pending = ""
     for line in script.splitlines(keepends=True):
         pending += line
         if sqlite3.complete_statement(pending):
-            db.execute(pending, args if "?1" in pending else ())
+            if params and any(f":{name}" in pending for name in params):
+                db.execute(pending, params)
+            else:
+                db.execute(pending)
             pending = ""
 
 
@@ -153,16 +156,16 @@ DROP INDEX IF EXISTS holds_cid;
 _MIGRATE_FROM_1_ROWS = """
 INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner)
 SELECT cid, lid, pid, start, expires_at, detached,
-       'pid:' || pid || ':' || CAST(round(start * 1000000) AS INTEGER) || ':' || ?1
+       'pid:' || pid || ':' || CAST(round(start * 1000000) AS INTEGER) || ':' || :scope
 FROM leases_v1;
 INSERT INTO holds(id, cid, pid, start, owner)
 SELECT id, cid, pid, start,
-       'pid:' || pid || ':' || CAST(round(start * 1000000) AS INTEGER) || ':' || ?1
+       'pid:' || pid || ':' || CAST(round(start * 1000000) AS INTEGER) || ':' || :scope
 FROM holds_v1;
-INSERT INTO processes(scope, pid, start, seen) SELECT ?1, pid, start, seen FROM processes_v1;
+INSERT INTO processes(scope, pid, start, seen) SELECT :scope, pid, start, seen FROM processes_v1;
 INSERT OR IGNORE INTO owners(owner, pid, start, scope)
-SELECT owner, pid, start, ?1 FROM leases WHERE detached = 0
-UNION SELECT owner, pid, start, ?1 FROM holds;
+SELECT owner, pid, start, :scope FROM leases WHERE detached = 0
+UNION SELECT owner, pid, start, :scope FROM holds;
 DROP TABLE leases_v1;
 DROP TABLE holds_v1;
 DROP TABLE processes_v1;
@@ -197,7 +200,7 @@ def create_schema(db: sqlite3.Connection, scope: str) -> None:
             _run_script(db, _MIGRATE_FROM_1)
         _run_script(db, _SCHEMA)
         if migrate:
-            _run_script(db, _MIGRATE_FROM_1_ROWS, (scope,))
+            _run_script(db, _MIGRATE_FROM_1_ROWS, {"scope": scope})
         if version < SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
