@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+import psutil
 import pytest
 
 from blobleases import (
@@ -925,15 +926,26 @@ def test_storing_content_whose_only_lease_expired(tmp_path: Path, retain: int) -
 
 
 def test_leases_of_an_earlier_process_with_a_reused_pid_are_reaped(tmp_path: Path) -> None:
-    """A lease recorded for this pid by an earlier process (its start time
-    differs) is reaped although the pid is alive; this process's own lease
-    on the same pid stays. The earlier process is simulated by rewriting the
+    """A lease recorded for this pid by an earlier process (another start
+    time, another owner token whose lock file it left behind unlocked) is
+    reaped although the pid is alive; this process's own lease on the same
+    pid stays. The earlier process is simulated by rewriting the owner and
     start time recorded in the index."""
     with DirectoryStorage(tmp_path / "s", reap_interval=3600) as storage:
         old_cid, old_lid = put(storage, blob(100, 40))
         mine_cid, mine_lid = put(storage, blob(100, 41))
+        earlier = "e" * 32
+        (storage.root / "owners" / earlier).write_text(f"pid={os.getpid()}\n")
         db = storage._conn()
-        db.execute("UPDATE leases SET start = start - 1000 WHERE lid = ?", (str(old_lid),))
+        db.execute(
+            "INSERT INTO owners(owner, pid, start, scope) "
+            "SELECT ?, pid, start - 1000, scope FROM owners",
+            (earlier,),
+        )
+        db.execute(
+            "UPDATE leases SET start = start - 1000, owner = ? WHERE lid = ?",
+            (earlier, str(old_lid)),
+        )
         report = storage.collect()
         assert report.leases_reaped == 1 and report.processes_reaped == 1
         assert not storage.contains(old_cid)
@@ -999,33 +1011,104 @@ def test_owners_lists_every_owner_of_a_lease_or_hold(tmp_path: Path) -> None:
         assert not storage.verify()
 
 
-def test_a_store_made_without_the_owners_table_gets_it_filled_and_still_reaps(
-    tmp_path: Path,
+# The index schema of blobleases before owner locks (version 1), as it created it.
+_SCHEMA_V1 = """
+CREATE TABLE leases(
+    cid TEXT NOT NULL, lid TEXT NOT NULL, pid INTEGER NOT NULL, start REAL NOT NULL,
+    expires_at REAL, detached INTEGER NOT NULL, PRIMARY KEY (cid, lid)
+) WITHOUT ROWID;
+CREATE INDEX leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE holds(id INTEGER PRIMARY KEY, cid TEXT NOT NULL, pid INTEGER NOT NULL,
+    start REAL NOT NULL);
+CREATE INDEX holds_cid ON holds(cid);
+CREATE TABLE processes(pid INTEGER PRIMARY KEY, start REAL NOT NULL, seen REAL NOT NULL);
+CREATE TRIGGER leases_unretain AFTER INSERT ON leases BEGIN
+    UPDATE content SET retained = NULL WHERE cid = NEW.cid AND retained IS NOT NULL;
+END;
+"""
+_OWNERS_V1 = """
+CREATE TABLE owners(pid INTEGER NOT NULL, start REAL NOT NULL, PRIMARY KEY (pid, start))
+    WITHOUT ROWID;
+CREATE TRIGGER leases_owner_insert AFTER INSERT ON leases
+WHEN NEW.detached = 0 BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+CREATE TRIGGER leases_owner_update AFTER UPDATE OF pid, start, detached ON leases
+WHEN NEW.detached = 0 BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+CREATE TRIGGER holds_owner_insert AFTER INSERT ON holds BEGIN
+    INSERT OR IGNORE INTO owners(pid, start) VALUES (NEW.pid, NEW.start);
+END;
+"""
+
+
+@pytest.mark.parametrize("had_owners", [True, False], ids=["owners-table", "no-owners-table"])
+def test_a_store_of_schema_version_1_is_migrated_and_still_reaps(
+    tmp_path: Path, had_owners: bool
 ) -> None:
-    """A store made by an earlier version (no owners table, no triggers)
-    opens with owners filled from its existing leases, and a dead process's
-    leases are reaped through it."""
+    """A store made by an earlier version (schema version 1: pid and start
+    time per row, with or without its owners table) opens, migrated in one
+    transaction: its rows become pid owners of this pid namespace, so a dead
+    process's lease and reader hold are reaped, a live process's lease stays
+    until that process is killed, and a detached lease stays."""
     root = tmp_path / "s"
+    data = blob(2000, 40)
+    with DirectoryStorage(root) as storage:
+        cid = storage.store_bytes(data, LeaseId.new(), detached=True)
     dead = _dead_pid()
-    with DirectoryStorage(root) as storage:
-        data = blob(2000, 40)
-        cid, holder = put(storage, data)
-        storage.lease_by_content(cid, LeaseId.new(pid=dead))
-        mystart = storage._mystart
-    db = sqlite3.connect(root / "index.sqlite3")
-    for trigger in ("leases_owner_insert", "leases_owner_update", "holds_owner_insert"):
-        db.execute(f"DROP TRIGGER {trigger}")
-    db.execute("DROP TABLE owners")
-    db.commit()
-    db.close()
-    with DirectoryStorage(root) as storage:
-        assert _owner_rows(root) == sorted([(os.getpid(), mystart), (dead, 0.0)])
-        storage.advise_lease_dropped(holder, cid)
-        assert storage.contains(cid)  # the dead process's lease still holds it
-        report = storage.collect()
-        assert report.leases_reaped == 1 and report.processes_reaped == 1
-        assert not storage.contains(cid)
-        assert not storage.verify()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child_start = psutil.Process(child.pid).create_time()
+        dead_lid, live_lid, detached_lid = (
+            LeaseId.new(pid=dead),
+            LeaseId.new(pid=child.pid),
+            LeaseId.new(),
+        )
+        db = sqlite3.connect(root / "index.sqlite3")
+        db.executescript(
+            "DROP TABLE leases; DROP TABLE holds; DROP TABLE processes; DROP TABLE owners;"
+            + _SCHEMA_V1
+            + (_OWNERS_V1 if had_owners else "")
+            + "PRAGMA user_version=1;"
+        )
+        key = str(cid)
+        db.executemany(
+            "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
+            "VALUES (?, ?, ?, ?, NULL, ?)",
+            [
+                (key, str(dead_lid), dead, 0.0, 0),
+                (key, str(live_lid), child.pid, child_start, 0),
+                (key, str(detached_lid), os.getpid(), 0.0, 1),
+            ],
+        )
+        db.execute("INSERT INTO holds(cid, pid, start) VALUES (?, ?, 0.0)", (key, dead))
+        db.execute("INSERT INTO processes VALUES (?, ?, ?)", (child.pid, child_start, 0.0))
+        db.commit()
+        db.close()
+        (root / "tmp" / f"{dead}-1-{'0' * 16}.tmp").write_bytes(b"half")  # a dead v1 writer's
+        with DirectoryStorage(root, reap_interval=3600) as storage:
+            db = storage._conn()
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            owners = dict(db.execute("SELECT pid, owner FROM owners").fetchall())
+            assert sorted(owners) == sorted([dead, child.pid])
+            assert all(owner.startswith(f"pid:{pid}:") for pid, owner in owners.items())
+            report = storage.collect()
+            assert (report.leases_reaped, report.readers_reaped) == (1, 1)
+            assert report.files_removed == 1
+            assert storage.get_data(cid, live_lid) == data
+            child.kill()
+            child.wait()
+            report = storage.collect()
+            assert report.leases_reaped == 1 and report.processes_reaped == 1
+            assert storage.get_data(cid, detached_lid) == data
+            assert [i.lease_id for i in storage.iter_leases()] == [detached_lid]
+            storage.advise_lease_dropped(detached_lid, cid)
+            assert not storage.contains(cid)
+            assert not storage.verify()
+    finally:
+        child.kill()
+        child.wait()
 
 
 # == file descriptors, and directories removed behind a handle's back ===========================

@@ -5,11 +5,14 @@ Layout under the root (mode 0700, files 0600)::
     format                  marker: this directory is a blobleases store
     index.sqlite3           the SQLite index (WAL), see :mod:`.directory_index`
     lock                    writers queue on an flock of it (see _WriterLock)
+    owners/<token>          one per process using the store: the process
+                            holds an fcntl lock on it while it lives (see
+                            :class:`~blobleases.liveness.OwnerLock`)
     blobs/sha256/ab/<hex>   one file per blob, named by its validated content id
-    tmp/<pid>-<start>-<random>.tmp
+    tmp/<token>-<random>.tmp
                             blobs being written; the name tells which process
-                            (pid and start time) writes it, so leftovers of
-                            dead writers are recognised and removed
+                            (its owner token) writes it, so leftovers of dead
+                            writers are recognised and removed
 
 How the pieces stay consistent across processes and crashes:
 
@@ -23,10 +26,16 @@ How the pieces stay consistent across processes and crashes:
 * a crash between the two leaves an orphaned file, which ``collect()``
   removes (again checking under the write lock).
 
-Leases and reader holds record their process's pid and start time; those of
-dead processes (or of an earlier process whose pid was reused) are reaped by
-any process at most every ``reap_interval`` seconds (the last reap time is
-shared through the index) and always by ``collect()``.
+Leases and reader holds record their owner: for a process's own leases and
+readers its owner token, whose lock file the kernel keeps locked exactly as
+long as the process lives, so liveness is judged the same from any pid
+namespace (containers sharing a volume) and pid reuse cannot fool it; for
+leases taken on behalf of another pid (``LeaseId.new(pid=...)``), that pid
+and its start time, judged only by processes of the pid namespace that
+recorded them. Owners found dead are reaped by any process at most every
+``reap_interval`` seconds (the last reap time is shared through the index)
+and always by ``collect()``. ``advise_of_pid`` and ``advise_pid_terminated``
+act on pids of the caller's own pid namespace only.
 
 Choices where the contract is silent:
 
@@ -88,7 +97,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar, cast
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
-from .directory_index import check_schema, connect, create_schema
+from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
     ContentNotFound,
     IntegrityError,
@@ -100,9 +109,17 @@ from .errors import (
 from .lease_id import LeaseId
 from .liveness import (
     START_TIME_TOLERANCE,
+    OwnerLock,
+    can_judge_pids,
     is_alive,
+    is_owner_token,
     own_start_time,
+    owner_alive,
+    pid_scope,
+    probe_owner,
     process_start_time,
+    process_token,
+    remove_dead_owner,
     same_start,
 )
 from .reader import BlobReader
@@ -146,7 +163,9 @@ _CLOSE_EXPIRE_LIMIT = 2000
 _EXIT_WAIT = 5.0  # seconds the exit pass waits for a thread still using a handle
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
-_TMP_NAME = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
+_TMP_NAME = re.compile(r"([0-9a-f]{32})-[0-9a-f]{16}\.tmp")
+# temporary files of writers of schema version 1, named by pid and start time
+_TMP_NAME_V1 = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
 _SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHM_BASE = "/dev/shm"
 
@@ -168,19 +187,22 @@ _SQL_HELD_ONLY = (
     "SELECT 1 FROM leases WHERE cid = ? AND lid = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
 _SQL_INSERT_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) "
-    "SELECT :cid, :lid, :pid, :start, :expires, :detached FROM content c WHERE c.cid = :cid AND ("
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner) "
+    "SELECT :cid, :lid, :pid, :start, :expires, :detached, :owner FROM content c "
+    "WHERE c.cid = :cid AND ("
     "c.retained IS NOT NULL "
     "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)) "
     "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
-    "expires_at = excluded.expires_at, detached = excluded.detached "
+    "expires_at = excluded.expires_at, detached = excluded.detached, owner = excluded.owner "
     "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
 )
 # The first lease of content just added in the same transaction.
 _SQL_INSERT_FIRST_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_SQL_ADD_OWNER = "INSERT OR IGNORE INTO owners(owner, pid, start, scope) VALUES (?, ?, ?, ?)"
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
 _SQL_HELD_PRESENT = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND lid = :lid "
@@ -318,6 +340,9 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 def _remove_tree(root: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:
+        with contextlib.suppress(OSError):
+            st = os.stat(root)
+            OwnerLock.forget((st.st_dev, st.st_ino))
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -469,6 +494,7 @@ class _Tx:
     doomed: list[str] = field(default_factory=list)
     flushed: list[tuple[float, str]] = field(default_factory=list)
     stale: bool = False  # a hold found a row whose leases all expired
+    dead_owners: list[str] = field(default_factory=list)  # lock files to remove after commit
     known: ContentId | None = None  # the id of a doomed key, if the caller has it
     deleted: int = 0
     freed: int = 0
@@ -557,11 +583,17 @@ class DirectoryStorage(BlobStorage):
         self._db_pid = 0
         self._mypid = 0
         self._mystart = 0.0
-        self._proc_recorded = False
+        self._scope = pid_scope()
+        # this process's owner lock of the store, taken on first use; its
+        # owners row is recorded once per connection (again after a rollback)
+        self._owner_lock: OwnerLock | None = None
+        self._owner = ""
+        self._owner_recorded = False
+        self._root_key = (0, 0)
+        self._owners_fd = -1
         self._access: dict[str, float] = {}
         self._sizes: dict[str, int] = {}  # content sizes never change: a safe cache
         self._access_flush_at = 0.0
-        self._temp_prefix: tuple[int, str] = (0, "")
         self._next_reap = 0.0
         self._root_fd = -1
         self._tmp_fd = -1  # the current fd of _dirs["tmp"] (-1: none)
@@ -619,9 +651,13 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot open store root {root!r}", exc) from exc
         try:
             index = self._inspect_root(create=create, rebuild=rebuild)
+            st = os.fstat(self._root_fd)
+            self._root_key = (st.st_dev, st.st_ino)
             if self._read_only:
                 self._dir_fd("blobs", create=False)
                 self._dir_fd("tmp", create=False)
+                if self._lstat(self._root_fd, "owners") is not None:
+                    self._owners_fd = self._subdir(self._root_fd, "owners", "owners", create=False)
                 return
             if index is None:
                 # the index first: a directory holding it is a store, so an
@@ -634,6 +670,7 @@ class DirectoryStorage(BlobStorage):
                     os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
             self._dir_fd("blobs", create=True)
             self._dir_fd("tmp", create=True)
+            self._owners_fd = self._subdir(self._root_fd, "owners", "owners", create=True)
         except OSError as exc:
             raise _error(f"cannot open the store in {root!r}", exc) from exc
 
@@ -698,7 +735,7 @@ class DirectoryStorage(BlobStorage):
                     f"refusing {root!r}: its {_MARKER!r} file does not mark a blobleases store "
                     "of a format this version knows"
                 )
-        for name in ("blobs", "tmp"):
+        for name in ("blobs", "tmp", "owners"):
             st = self._lstat(fd, name)
             if st is not None and (
                 not stat_module.S_ISDIR(st.st_mode)
@@ -738,7 +775,7 @@ class DirectoryStorage(BlobStorage):
                 if self._read_only:
                     check_schema(db)
                 else:
-                    create_schema(db)
+                    create_schema(db, self._scope)
             except BaseException:
                 db.close()
                 raise
@@ -883,6 +920,8 @@ class DirectoryStorage(BlobStorage):
         # the parent's hashing thread does not exist here (never shut it down)
         self._hasher_pool, self._hasher_pid = None, 0
         self._hasher_busy = threading.Lock()
+        self._owner_lock, self._owner, self._owner_recorded = None, "", False
+        self._scope = pid_scope()
         db, self._db = self._db, None
         if db is not None:
             try:
@@ -908,7 +947,8 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
         self._db, self._db_pid, self._mypid = db, pid, pid
         self._mystart = own_start_time()
-        self._proc_recorded = False
+        self._owner_lock, self._owner, self._owner_recorded = None, "", False
+        self._scope = pid_scope()
         self._access = {}
         return db
 
@@ -976,6 +1016,8 @@ class DirectoryStorage(BlobStorage):
         try:
             if tx.doomed:
                 self._unlink_doomed(tx, tx.writer.epoch)
+            for token in tx.dead_owners:  # their rows are gone: now their lock files
+                remove_dead_owner(self._owners_fd, token)
         finally:
             tx.writer.exit()
 
@@ -1009,6 +1051,7 @@ class DirectoryStorage(BlobStorage):
         if tx.db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 tx.db.execute("ROLLBACK")
+        self._owner_recorded = False  # its row may have been rolled back
         tx.writer.exit()
         for t, k in tx.flushed:  # rolled back: record them again
             self._access[k] = max(t, self._access.get(k, t))
@@ -1271,13 +1314,80 @@ class DirectoryStorage(BlobStorage):
         if self._safe:
             os.fsync(alg_fd)
 
+    def _owner_token(self) -> str:
+        """This process's owner token in this store, its lock file created
+        and locked first (before any row or temporary file names it)."""
+        lock = self._owner_lock
+        if lock is not None and lock.pid == os.getpid():
+            return lock.token
+        with self._lock:
+            lock = self._owner_lock
+            if lock is None or lock.pid != os.getpid():
+                if self._closed:
+                    raise StorageError(f"the storage {self._url} is closed")
+                try:
+                    lock = OwnerLock.acquire(self._root_key, self._owners_fd)
+                except OSError as exc:
+                    raise _error(
+                        f"cannot create this process's owner lock in {self._root!r}/owners", exc
+                    ) from exc
+                self._owner_lock, self._owner, self._owner_recorded = lock, lock.token, False
+            return lock.token
+
+    def _own_owner(self, db: sqlite3.Connection) -> str:
+        """This process's owner, its owners row recorded (inside a write transaction)."""
+        owner = self._owner
+        if owner and self._owner_recorded:
+            return owner
+        owner = self._owner_token()
+        db.execute(_SQL_ADD_OWNER, (owner, self._mypid, self._mystart, self._scope))
+        self._owner_recorded = True
+        return owner
+
+    def _release_owner(self) -> None:
+        """On close: let go of this process's owner lock; the last handle of
+        the process removes it when no row of a lease or hold names it (else
+        it stays, so they live as long as the process)."""
+        lock = self._owner_lock
+        if lock is None or lock.pid != os.getpid():
+            return
+        self._owner_lock = None
+        generation = lock.release()
+        if lock.users > 0:
+            return
+        token = lock.token
+        with self._write(maintain=False, expire=False) as tx:
+            db = tx.db
+            if (
+                db.execute(
+                    "SELECT 1 FROM leases WHERE owner = ? AND detached = 0 LIMIT 1", (token,)
+                ).fetchone()
+                or db.execute("SELECT 1 FROM holds WHERE owner = ? LIMIT 1", (token,)).fetchone()
+            ):
+                return
+            db.execute("DELETE FROM owners WHERE owner = ?", (token,))
+        lock.drop(self._owners_fd, generation)
+
+    def _check_owners_dir(self) -> None:
+        """Before judging owners by their lock files: reopen ``owners/`` if
+        it was removed or replaced behind our back (a stale descriptor would
+        show every owner missing), and put this process's own lock file back
+        if it is gone (others would take this process for dead)."""
+        try:
+            current = self._lstat(self._root_fd, "owners")
+            st = os.fstat(self._owners_fd)
+            if current is None or (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
+                fd = self._subdir(self._root_fd, "owners", "owners", create=True)
+                old, self._owners_fd = self._owners_fd, fd
+                os.close(old)
+            lock = self._owner_lock
+            if lock is not None and lock.pid == os.getpid():
+                lock.ensure_linked(self._owners_fd)
+        except OSError as exc:
+            raise _error(f"cannot open {self._root!r}/owners", exc) from exc
+
     def _temp_name(self) -> str:
-        pid = os.getpid()
-        prefix = self._temp_prefix
-        if prefix[0] != pid:
-            start = round((self._mystart or own_start_time()) * 1_000_000)
-            prefix = self._temp_prefix = (pid, f"{pid}-{start}-")
-        return f"{prefix[1]}{secrets.token_hex(8)}.tmp"
+        return f"{self._owner_token()}-{secrets.token_hex(8)}.tmp"
 
     def _open_temp(self) -> tuple[str, int]:
         if self._read_only:
@@ -1376,24 +1486,21 @@ class DirectoryStorage(BlobStorage):
     # -- index helpers (inside a write transaction) -------------------------------------
 
     def _start_of(self, db: sqlite3.Connection, pid: int, now: float) -> float:
-        """The start time to record for leases of ``pid``."""
-        if pid == self._mypid:
-            if not self._proc_recorded:
-                db.execute(
-                    "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
-                    (pid, self._mystart, now),
-                )
-                self._proc_recorded = True
-            return self._mystart
-        row = db.execute("SELECT start FROM processes WHERE pid = ?", (pid,)).fetchone()
+        """The start time to record for leases of another ``pid`` (of this
+        process's pid namespace); 0.0 if unknown."""
+        row = db.execute(
+            "SELECT start FROM processes WHERE scope = ? AND pid = ?", (self._scope, pid)
+        ).fetchone()
         if row is not None:
             return float(row[0])
+        if not can_judge_pids():
+            return 0.0  # /proc shows another pid namespace: cannot be known
         start = process_start_time(pid)
         if start is None:
             return 0.0  # dead already: the next reap ends its leases
         db.execute(
-            "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
-            (pid, start, now),
+            "INSERT OR REPLACE INTO processes(scope, pid, start, seen) VALUES (?, ?, ?, ?)",
+            (self._scope, pid, start, now),
         )
         return start
 
@@ -1411,16 +1518,20 @@ class DirectoryStorage(BlobStorage):
         new). ``first``: the content row was just inserted in ``tx``."""
         db = tx.db
         pid = lid.pid
-        if detached:
-            start = 0.0
-        elif pid == self._mypid and self._proc_recorded:
+        if pid == self._mypid:
+            owner = self._owner if self._owner_recorded else self._own_owner(db)
             start = self._mystart
         else:
-            start = self._start_of(db, pid, tx.now)
+            start = 0.0 if detached else self._start_of(db, pid, tx.now)
+            owner = pid_owner(pid, start, self._scope)
+            if not detached:
+                db.execute(_SQL_ADD_OWNER, (owner, pid, start, self._scope))
         expires = None if ttl is None else tx.now + ttl
         lkey = str(lid)
         if first:
-            db.execute(_SQL_INSERT_FIRST_LEASE, (key, lkey, pid, start, expires, int(detached)))
+            db.execute(
+                _SQL_INSERT_FIRST_LEASE, (key, lkey, pid, start, expires, int(detached), owner)
+            )
             inserted = 1
         else:
             inserted = db.execute(
@@ -1433,6 +1544,7 @@ class DirectoryStorage(BlobStorage):
                     "expires": expires,
                     "detached": int(detached),
                     "now": tx.now,
+                    "owner": owner,
                 },
             ).rowcount
         size = self._sizes.get(key)
@@ -1596,41 +1708,73 @@ class DirectoryStorage(BlobStorage):
         )
 
     def _reap(self, tx: _Tx) -> tuple[int, int, int]:
-        """End leases and holds of dead processes (or of earlier processes
-        whose pid was reused) and expired leases: (leases, holds, processes)."""
+        """End leases and holds of dead owners and expired leases: (leases,
+        holds, owners). A lock owner is dead when its lock file is unlocked,
+        or missing (for an owner of this pid namespace, only if its pid is
+        also dead or started at another time: its file may have been removed
+        behind its back); a pid owner of this pid namespace when its pid is
+        dead or started at another time; pid owners of other namespaces are
+        never judged here. Lock files of dead owners go after ``tx`` commits."""
         db = tx.db
+        self._check_owners_dir()
         # every owner of a non-detached lease or a hold has a row (see
         # directory_index): a small table, not a scan of every lease
-        pairs = db.execute("SELECT pid, start FROM owners").fetchall()
+        rows = db.execute("SELECT owner, pid, start, scope FROM owners").fetchall()
+        mine = process_token()  # never probe our own lock (closing the probe would drop it)
+        scope = self._scope
+        judge_pids = can_judge_pids()
         starts: dict[int, float | None] = {}
-        dead_pids: set[int] = set()
-        leases = holds = 0
-        for pid, start in pairs:
-            if pid == self._mypid and same_start(start, self._mystart):
+        dead_owners = leases = holds = 0
+        for owner, pid, start, owner_scope in rows:
+            if owner == mine:
                 continue
-            if pid not in starts:
-                starts[pid] = process_start_time(pid)
-            current = starts[pid]
-            if current is not None and same_start(start, current):
-                continue
-            where = "pid = ? AND start = ?"
-            ended_leases = self._end_leases(tx, where + " AND detached = 0", (pid, start))
-            ended_holds = self._end_holds(tx, where, (pid, start))
-            db.execute("DELETE FROM owners WHERE pid = ? AND start = ?", (pid, start))
+            lock_owner = is_owner_token(owner)
+            if lock_owner:
+                state = probe_owner(self._owners_fd, owner)
+                if state:
+                    continue
+                if state is None and owner_scope == scope and judge_pids:
+                    # its file was removed behind its back (it puts it back at
+                    # its next reap): in our own namespace its pid can tell
+                    if pid not in starts:
+                        starts[pid] = process_start_time(pid)
+                    current = starts[pid]
+                    if current is not None and same_start(start, current):
+                        continue
+            else:
+                if owner_scope != scope or not judge_pids:
+                    continue
+                if pid not in starts:
+                    starts[pid] = process_start_time(pid)
+                current = starts[pid]
+                if current is not None and same_start(start, current):
+                    continue
+            ended_leases = self._end_leases(tx, "owner = ? AND detached = 0", (owner,))
+            ended_holds = self._end_holds(tx, "owner = ?", (owner,))
+            db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
+            if lock_owner:
+                tx.dead_owners.append(owner)
             if ended_leases or ended_holds:
-                dead_pids.add(pid)
+                dead_owners += 1
             leases += ended_leases
             holds += ended_holds
-        for pid, start in db.execute("SELECT pid, start FROM processes").fetchall():
-            if pid not in starts:
-                starts[pid] = process_start_time(pid)
-            current = starts[pid]
-            if current is None or not same_start(start, current):
-                db.execute("DELETE FROM processes WHERE pid = ? AND start = ?", (pid, start))
+        if judge_pids:
+            recorded = db.execute(
+                "SELECT pid, start FROM processes WHERE scope = ?", (scope,)
+            ).fetchall()
+            for pid, start in recorded:
+                if pid not in starts:
+                    starts[pid] = process_start_time(pid)
+                current = starts[pid]
+                if current is None or not same_start(start, current):
+                    db.execute(
+                        "DELETE FROM processes WHERE scope = ? AND pid = ? AND start = ?",
+                        (scope, pid, start),
+                    )
         leases += self._expire(tx)
         db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
         self._next_reap = tx.now + self.policies.reap_interval
-        return leases, holds, len(dead_pids)
+        return leases, holds, dead_owners
 
     def _auto_reap(self) -> None:
         """Reap if no process has in the last ``reap_interval`` seconds."""
@@ -2003,10 +2147,10 @@ class DirectoryStorage(BlobStorage):
             row = tx.db.execute(_SQL_HELD, (key, str(lid), tx.now)).fetchone()
             if row is None:
                 raise self._lease_expired(cid, lid)
-            start = self._start_of(tx.db, self._mypid, tx.now)
+            owner = self._owner if self._owner_recorded else self._own_owner(tx.db)
             hold = tx.db.execute(
-                "INSERT INTO holds(cid, pid, start) VALUES (?, ?, ?)",
-                (key, self._mypid, start),
+                "INSERT INTO holds(cid, pid, start, owner) VALUES (?, ?, ?, ?)",
+                (key, self._mypid, self._mystart, owner),
             ).lastrowid
             self._access[key] = tx.now
         size = int(row[0])
@@ -2067,32 +2211,40 @@ class DirectoryStorage(BlobStorage):
                 self._abort(tx, exc)
             self._commit(tx)
 
+    # Owners of leases and holds of ``pid`` recorded in this pid namespace.
+    _OWNERS_OF_PID = "owner IN (SELECT owner FROM owners WHERE pid = ? AND scope = ?)"
+
     @_index_errors
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
             self._op()
+        if not can_judge_pids():
+            return  # /proc shows another pid namespace: its start time is unknowable
         start = process_start_time(pid)
         if start is None:
             return
         with self._write() as tx:
             if start:
-                stale = "pid = ? AND start != 0 AND abs(start - ?) > ?"
-                args = (pid, start, START_TIME_TOLERANCE)
+                stale = self._OWNERS_OF_PID + " AND start != 0 AND abs(start - ?) > ?"
+                args = (pid, self._scope, start, START_TIME_TOLERANCE)
                 self._end_leases(tx, stale + " AND detached = 0", args)
                 self._end_holds(tx, stale, args)
             tx.db.execute(
-                "INSERT OR REPLACE INTO processes(pid, start, seen) VALUES (?, ?, ?)",
-                (pid, start, tx.now),
+                "INSERT OR REPLACE INTO processes(scope, pid, start, seen) VALUES (?, ?, ?, ?)",
+                (self._scope, pid, start, tx.now),
             )
 
     @_index_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
-            self._end_leases(tx, "pid = ? AND detached = 0", (pid,))
-            self._end_holds(tx, "pid = ?", (pid,))
-            tx.db.execute("DELETE FROM processes WHERE pid = ?", (pid,))
-            if pid == self._mypid:
-                self._proc_recorded = False
+            args = (pid, self._scope)
+            self._end_leases(tx, self._OWNERS_OF_PID + " AND detached = 0", args)
+            self._end_holds(tx, self._OWNERS_OF_PID, args)
+            # pid owners go; a lock owner's row stays until a reap finds it dead
+            tx.db.execute(
+                "DELETE FROM owners WHERE pid = ? AND scope = ? AND owner LIKE 'pid:%'", args
+            )
+            tx.db.execute("DELETE FROM processes WHERE scope = ? AND pid = ?", (self._scope, pid))
 
     @_index_errors
     def _contains(self, cid: ContentId) -> bool:
@@ -2155,24 +2307,53 @@ class DirectoryStorage(BlobStorage):
             ).fetchone()[0]
             readers = db.execute("SELECT count(*) FROM holds").fetchone()[0]
             owners = db.execute(
-                "SELECT pid, start FROM leases WHERE expires_at IS NULL "
-                "OR expires_at > ? UNION SELECT pid, start FROM holds",
+                "SELECT owner FROM leases WHERE expires_at IS NULL "
+                "OR expires_at > ? UNION SELECT owner FROM holds",
                 (now,),
             ).fetchall()
             hits = db.execute("SELECT value FROM meta WHERE key = 'dedup_hits'").fetchone()
         # Detached leases of exited processes still count as leases, but only
         # live processes count as processes.
-        live = {pid for pid, start in owners if is_alive(pid, start)}
+        live = sum(1 for (owner,) in owners if self._owner_seems_alive(owner))
         return StorageStats(
             blobs=int(blobs),
             bytes=int(total),
             leases=int(leases),
-            processes=len(live),
+            processes=live,
             dedup_hits=int(hits[0]) if hits else 0,
             readers=int(readers),
             retained_blobs=int(retained_blobs),
             retained_bytes=int(retained_bytes),
         )
+
+    def _owner_seems_alive(self, owner: str) -> bool:
+        """Whether ``owner`` is alive, as far as this process can tell (a pid
+        owner of another pid namespace counts as alive)."""
+        if is_owner_token(owner):
+            return owner == process_token() or owner_alive(self._owners_fd, owner)
+        try:
+            _, pid, start, scope = owner.split(":", 3)
+            if scope != self._scope or not can_judge_pids():
+                return True
+            return is_alive(int(pid), int(start) / 1_000_000 or None)
+        except ValueError:
+            return False
+
+    def _remove_dead_owner_files(self) -> int:
+        """Remove the lock files of dead owners that no owners row names
+        (a row's file goes when a reap ends its rows); returns how many."""
+        mine = process_token()
+        names = [n for n in os.listdir(self._owners_fd) if is_owner_token(n) and n != mine]
+        if not names:
+            return 0
+        with self._lock:
+            db = self._conn()
+            listed = {r[0] for r in db.execute("SELECT owner FROM owners")}
+        removed = 0
+        for name in names:
+            if name not in listed and not owner_alive(self._owners_fd, name):
+                removed += remove_dead_owner(self._owners_fd, name)
+        return removed
 
     @_index_errors
     def _collect(self) -> CollectReport:
@@ -2191,6 +2372,10 @@ class DirectoryStorage(BlobStorage):
             report.blobs_deleted = tx.deleted
             report.bytes_freed = tx.freed
         report.files_removed = len(self._remove_orphans(repair=True))
+        try:
+            self._remove_dead_owner_files()
+        except OSError as exc:
+            raise _error(f"cannot list {self._root!r}/owners", exc) from exc
         return report
 
     def _file_exists(self, cid: ContentId) -> bool:
@@ -2236,8 +2421,13 @@ class DirectoryStorage(BlobStorage):
         return found
 
     def _dead_temp_files(self) -> list[str]:
-        """Names in tmp/ whose writer is dead (or that no writer of ours made)."""
+        """Names in tmp/ whose writer is dead (or that no writer of ours made).
+        A writer is its owner token (alive while its lock is held); files of
+        writers of schema version 1 are judged by pid and start time, and
+        only where this process can judge pids."""
         dead: list[str] = []
+        mine = process_token()
+        owners: dict[str, bool] = {}
         alive: dict[int, float | None] = {}
         with self._lock:
             tmp = self._dir_fd("tmp", create=False, check=True)
@@ -2245,6 +2435,19 @@ class DirectoryStorage(BlobStorage):
         for name in names:
             match = _TMP_NAME.fullmatch(name)
             if match is not None:
+                token = match.group(1)
+                if token == mine:
+                    continue
+                if token not in owners:
+                    owners[token] = owner_alive(self._owners_fd, token)
+                if owners[token]:
+                    continue
+                dead.append(name)
+                continue
+            match = _TMP_NAME_V1.fullmatch(name)
+            if match is not None:
+                if not can_judge_pids():
+                    continue
                 pid, start = int(match.group(1)), int(match.group(2)) / 1_000_000
                 if pid not in alive:
                     alive[pid] = process_start_time(pid)
@@ -2385,6 +2588,8 @@ class DirectoryStorage(BlobStorage):
             db = self._db
             if db is not None and self._db_pid == os.getpid():
                 self._finish()
+                with contextlib.suppress(StorageError, OSError):
+                    self._release_owner()
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
             elif db is not None:
@@ -2423,9 +2628,9 @@ class DirectoryStorage(BlobStorage):
     def _close_fds(self) -> None:
         fds = [*self._shards.values(), *self._dirs.values()]
         self._shards = OrderedDict()
-        fds += [self._root_fd] if self._root_fd >= 0 else []
+        fds += [fd for fd in (self._owners_fd, self._root_fd) if fd >= 0]
         self._dirs = {}
-        self._blobs_fd = self._tmp_fd = self._root_fd = -1
+        self._blobs_fd = self._tmp_fd = self._owners_fd = self._root_fd = -1
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -14,8 +14,16 @@ every key of one content lives in one cluster slot):
   index of content and sizes with the byte total (and reservations of
   uploads in progress), the LRU order, the retained set, dedup hits, known
   processes, lease expiries.
-* ``P:{p:<owner>}:h``: what one process (``<host id>/<pid>``) holds, so its
-  leases and reader holds can be reaped; ``P:hb:<owner>``: its heartbeat.
+* ``P:{p:<owner>}:h``: what one process (``<host id>.ns<pid namespace
+  inode>/<pid>``) holds, so its leases and reader holds can be reaped;
+  ``P:hb:<owner>``: its heartbeat.
+
+A pid means something only in its pid namespace (containers, ``unshare -p``),
+so an owner names its namespace, and "a dead local pid is seen at once"
+applies only to owners of this process's own namespace (and only where
+``/proc`` shows it); other owners are judged by their heartbeat. Owners of
+the older form ``<host id>/<pid>`` (written by blobleases before pid
+namespaces were named) keep working, judged by their heartbeat alone.
 
 Every change to one content (store, lease, drop, read hold, delete) is one
 Lua script on that content's slot, so it is atomic. Global bookkeeping is
@@ -58,7 +66,14 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
-from .liveness import is_alive, own_start_time, process_start_time, same_start
+from .liveness import (
+    can_judge_pids,
+    is_alive,
+    own_start_time,
+    pid_namespace,
+    process_start_time,
+    same_start,
+)
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
@@ -238,7 +253,9 @@ class _Heartbeat:
         keys = [self.key_of(self.pid)]
         pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
         for pid, start in adopted:
-            if is_alive(pid, start):
+            # where /proc shows another pid namespace, a vouched pid cannot be
+            # checked: its heartbeat lasts as long as this process's
+            if not can_judge_pids() or is_alive(pid, start):
                 keys.append(self.key_of(pid))
                 pipe.set(keys[-1], repr(start), px=self.ttl_ms)
             else:
@@ -472,8 +489,14 @@ class RedisStorage(BlobStorage):
         b = self._base(cid)
         return [b + "m", b + "l", b + "r"]
 
+    @property
+    def _local(self) -> str:
+        """This process's host and pid namespace: the part of an owner before
+        the pid (pids of other namespaces on this host are other processes)."""
+        return f"{self.host_id}.ns{pid_namespace()}"
+
     def _owner(self, pid: int) -> str:
-        return f"{self.host_id}/{pid}"
+        return f"{self._local}/{pid}"
 
     def _proc_key(self, owner: str) -> str:
         return f"{self._namespace}:{{p:{owner}}}:h"
@@ -555,6 +578,9 @@ class RedisStorage(BlobStorage):
         assert hb is not None
         if pid == os.getpid():
             return own_start_time()
+        if not can_judge_pids():
+            hb.adopt(pid, 0.0)  # cannot be looked up: vouched for while we live
+            return 0.0
         start = process_start_time(pid)
         if start is None:
             return 0.0
@@ -567,10 +593,10 @@ class RedisStorage(BlobStorage):
             pid = int(pid_text)
         except ValueError:
             return True
-        if host == self.host_id:
+        if host == self._local:
             if pid == os.getpid():
                 return False
-            if not is_alive(pid, start or None):
+            if can_judge_pids() and not is_alive(pid, start or None):
                 return True
             hb = self._heartbeat
             if hb is not None and hb.vouches(pid):
@@ -676,7 +702,7 @@ class RedisStorage(BlobStorage):
         if members:
             self._r.srem(key, *members)
         host, _, pid_text = owner.rpartition("/")
-        if host == self.host_id and self._heartbeat is not None:
+        if host == self._local and self._heartbeat is not None:
             pid = int(pid_text)
             self._heartbeat.disown(pid)
             if pid != os.getpid():
@@ -930,7 +956,7 @@ class RedisStorage(BlobStorage):
         one script. On any failure nothing becomes visible and the staging
         keys, reservation and lease bookkeeping are removed (best effort; the
         staging keys also expire, and collect() removes what is left)."""
-        token = f"{self.host_id}/{os.getpid()}/{uuid.uuid4().hex[:16]}"
+        token = f"{self._owner(os.getpid())}/{uuid.uuid4().hex[:16]}"
         base = self._base(cid)
         prefix = f"{base}c:{token}:"
         n = -(-size // self._chunk) if size else 0
@@ -1333,6 +1359,8 @@ class RedisStorage(BlobStorage):
     @_storage_errors
     def _advise_of_pid(self, pid: int) -> None:
         self._maintain()
+        if not can_judge_pids():
+            return  # /proc shows another pid namespace: its start time is unknowable
         start = process_start_time(pid)
         if start is None:
             return
@@ -1482,7 +1510,7 @@ class RedisStorage(BlobStorage):
         keys and reservation are leftovers)."""
         host, pid_text = [*token.split("/"), "", ""][:2]
         owner = f"{host}/{pid_text}"
-        if host == self.host_id and pid_text == str(os.getpid()):
+        if host == self._local and pid_text == str(os.getpid()):
             with self._lock:
                 return token not in self._active_tokens
         return self._is_dead(owner, 0.0, heartbeats.get(owner, False))
