@@ -60,11 +60,13 @@ import secrets
 import shutil
 import sqlite3
 import stat as stat_module
+import sys
 import tempfile
 import threading
 import time
+import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
@@ -74,7 +76,7 @@ from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import connect, create_schema
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .errors import BlobLeaseError, ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import (
     START_TIME_TOLERANCE,
@@ -98,8 +100,16 @@ _ACCESS_FLUSH_SECONDS = 1.0
 # store_bytes of at least this many bytes hashes in a worker thread while the
 # temporary file is written (below it, the hand-off costs more than it saves)
 _OVERLAP_MIN = 256 << 10
-_LOCK_TIMEOUT = 120.0
 _ACCESS_FLUSH_ENTRIES = 512
+# Long work (collect, repair, reaping many leases) commits and lets the
+# writer lock go after this long, pausing a moment for waiting processes.
+_SLICE_SECONDS = 0.002
+_SLICE_PAUSE = 0.0002
+_SLICE_KEYS = 64  # content ids settled between slice checks
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_FULL = 13
+_WAL_WRITE_LOCK = 120  # SQLite's WAL write lock: this byte of the -shm file
 _SIZE_CACHE_ENTRIES = 1 << 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
@@ -274,6 +284,61 @@ def _check_dir_stat(st: os.stat_result, path: str) -> None:
         )
 
 
+def _proc_state(pid: int) -> str:
+    """``" (stopped)"`` and the like for a process of this pid namespace, or ``""``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
+    names = {"T": "stopped", "t": "stopped by a debugger", "D": "in uninterruptible I/O"}
+    return f" ({names[state]})" if state in names else ""
+
+
+def _lock_holders(fds: list[int], *, flock: bool, start: int | None = None) -> list[int]:
+    """Pids (other than ours) holding a write lock on the files of ``fds``,
+    from /proc/locks (Linux): flocks if ``flock``, else POSIX locks (those
+    starting at byte ``start`` if given). Empty where unknown."""
+    wanted: set[tuple[int, int, int]] = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            wanted.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    kinds = ("FLOCK",) if flock else ("POSIX", "OFDLCK")
+    holders: list[int] = []
+    try:
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return holders
+    me = os.getpid()
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 8 or parts[1] == "->" or parts[1] not in kinds or parts[3] != "WRITE":
+            continue
+        try:
+            pid = int(parts[4])
+            major, minor, inode = parts[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(inode))
+            first = int(parts[6])
+        except ValueError:
+            continue
+        if where not in wanted or pid in (me, -1, 0) or pid in holders:
+            continue
+        if start is not None and first != start:
+            continue
+        holders.append(pid)
+    return holders
+
+
+def _holders_text(fds: list[int], *, flock: bool, start: int | None = None) -> str:
+    pids = _lock_holders(fds, flock=flock, start=start)
+    if not pids:
+        return "held by another process (its pid is not known here)"
+    shown = ", ".join(f"{pid}{_proc_state(pid)}" for pid in pids)
+    return f"held by pid {shown}"
+
+
 class _MmapSource:
     """A reader source over a read-only mmap of a blob file (or nothing, for
     an empty blob: empty files cannot be mapped)."""
@@ -313,19 +378,42 @@ class _WriterLock:
     of up to 100 ms (measured: three processes contending for the write lock
     waited up to 430 ms, one of them starved; with the flock at most 30 ms,
     fairly shared). SQLite's own lock stays the authority; a dead holder's
-    flock goes with its process."""
+    flock goes with its process.
+
+    Every wait is bounded (``lock_timeout``): a blocking flock cannot be
+    given a timeout, so a contended flock is waited for by a helper thread
+    (one per process and root, started on first contention) while the
+    caller waits on a condition with a timeout; on timeout the caller raises
+    StorageError naming the holder's pid (from /proc/locks) and the helper,
+    once it gets the lock, releases it unless a caller wants it again. While
+    the helper waits, every caller goes through it (a non-blocking attempt
+    on the same open file would succeed under the helper's feet).
+
+    ``owner`` is the thread holding the lock (0: none). Work that must not
+    start a transaction inside that thread's own (a lease or reader released
+    by the garbage collector mid-transaction) is put in ``deferred`` and run
+    by that thread right after it lets the lock go."""
 
     _all: ClassVar[dict[str, _WriterLock]] = {}
     _all_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str) -> None:
         self.pid = os.getpid()
         self.fd = fd
+        self.path = path
         self.rlock = threading.RLock()
         self.depth = 0
         # counts entries: a change tells _unlink_doomed that a transaction
         # (of another handle, in this thread) may have run meanwhile
         self.epoch = 0
+        self.owner = 0
+        self.deferred: list[Callable[[], None]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._wanted = False  # a caller waits for the helper to get the flock
+        self._granted = False  # the helper got it for the caller
+        self._pending = False  # the helper is inside a blocking flock
+        self._failed: OSError | None = None  # the helper's flock failed
+        self._helper: threading.Thread | None = None
 
     @classmethod
     def of(cls, root: str, root_fd: int) -> _WriterLock:
@@ -342,7 +430,7 @@ class _WriterLock:
                     )
                 except OSError as exc:
                     raise _error(f"cannot open the writer lock of {root!r}", exc) from exc
-                writer = cls._all[key] = cls(fd)
+                writer = cls._all[key] = cls(fd, os.path.join(root, "lock"))
             return writer
 
     @classmethod
@@ -355,24 +443,116 @@ class _WriterLock:
                 os.close(writer.fd)
         cls._all = {}
 
-    def enter(self) -> None:
-        if not self.rlock.acquire(True, _LOCK_TIMEOUT):
-            raise StorageError(f"timed out after {_LOCK_TIMEOUT:.0f} s waiting to write")
+    def enter(self, timeout: float) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds for other
+        threads and processes (StorageError naming the holder)."""
+        if not self.rlock.acquire(True, min(timeout, threading.TIMEOUT_MAX)):
+            raise StorageError(
+                f"timed out after {timeout:g} s waiting for the writer lock {self.path!r}: "
+                f"another thread of this process (pid {os.getpid()}) holds it"
+            )
         self.epoch += 1
         if self.depth == 0:
+            self.owner = threading.get_ident()
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            except OSError as exc:
+                self._flock(timeout)
+            except BaseException:
+                self.owner = 0
                 self.rlock.release()
-                raise _error("cannot take the writer lock", exc) from exc
+                raise
         self.depth += 1
 
     def exit(self) -> None:
         self.depth -= 1
-        if self.depth == 0:
+        last = self.depth == 0
+        if last:
+            self.owner = 0
             with contextlib.suppress(OSError):
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.rlock.release()
+        if last and self.deferred:
+            self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        while True:
+            try:
+                work = self.deferred.pop(0)
+            except IndexError:
+                return
+            try:
+                work()
+            except BlobLeaseError:
+                pass  # as in the finalizer that deferred it (a closed store reaps)
+            except Exception as exc:
+                hook_args = types.SimpleNamespace(
+                    exc_type=type(exc),
+                    exc_value=exc,
+                    exc_traceback=exc.__traceback__,
+                    err_msg="Exception ignored in a deferred release",
+                    object=work,
+                )
+                sys.unraisablehook(hook_args)
+
+    def _flock(self, timeout: float) -> None:
+        if not self._pending:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _error(f"cannot take the writer lock {self.path!r}", exc) from exc
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._wanted = True
+            if not self._pending:
+                self._pending = True
+                helper = self._helper
+                if helper is None or not helper.is_alive():
+                    helper = threading.Thread(
+                        target=self._wait_loop, name="blobleases-writer-lock", daemon=True
+                    )
+                    self._helper = helper
+                    helper.start()
+                else:
+                    self._cond.notify_all()
+            while not self._granted:
+                failed, self._failed = self._failed, None
+                if failed is not None:
+                    self._wanted = False
+                    raise _error(f"cannot take the writer lock {self.path!r}", failed)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._wanted = False
+                    raise StorageError(
+                        f"timed out after {timeout:g} s waiting for the writer lock "
+                        f"{self.path!r}: {_holders_text([self.fd], flock=True)}"
+                    )
+                self._cond.wait(min(left, threading.TIMEOUT_MAX))
+            self._granted = False
+
+    def _wait_loop(self) -> None:
+        """The helper thread: take the flock, blocking, whenever asked."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+            error: OSError | None = None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                error = exc
+            with self._cond:
+                self._pending = False
+                if error is None and self._wanted:
+                    self._wanted = False
+                    self._granted = True
+                elif error is None:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(self.fd, fcntl.LOCK_UN)
+                else:
+                    self._failed = error
+                self._cond.notify_all()
 
 
 @dataclass(slots=True)
@@ -388,6 +568,8 @@ class _Tx:
     known: ContentId | None = None  # the id of a doomed key, if the caller has it
     deleted: int = 0
     freed: int = 0
+    held: bool = True  # the writer lock and the SQLite transaction are held
+    slice_at: float = 0.0  # (monotonic) when a long piece of work should slice
 
 
 class DirectoryStorage(BlobStorage):
@@ -533,7 +715,7 @@ class DirectoryStorage(BlobStorage):
                             os.unlink(stale, dir_fd=self._root_fd)
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
-            db = connect(self._index_path, safe=self._safe)
+            db = connect(self._index_path, safe=self._safe, timeout=self.policies.lock_timeout)
             try:
                 create_schema(db)
             except BaseException:
@@ -690,7 +872,7 @@ class DirectoryStorage(BlobStorage):
             _INHERITED.append(db)
             self._db = None
         try:
-            db = connect(self._index_path, safe=self._safe)
+            db = connect(self._index_path, safe=self._safe, timeout=self.policies.lock_timeout)
         except sqlite3.Error as exc:
             raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
         self._db, self._db_pid, self._mypid = db, pid, pid
@@ -733,13 +915,8 @@ class DirectoryStorage(BlobStorage):
         writer = self._writer_lock
         if writer is None or writer.pid != self._db_pid:
             writer = self._writer()
-        writer.enter()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            writer.exit()
-            raise _error(f"cannot lock the index {self._index_path!r}", exc) from exc
-        tx = _Tx(db, time.time(), writer)
+        self._lock_index(db, writer)
+        tx = _Tx(db, time.time(), writer, slice_at=time.monotonic() + _SLICE_SECONDS)
         try:
             if self._access and (
                 flush
@@ -753,6 +930,32 @@ class DirectoryStorage(BlobStorage):
             self._abort(tx, exc)
         return tx
 
+    def _lock_index(self, db: sqlite3.Connection, writer: _WriterLock) -> None:
+        """Take the writer lock and begin a write transaction, each wait
+        bounded by ``lock_timeout`` (StorageError naming the holder)."""
+        timeout = self.policies.lock_timeout
+        writer.enter(timeout)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            writer.exit()
+            detail = ""
+            if getattr(exc, "sqlite_errorcode", 0) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                detail = f" (waited {timeout:g} s: {self._index_holders()})"
+            raise _error(f"cannot lock the index {self._index_path!r}{detail}", exc) from exc
+
+    def _index_holders(self) -> str:
+        """Who holds the index's write lock (SQLite's WAL write lock is a
+        POSIX lock on byte 120 of the ``-shm`` file)."""
+        try:
+            fd = os.open(_INDEX + "-shm", _O_READ, dir_fd=self._root_fd)
+        except OSError:
+            return "held by another process (its pid is not known here)"
+        try:
+            return _holders_text([fd], flock=False, start=_WAL_WRITE_LOCK)
+        finally:
+            os.close(fd)
+
     def _commit(self, tx: _Tx) -> None:
         try:
             tx.db.execute("COMMIT")
@@ -762,7 +965,27 @@ class DirectoryStorage(BlobStorage):
             if tx.doomed:
                 self._unlink_doomed(tx, tx.writer.epoch)
         finally:
+            tx.held = False
             tx.writer.exit()
+
+    def _maybe_slice(self, tx: _Tx) -> None:
+        """In a long piece of work (collect, repair, reaping many leases):
+        once ``tx`` has been open ``_SLICE_SECONDS``, commit what it did,
+        let the writer lock go for a moment and begin again, so that other
+        processes wait for it only a few milliseconds at a time. Each slice
+        leaves the index consistent (rows deleted with their content
+        settled); ``tx`` keeps its clock and its counts."""
+        if time.monotonic() < tx.slice_at:
+            return
+        self._commit(tx)
+        tx.doomed.clear()
+        tx.flushed.clear()
+        tx.known = None
+        # a process woken by the release must get a chance to take the lock
+        time.sleep(_SLICE_PAUSE)
+        self._lock_index(tx.db, tx.writer)
+        tx.held = True
+        tx.slice_at = time.monotonic() + _SLICE_SECONDS
 
     def _unlink_doomed(self, tx: _Tx, epoch: int) -> None:
         """Unlink the files of content that ``tx``, just committed, deleted.
@@ -793,9 +1016,12 @@ class DirectoryStorage(BlobStorage):
 
     def _abort(self, tx: _Tx, exc: BaseException) -> NoReturn:
         """Roll ``tx`` back and raise ``exc`` (OS and SQLite errors as StorageError)."""
+        if not tx.held:  # a slice boundary failed: nothing is open any more
+            raise exc
         if tx.db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 tx.db.execute("ROLLBACK")
+        tx.held = False
         tx.writer.exit()
         for t, k in tx.flushed:  # rolled back: record them again
             self._access[k] = max(t, self._access.get(k, t))
@@ -811,7 +1037,7 @@ class DirectoryStorage(BlobStorage):
         leaves orphans, which collect() removes."""
         try:
             writer = self._writer()
-            writer.enter()
+            writer.enter(self.policies.lock_timeout)
         except StorageError:
             return
         try:
@@ -1200,14 +1426,28 @@ class DirectoryStorage(BlobStorage):
         return self._end_rows(tx, "holds", where, args)
 
     def _end_rows(self, tx: _Tx, table: str, where: str, args: tuple[Any, ...]) -> int:
+        """Many rows (a dead process's thousands of leases) are ended
+        ``_SLICE_KEYS`` content ids at a time, in slices (see _maybe_slice)."""
         db = tx.db
-        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM {table} WHERE {where}", args)]
-        if not keys:
-            return 0
-        count = db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
-        for key in keys:
-            self._settle(tx, key)
-        return int(count)
+        count = 0
+        select = f"SELECT DISTINCT cid FROM {table} WHERE {where} LIMIT {_SLICE_KEYS + 1}"
+        while True:
+            keys = [r[0] for r in db.execute(select, args)]
+            if not keys:
+                return count
+            if len(keys) <= _SLICE_KEYS:
+                count += db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+            else:
+                keys = keys[:_SLICE_KEYS]
+                marks = ", ".join("?" * len(keys))
+                count += db.execute(
+                    f"DELETE FROM {table} WHERE ({where}) AND cid IN ({marks})", (*args, *keys)
+                ).rowcount
+            for key in keys:
+                self._settle(tx, key)
+            if len(keys) < _SLICE_KEYS:
+                return count
+            self._maybe_slice(tx)
 
     def _expire(self, tx: _Tx) -> int:
         return self._end_leases(tx, "expires_at IS NOT NULL AND expires_at <= ?", (tx.now,))
@@ -1561,7 +1801,24 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source
 
+    def _deferred(self, work: Callable[[], None]) -> bool:
+        """True if this thread is inside a transaction of this store (a
+        finalizer run by the garbage collector mid-transaction): then
+        ``work`` runs right after the transaction ends, where starting one
+        of its own would fail (or wait for itself)."""
+        writer = self._writer_lock
+        if writer is None or writer.pid != os.getpid():
+            if self._closed or self._root_fd < 0:
+                return False
+            writer = self._writer()
+        if writer.owner != threading.get_ident():
+            return False
+        writer.deferred.append(work)
+        return True
+
     def _release_hold(self, hold: int, key: str) -> None:
+        if self._deferred(lambda: self._release_hold(hold, key)):
+            return
         with self._lock:
             if self._closed or self._db_pid != os.getpid():
                 return  # a closed store's holds end when the process is reaped
@@ -1570,6 +1827,8 @@ class DirectoryStorage(BlobStorage):
                     self._settle(tx, key)
 
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        if self._deferred(lambda: self._advise_lease_dropped(lid, cid)):
+            return
         key = str(cid)
         with self._lock:
             # No need to end expired leases first: settling ignores them.
@@ -1685,6 +1944,9 @@ class DirectoryStorage(BlobStorage):
         )
 
     def _collect(self) -> CollectReport:
+        """In slices (see _maybe_slice); the files of every row are checked
+        outside the writer lock and only rows found without their file are
+        checked again, and removed, under it."""
         report = CollectReport()
         with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
             leases, holds, procs = self._reap(tx)
@@ -1692,13 +1954,25 @@ class DirectoryStorage(BlobStorage):
             report.leases_reaped = leases
             report.readers_reaped = holds
             report.processes_reaped = procs
-            for (key,) in tx.db.execute("SELECT cid FROM content").fetchall():
-                if not self._file_exists(ContentId.parse(key)):
-                    self._delete(tx, key)
-                    tx.deleted -= 1
-                    report.rows_removed += 1
             report.blobs_deleted = tx.deleted
             report.bytes_freed = tx.freed
+        with self._lock:
+            keys = [r[0] for r in self._conn().execute("SELECT cid FROM content")]
+        missing = [key for key in keys if not self._file_exists(ContentId.parse(key))]
+        if missing:
+            with self._write(maintain=False, expire=False) as tx:
+                for key in missing:
+                    cid = ContentId.parse(key)
+                    if (
+                        tx.db.execute(_SQL_CONTENT, (key,)).fetchone() is not None
+                        and not self._file_exists(cid)
+                    ):
+                        self._delete(tx, key)
+                        tx.deleted -= 1
+                        report.rows_removed += 1
+                    self._maybe_slice(tx)
+                report.blobs_deleted += tx.deleted
+                report.bytes_freed += tx.freed
         report.files_removed = len(self._remove_orphans(repair=True))
         return report
 
@@ -1759,8 +2033,18 @@ class DirectoryStorage(BlobStorage):
         except OSError as exc:
             raise _error(f"cannot list the files of {self._root!r}", exc) from exc
         orphans: list[str] = []
+        # Files with a row now are not orphans: only the others are checked
+        # again, under the write lock (in slices).
+        with self._lock:
+            known = {r[0] for r in self._conn().execute("SELECT cid FROM content")}
+        candidates = [
+            (alg, shard, name)
+            for alg, shard, name in candidates
+            if f"{alg}-{name}" not in known or not _HEX64.fullmatch(name) or name[:2] != shard
+        ]
         with self._write(maintain=False) as tx:
             for alg, shard, name in candidates:
+                self._maybe_slice(tx)
                 if _HEX64.fullmatch(name) and name[:2] == shard:
                     key = f"{alg}-{name}"
                     if tx.db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
@@ -1815,6 +2099,7 @@ class DirectoryStorage(BlobStorage):
             with self._write(maintain=False) as tx:
                 for cid in report.corrupted + report.missing:
                     self._delete(tx, str(cid))
+                    self._maybe_slice(tx)
             report.repaired = True
         return report
 

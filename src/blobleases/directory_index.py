@@ -35,6 +35,7 @@ import sqlite3
 __all__ = ["SCHEMA_VERSION", "connect", "create_schema"]
 
 SCHEMA_VERSION = 1
+_MAX_BUSY_SECONDS = 2_000_000.0  # SQLite's busy timeout is an int of milliseconds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -97,12 +98,13 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('dedup_hits', 0);
 """
 
 
-def connect(path: str, *, safe: bool) -> sqlite3.Connection:
+def connect(path: str, *, safe: bool, timeout: float = 120.0) -> sqlite3.Connection:
     """Open the index at ``path`` in autocommit mode (transactions are
-    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``."""
+    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``;
+    SQLite waits at most ``timeout`` seconds for another connection's lock."""
     db = sqlite3.connect(
         path,
-        timeout=120.0,
+        timeout=min(timeout, _MAX_BUSY_SECONDS),
         isolation_level=None,
         check_same_thread=False,
         cached_statements=256,
