@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -368,3 +370,124 @@ def test_reader_collected_inside_a_transaction_releases_its_hold_right_after(
         assert not storage.contains(lease.content_id)
     finally:
         storage.close()
+
+
+# == item 2: a full filesystem never wedges the store =======================================
+
+_FILL = """
+import os, signal, sys
+from blobleases import LeaseId, StorageError, StoreFull
+from blobleases.directory import DirectoryStorage
+
+root, mode = sys.argv[1], sys.argv[2]
+
+
+def fill(storage):
+    # stores of ever smaller blobs until even the smallest fails: the
+    # filesystem is then full to its last block
+    held, failures = [], []
+    for size in (256 << 10, 64 << 10, 16 << 10, 4096, 1024, 256, 64, 16):
+        for _ in range(100_000):
+            lid = LeaseId.new()
+            try:
+                cid = storage.store_bytes(os.urandom(size), lid)
+            except (StorageError, StoreFull) as exc:
+                failures.append(str(exc))
+                break
+            held.append((cid, lid))
+    print("full:", len(held), "blobs; last error:", failures[-1], flush=True)
+    return held
+
+
+if mode == "fill-and-die":
+    storage = DirectoryStorage(root)
+    fill(storage)
+    print("stats:", storage.stats(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+storage = DirectoryStorage(root)
+if mode == "fill-and-free":
+    held = fill(storage)
+    before = storage.stats()
+    print("before:", before.blobs, before.bytes, flush=True)
+    half = held[: len(held) // 2]
+    for cid, lid in half:
+        storage.advise_lease_dropped(lid, cid)
+    print("dropped:", len(half), flush=True)
+    report = storage.collect()
+    print("collect:", report, flush=True)
+    print("verify:", storage.verify(repair=True), flush=True)
+    after = storage.stats()
+    print("after:", after.blobs, after.bytes, flush=True)
+    assert after.bytes < before.bytes and after.blobs == before.blobs - len(half), after
+    # the space is usable again, and the store frees again once refilled
+    more = fill(storage)
+    for cid, lid in held[len(half):] + more:
+        storage.advise_lease_dropped(lid, cid)
+    print("all dropped", flush=True)
+else:  # reopen: the filler was killed holding its leases on a full disk
+    before = storage.stats()
+    print("before:", before.blobs, before.bytes, flush=True)
+    report = storage.collect()
+    print("collect:", report, flush=True)
+    print("verify:", storage.verify(repair=True), flush=True)
+    more = fill(storage)
+    for cid, lid in more:
+        storage.advise_lease_dropped(lid, cid)
+print("stats:", storage.stats(), flush=True)
+print("verify:", storage.verify(repair=True), flush=True)
+storage.collect()
+final = storage.stats()
+assert final.blobs == 0 and final.bytes == 0 and final.leases == 0, final
+assert not storage.verify()
+print("ok", flush=True)
+"""
+
+
+def _in_small_tmpfs(tmp_path: Path, commands: list[list[str]], size: str = "4m") -> list[str]:
+    """Run ``commands`` (argv lists, ``{store}`` replaced by the store path)
+    one after another in a private mount namespace with a ``size`` tmpfs;
+    their outputs. Skips if the namespace or the mount is refused."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount a small tmpfs")
+    mount = tmp_path / "small"
+    mount.mkdir(mode=0o700)
+    store = f"{mount}/store"
+    marker = "=== next command ==="
+    lines = [f"mount -t tmpfs -o size={size},mode=0700 tmpfs {mount} || exit 99"]
+    for argv in commands:
+        quoted = " ".join(shlex.quote(a.replace("{store}", store)) for a in argv)
+        lines.append(f"{quoted}; echo {marker} $?")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    if result.returncode == 99 or (result.returncode != 0 and marker not in result.stdout):
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()[-300:]}")
+    outputs = result.stdout.split(marker)
+    assert len(outputs) == len(commands) + 1, result.stdout + result.stderr
+    return [out + f"\n--- stderr:\n{result.stderr[-3000:]}" for out in outputs[:-1]]
+
+
+def test_a_full_filesystem_still_drops_collects_and_repairs(tmp_path: Path) -> None:
+    (out,) = _in_small_tmpfs(tmp_path, [[sys.executable, "-c", _FILL, "{store}", "fill-and-free"]])
+    assert "full:" in out, out
+    assert "ok" in out.splitlines() and "all dropped" in out, out
+
+
+def test_a_full_filesystem_is_freed_after_its_filler_died_and_it_is_reopened(
+    tmp_path: Path,
+) -> None:
+    killed, reopened = _in_small_tmpfs(
+        tmp_path,
+        [
+            [sys.executable, "-c", _FILL, "{store}", "fill-and-die"],
+            [sys.executable, "-c", _FILL, "{store}", "reopen"],
+        ],
+    )
+    assert "full:" in killed and "stats:" in killed, killed
+    assert "ok" in reopened.splitlines(), reopened

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -71,7 +72,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
@@ -110,6 +111,11 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_FULL = 13
 _WAL_WRITE_LOCK = 120  # SQLite's WAL write lock: this byte of the -shm file
+# Space kept in reserve (a file in the root) so that freeing works on a full
+# filesystem: 1/16 of the filesystem, between 64 KiB and 1 MiB.
+_RESERVE = "reserve"
+_RESERVE_MAX = 1 << 20
+_RESERVE_MIN = 64 << 10
 _SIZE_CACHE_ENTRIES = 1 << 16
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
@@ -337,6 +343,48 @@ def _holders_text(fds: list[int], *, flock: bool, start: int | None = None) -> s
         return "held by another process (its pid is not known here)"
     shown = ", ".join(f"{pid}{_proc_state(pid)}" for pid in pids)
     return f"held by pid {shown}"
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the filesystem is full."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", 0) == _SQLITE_FULL:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _frees(
+    method: Callable[Concatenate[DirectoryStorage, _P], _T],
+) -> Callable[Concatenate[DirectoryStorage, _P], _T]:
+    """For work that frees space (dropping, releasing, reaping, collecting,
+    repairing): if it fails because the filesystem is full, the store's
+    reserve is given back to the filesystem and the work done again, so the
+    store can always free its own space. The reserve is made again once
+    there is room."""
+
+    @functools.wraps(method)
+    def frees(self: DirectoryStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            result = method(self, *args, **kwargs)
+        except StorageError as exc:
+            if not _is_full(exc) or not self._release_reserve():
+                raise
+            result = method(self, *args, **kwargs)
+        if self._reserve_missing:
+            self._ensure_reserve()
+        return result
+
+    return frees
 
 
 class _MmapSource:
@@ -624,17 +672,24 @@ class DirectoryStorage(BlobStorage):
         self._alg_fds: dict[str, int] = {}
         self._shard_fds: dict[tuple[str, str], int] = {}
         self._finalizer: weakref.finalize[Any, DirectoryStorage] | None = None
+        self._reserve_missing = False
         # one hashing thread per handle and process, started on first use
         self._hasher_pool: ThreadPoolExecutor | None = None
         self._hasher_pid = 0
         self._hasher_busy = threading.Lock()
         try:
             self._open_root()
-            self._open_index(rebuild=rebuild)
+            try:
+                self._open_index(rebuild=rebuild)
+            except StorageError as exc:
+                if not _is_full(exc) or not self._release_reserve():
+                    raise
+                self._open_index(rebuild=rebuild)
         except BaseException:
             self._close_fds()
             raise
         _INSTANCES.add(self)
+        self._ensure_reserve()
 
     def _open_root(self) -> None:
         root = self._root
@@ -1088,6 +1143,52 @@ class DirectoryStorage(BlobStorage):
             with self._write(maintain=False, expire=False, flush=True):
                 pass
 
+    # -- the reserve ------------------------------------------------------------------
+
+    def _ensure_reserve(self) -> None:
+        """Make ``<root>/reserve`` if it is missing (best effort: on a full
+        filesystem it is tried again after the next work that frees)."""
+        self._reserve_missing = True
+        if self._closed or self._root_fd < 0:
+            return
+        if self._lstat(self._root_fd, _RESERVE) is not None:
+            self._reserve_missing = False
+            return
+        try:
+            st = os.fstatvfs(self._root_fd)
+            size = min(_RESERVE_MAX, max(_RESERVE_MIN, st.f_blocks * st.f_frsize // 16))
+            name, fd = self._open_temp()
+        except (OSError, StorageError):
+            return
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                _write_all(fd, memoryview(bytes(size)))  # no fallocate here
+            os.replace(name, _RESERVE, src_dir_fd=self._tmp_fd, dst_dir_fd=self._root_fd)
+            self._reserve_missing = False
+        except OSError:
+            self._discard_temp(name)
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem (False if there is none)
+        and checkpoint the index, so that what follows fits."""
+        try:
+            os.unlink(_RESERVE, dir_fd=self._root_fd)
+        except OSError:
+            return False
+        self._reserve_missing = True
+        with self._lock:
+            db = self._db
+            if db is not None and self._db_pid == os.getpid() and not db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return True
+
     # -- directories and files --------------------------------------------------------
 
     def _shard_fd(self, cid: ContentId, *, create: bool) -> int | None:
@@ -1489,6 +1590,7 @@ class DirectoryStorage(BlobStorage):
         self._next_reap = tx.now + self.policies.reap_interval
         return leases, holds, len(dead_pids)
 
+    @_frees
     def _auto_reap(self) -> None:
         """Reap if no process has in the last ``reap_interval`` seconds."""
         with self._write(maintain=False) as tx:
@@ -1505,6 +1607,7 @@ class DirectoryStorage(BlobStorage):
             db = self._conn()
             return db.execute(_SQL_HELD, (str(cid), str(lid), time.time())).fetchone() is not None
 
+    @_frees
     def _read_op(self, *, flush: bool = False) -> sqlite3.Connection:
         """Start a read-only operation (lock held): reap if due, end expired
         leases if any, and (if ``flush``) write recorded accesses."""
@@ -1816,6 +1919,7 @@ class DirectoryStorage(BlobStorage):
         writer.deferred.append(work)
         return True
 
+    @_frees
     def _release_hold(self, hold: int, key: str) -> None:
         if self._deferred(lambda: self._release_hold(hold, key)):
             return
@@ -1826,6 +1930,7 @@ class DirectoryStorage(BlobStorage):
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
                     self._settle(tx, key)
 
+    @_frees
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         if self._deferred(lambda: self._advise_lease_dropped(lid, cid)):
             return
@@ -1843,6 +1948,7 @@ class DirectoryStorage(BlobStorage):
                 self._abort(tx, exc)
             self._commit(tx)
 
+    @_frees
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
             self._op()
@@ -1860,6 +1966,7 @@ class DirectoryStorage(BlobStorage):
                 (pid, start, tx.now),
             )
 
+    @_frees
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
             self._end_leases(tx, "pid = ? AND detached = 0", (pid,))
@@ -1943,11 +2050,13 @@ class DirectoryStorage(BlobStorage):
             retained_bytes=int(retained_bytes),
         )
 
+    @_frees
     def _collect(self) -> CollectReport:
         """In slices (see _maybe_slice); the files of every row are checked
         outside the writer lock and only rows found without their file are
         checked again, and removed, under it."""
         report = CollectReport()
+        self._reserve_missing = True  # checked after: another process may have used it
         with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
             leases, holds, procs = self._reap(tx)
             self._trim_retained(tx, self.policies.retain_bytes)
@@ -2075,6 +2184,7 @@ class DirectoryStorage(BlobStorage):
             self._alg_fds[alg] = fd
         return fd
 
+    @_frees
     def _verify(self, repair: bool) -> VerifyReport:
         with self._lock:
             db = self._read_op()
