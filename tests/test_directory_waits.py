@@ -491,3 +491,120 @@ def test_a_full_filesystem_is_freed_after_its_filler_died_and_it_is_reopened(
     )
     assert "full:" in killed and "stats:" in killed, killed
     assert "ok" in reopened.splitlines(), reopened
+
+
+# == item 11: long work is done in short transactions ======================================
+
+
+def _watch_commits(index: Path, table: str) -> list[int]:
+    """Install a profile hook that, whenever an SQLite call of this thread
+    returns outside a transaction, counts the rows of ``table`` through a
+    connection of its own: the counts other processes could see. Returns
+    the list of counts (consecutive repeats left out)."""
+    watcher = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    counts: list[int] = [watcher.execute(f"SELECT count(*) FROM {table}").fetchone()[0]]
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        conn = getattr(arg, "__self__", None)
+        if (
+            event == "c_return"
+            and isinstance(conn, sqlite3.Connection)
+            and conn is not watcher
+            and not conn.in_transaction
+        ):
+            count = watcher.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if counts[-1] != count:
+                counts.append(count)
+
+    sys.setprofile(hook)
+    return counts
+
+
+_HOLD_MANY = """
+import os, sys
+from blobleases import LeaseId
+from blobleases.directory import DirectoryStorage
+storage = DirectoryStorage(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    storage.store_bytes(b"held by a process about to die %d" % i, LeaseId.new())
+print("stored", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_collect_reaps_a_dead_process_in_short_transactions(tmp_path: Path) -> None:
+    n = 3000
+    root = tmp_path / "store"
+    DirectoryStorage(root).close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_MANY, str(root), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    assert child.stdout is not None and child.stdout.readline() == "stored\n"
+    child.kill()
+    child.wait()
+    storage = DirectoryStorage(root)
+    try:
+        counts = _watch_commits(root / "index.sqlite3", "leases")
+        try:
+            report = storage.collect()
+        finally:
+            sys.setprofile(None)
+        assert report.leases_reaped == n and report.blobs_deleted == n, report
+        assert report.processes_reaped == 1 and report.rows_removed == 0, report
+        assert counts[0] == n and counts[-1] == 0, counts
+        # others saw the leases go a slice at a time, not all in one transaction
+        assert len(counts) > 3, counts
+        stats = storage.stats()
+        assert (stats.blobs, stats.leases, stats.bytes) == (0, 0, 0)
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+def test_collect_removes_rows_of_missing_files_in_short_transactions(tmp_path: Path) -> None:
+    n = 3000
+    storage = DirectoryStorage(tmp_path / "store")
+    try:
+        cids = [storage.store_bytes(b"soon missing %d" % i, LeaseId.new()) for i in range(n)]
+        kept, kept_lid = put(storage, blob(100, 9))
+        for cid in cids:
+            os.unlink(storage.blob_path(cid))
+        counts = _watch_commits(storage.root / "index.sqlite3", "content")
+        try:
+            report = storage.collect()
+        finally:
+            sys.setprofile(None)
+        assert report.rows_removed == n and report.blobs_deleted == 0, report
+        assert report.leases_reaped == 0 and report.files_removed == 0, report
+        assert counts[0] == n + 1 and counts[-1] == 1, counts
+        assert len(counts) > 3, counts
+        assert storage.get_data(kept, kept_lid) == blob(100, 9)
+        assert not storage.verify()
+    finally:
+        storage.close()
+
+
+def test_repair_removes_many_broken_blobs_in_short_transactions(tmp_path: Path) -> None:
+    n = 3000
+    storage = DirectoryStorage(tmp_path / "store")
+    try:
+        cids = [storage.store_bytes(b"soon corrupted %d" % i, LeaseId.new()) for i in range(n)]
+        for cid in cids:
+            path = storage.blob_path(cid)
+            data = path.read_bytes()
+            path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        counts = _watch_commits(storage.root / "index.sqlite3", "content")
+        try:
+            report = storage.verify(repair=True)
+        finally:
+            sys.setprofile(None)
+        assert len(report.corrupted) == n and report.repaired, report
+        assert counts[0] == n and counts[-1] == 0, counts
+        assert len(counts) > 3, counts
+        assert not storage.verify() and storage.stats().blobs == 0
+    finally:
+        storage.close()
