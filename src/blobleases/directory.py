@@ -107,6 +107,7 @@ _ACCESS_FLUSH_ENTRIES = 512
 _SLICE_SECONDS = 0.002
 _SLICE_PAUSE = 0.0002
 _SLICE_KEYS = 64  # content ids settled between slice checks
+_MAX_WAIT = min(threading.TIMEOUT_MAX, 1e9)  # lock_timeout beyond it: as good as forever
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_FULL = 13
@@ -494,7 +495,7 @@ class _WriterLock:
     def enter(self, timeout: float) -> None:
         """Take the lock, waiting at most ``timeout`` seconds for other
         threads and processes (StorageError naming the holder)."""
-        if not self.rlock.acquire(True, min(timeout, threading.TIMEOUT_MAX)):
+        if not self.rlock.acquire(True, min(timeout, _MAX_WAIT)):
             raise StorageError(
                 f"timed out after {timeout:g} s waiting for the writer lock {self.path!r}: "
                 f"another thread of this process (pid {os.getpid()}) holds it"
@@ -503,10 +504,18 @@ class _WriterLock:
         if self.depth == 0:
             self.owner = threading.get_ident()
             try:
-                self._flock(timeout)
-            except BaseException:
+                if self._pending:
+                    self._wait_flock(timeout)
+                else:
+                    try:
+                        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        self._wait_flock(timeout)
+            except BaseException as exc:
                 self.owner = 0
                 self.rlock.release()
+                if isinstance(exc, OSError) and not isinstance(exc, BlockingIOError):
+                    raise _error(f"cannot take the writer lock {self.path!r}", exc) from exc
                 raise
         self.depth += 1
 
@@ -541,15 +550,9 @@ class _WriterLock:
                 )
                 sys.unraisablehook(hook_args)
 
-    def _flock(self, timeout: float) -> None:
-        if not self._pending:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _error(f"cannot take the writer lock {self.path!r}", exc) from exc
+    def _wait_flock(self, timeout: float) -> None:
+        """The flock is taken by another process: wait for it through the
+        helper thread, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._wanted = True
@@ -576,7 +579,7 @@ class _WriterLock:
                         f"timed out after {timeout:g} s waiting for the writer lock "
                         f"{self.path!r}: {_holders_text([self.fd], flock=True)}"
                     )
-                self._cond.wait(min(left, threading.TIMEOUT_MAX))
+                self._cond.wait(min(left, _MAX_WAIT))
             self._granted = False
 
     def _wait_loop(self) -> None:
@@ -617,7 +620,7 @@ class _Tx:
     deleted: int = 0
     freed: int = 0
     held: bool = True  # the writer lock and the SQLite transaction are held
-    slice_at: float = 0.0  # (monotonic) when a long piece of work should slice
+    slice_at: float = 0.0  # (monotonic) when long work should slice; 0: not yet known
 
 
 class DirectoryStorage(BlobStorage):
@@ -971,7 +974,7 @@ class DirectoryStorage(BlobStorage):
         if writer is None or writer.pid != self._db_pid:
             writer = self._writer()
         self._lock_index(db, writer)
-        tx = _Tx(db, time.time(), writer, slice_at=time.monotonic() + _SLICE_SECONDS)
+        tx = _Tx(db, time.time(), writer)
         try:
             if self._access and (
                 flush
@@ -1030,7 +1033,11 @@ class DirectoryStorage(BlobStorage):
         processes wait for it only a few milliseconds at a time. Each slice
         leaves the index consistent (rows deleted with their content
         settled); ``tx`` keeps its clock and its counts."""
-        if time.monotonic() < tx.slice_at:
+        now = time.monotonic()
+        if now < tx.slice_at:
+            return
+        if not tx.slice_at:  # the first check: the slice began about now
+            tx.slice_at = now + _SLICE_SECONDS
             return
         self._commit(tx)
         tx.doomed.clear()
@@ -1904,24 +1911,24 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source
 
-    def _deferred(self, work: Callable[[], None]) -> bool:
-        """True if this thread is inside a transaction of this store (a
-        finalizer run by the garbage collector mid-transaction): then
-        ``work`` runs right after the transaction ends, where starting one
-        of its own would fail (or wait for itself)."""
+    def _deferred(self, work: Callable[..., None], *args: Any) -> bool:
+        """True if this thread holds this store's writer lock (a finalizer
+        run by the garbage collector inside a transaction): then
+        ``work(*args)`` runs right after the lock is let go, where starting
+        a transaction of its own would fail (or wait for itself)."""
         writer = self._writer_lock
-        if writer is None or writer.pid != os.getpid():
+        if writer is None:
             if self._closed or self._root_fd < 0:
                 return False
             writer = self._writer()
-        if writer.owner != threading.get_ident():
+        if writer.owner != threading.get_ident() or writer.pid != os.getpid():
             return False
-        writer.deferred.append(work)
+        writer.deferred.append(functools.partial(work, *args))
         return True
 
     @_frees
     def _release_hold(self, hold: int, key: str) -> None:
-        if self._deferred(lambda: self._release_hold(hold, key)):
+        if self._deferred(self._release_hold, hold, key):
             return
         with self._lock:
             if self._closed or self._db_pid != os.getpid():
@@ -1932,7 +1939,7 @@ class DirectoryStorage(BlobStorage):
 
     @_frees
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
-        if self._deferred(lambda: self._advise_lease_dropped(lid, cid)):
+        if self._deferred(self._advise_lease_dropped, lid, cid):
             return
         key = str(cid)
         with self._lock:
