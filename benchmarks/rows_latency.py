@@ -81,7 +81,9 @@ def _collector(path: str, conn: Connection) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _run(path: str, churners: int, seconds: float, collect: bool) -> tuple[list[float], list[float]]:
+def _run(
+    path: str, churners: int, seconds: float, collect: bool
+) -> tuple[list[float], list[float]]:
     """Start the processes, let them work ``seconds``: (lease times, collect times)."""
     mp = multiprocessing.get_context("fork")
     procs: list[Any] = []

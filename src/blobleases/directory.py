@@ -5,6 +5,8 @@ Layout under the root (mode 0700, files 0600)::
     format                  marker: this directory is a blobleases store
     index.sqlite3           the SQLite index (WAL), see :mod:`.directory_index`
     lock                    writers queue on an flock of it (see _WriterLock)
+    reserve                 space kept back so that freeing works on a full
+                            filesystem (see _frees)
     blobs/sha256/ab/<hex>   one file per blob, named by its validated content id
     tmp/<pid>-<start>-<random>.tmp
                             blobs being written; the name tells which process
@@ -21,7 +23,13 @@ How the pieces stay consistent across processes and crashes:
   lock, that no newer row names the file (a store that raced the delete has
   then re-created the row and its file stays);
 * a crash between the two leaves an orphaned file, which ``collect()``
-  removes (again checking under the write lock).
+  removes (again checking under the write lock);
+* long work (collect, repair, reaping thousands of leases) commits in
+  slices of a few milliseconds, letting the write lock go in between, and
+  each slice leaves the index consistent;
+* every wait for another process (the writer flock, SQLite's lock, another
+  thread's transaction) ends after ``lock_timeout`` with StorageError
+  naming what it waited for and the pid holding it (from /proc/locks).
 
 Leases and reader holds record their process's pid and start time; those of
 dead processes (or of an earlier process whose pid was reused) are reaped by
@@ -46,6 +54,14 @@ Choices where the contract is silent:
   process ends (the store is not reachable to release it).
 * The caller must not change a buffer while it is being stored: it is
   hashed and written as given, without a copy.
+* A lease or reader released (by the garbage collector, a signal handler)
+  while its thread is inside a transaction of the same store is released
+  right after that transaction lets the writer lock go.
+* The reserve is 1/16 of the filesystem, between 64 KiB and 1 MiB: room
+  for the transactions that free space. It is given back only to work that
+  frees (a store on a full filesystem fails and leaves it), and made again
+  once there is room. Threads sharing one handle also wait for each other
+  on the handle's lock, each wait on another process bounded as above.
 """
 
 from __future__ import annotations
@@ -2079,10 +2095,9 @@ class DirectoryStorage(BlobStorage):
             with self._write(maintain=False, expire=False) as tx:
                 for key in missing:
                     cid = ContentId.parse(key)
-                    if (
-                        tx.db.execute(_SQL_CONTENT, (key,)).fetchone() is not None
-                        and not self._file_exists(cid)
-                    ):
+                    if tx.db.execute(
+                        _SQL_CONTENT, (key,)
+                    ).fetchone() is not None and not self._file_exists(cid):
                         self._delete(tx, key)
                         tx.deleted -= 1
                         report.rows_removed += 1
