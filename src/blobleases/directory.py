@@ -520,17 +520,19 @@ class _WriterLock:
         if self.depth == 0:
             self.owner = threading.get_ident()
             try:
-                if self._pending:
-                    self._wait_flock(timeout)
-                else:
+                taken = False
+                if not self._pending:
                     try:
                         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        taken = True
                     except BlockingIOError:
-                        self._wait_flock(timeout)
+                        pass
+                if not taken:
+                    self._wait_flock(timeout)
             except BaseException as exc:
                 self.owner = 0
                 self.rlock.release()
-                if isinstance(exc, OSError) and not isinstance(exc, BlockingIOError):
+                if isinstance(exc, OSError):
                     raise _error(f"cannot take the writer lock {self.path!r}", exc) from exc
                 raise
         self.depth += 1
