@@ -218,6 +218,11 @@ def test_index_locked_by_another_process_gives_storage_error_naming_it(tmp_path:
             message = str(info.value)
             assert "cannot lock the index" in message and str(index) in message, message
             assert "waited 1 s" in message and f"pid {child.pid}" in message, message
+            with pytest.raises(StorageError) as info:
+                DirectoryStorage(root, lock_timeout=1)
+            message = str(info.value)
+            assert "cannot open the index" in message and str(index) in message, message
+            assert "waited 1 s" in message and f"pid {child.pid}" in message, message
         finally:
             child.kill()
             child.wait()

@@ -376,6 +376,18 @@ def _is_full(exc: BaseException) -> bool:
     return False
 
 
+def _is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is SQLite's busy timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error):
+            return getattr(seen, "sqlite_errorcode", 0) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        seen = seen.__cause__
+    return False
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -703,6 +715,11 @@ class DirectoryStorage(BlobStorage):
             try:
                 self._open_index(rebuild=rebuild)
             except StorageError as exc:
+                if _is_busy(exc):
+                    timeout = self.policies.lock_timeout
+                    raise StorageError(
+                        f"{exc} (waited {timeout:g} s: {self._index_holders()})"
+                    ) from exc.__cause__
                 if not _is_full(exc) or not self._release_reserve():
                     raise
                 self._open_index(rebuild=rebuild)
@@ -1016,7 +1033,7 @@ class DirectoryStorage(BlobStorage):
         except sqlite3.Error as exc:
             writer.exit()
             detail = ""
-            if getattr(exc, "sqlite_errorcode", 0) in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            if _is_busy(exc):
                 detail = f" (waited {timeout:g} s: {self._index_holders()})"
             raise _error(f"cannot lock the index {self._index_path!r}{detail}", exc) from exc
 
