@@ -588,6 +588,7 @@ class _WriterLock:
             self._wanted = True
             if not self._pending:
                 self._pending = True
+                self._failed = None
                 helper = self._helper
                 if helper is None or not helper.is_alive():
                     helper = threading.Thread(
