@@ -740,9 +740,9 @@ class BlobStorageTests:
             ({"transfer_ttl": 0}, ValueError, "transfer_ttl"),
             ({"durability": "maybe"}, ValueError, "durability"),
             ({"verify_reads": "yes"}, TypeError, "verify_reads"),
-            ({"lock_timeout": 0}, ValueError, "lock_timeout"),
-            ({"lock_timeout": float("inf")}, ValueError, "lock_timeout"),
-            ({"lock_timeout": "30"}, TypeError, "lock_timeout"),
+            ({"lock_timeout": 0}, ValueError, "lock_timeout must be"),
+            ({"lock_timeout": float("inf")}, ValueError, "lock_timeout must be"),
+            ({"lock_timeout": "30"}, TypeError, "lock_timeout must be"),
         ],
     )
     def test_bad_policy_names_it(
