@@ -413,6 +413,17 @@ if mode == "fill-and-die":
 storage = DirectoryStorage(root)
 if mode == "fill-and-free":
     held = fill(storage)
+    # a blob corrupted in place (no new blocks): repair frees it on the full disk
+    broken_cid, broken_lid = held.pop(0)
+    fd = os.open(storage.blob_path(broken_cid), os.O_WRONLY)
+    os.pwrite(fd, b"!", 0)
+    os.close(fd)
+    full = storage.stats()
+    report = storage.verify(repair=True)
+    print("repair on a full disk:", report, flush=True)
+    assert report.corrupted == [broken_cid] and report.repaired, report
+    assert storage.stats().bytes < full.bytes
+    held += fill(storage)
     before = storage.stats()
     print("before:", before.blobs, before.bytes, flush=True)
     half = held[: len(held) // 2]
