@@ -811,7 +811,15 @@ class DirectoryStorage(BlobStorage):
                     os.close(os.open(_INDEX, _O_TMP, 0o600, dir_fd=self._root_fd))
             db = connect(self._index_path, safe=self._safe, timeout=self.policies.lock_timeout)
             try:
-                create_schema(db)
+                # under the writer lock, as every write: waiting in SQLite's
+                # busy handler instead, beside busy writers, can take longer
+                # than lock_timeout (it polls)
+                writer = self._writer()
+                writer.enter(self.policies.lock_timeout)
+                try:
+                    create_schema(db)
+                finally:
+                    writer.exit()
             except BaseException:
                 db.close()
                 raise
