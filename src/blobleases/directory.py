@@ -1961,11 +1961,8 @@ class DirectoryStorage(BlobStorage):
         ``work(*args)`` runs right after the lock is let go, where starting
         a transaction of its own would fail (or wait for itself)."""
         writer = self._writer_lock
-        if writer is None:
-            if self._closed or self._root_fd < 0:
-                return False
-            writer = self._writer()
-        if writer.owner != threading.get_ident() or writer.pid != os.getpid():
+        # None: this handle never wrote, so it holds no lease or reader
+        if writer is None or writer.owner != threading.get_ident() or writer.pid != os.getpid():
             return False
         writer.deferred.append(functools.partial(work, *args))
         return True
