@@ -628,3 +628,51 @@ def test_repair_removes_many_broken_blobs_in_short_transactions(tmp_path: Path) 
         assert not storage.verify() and storage.stats().blobs == 0
     finally:
         storage.close()
+
+
+_READ_AT_EXIT = """
+import sys
+from blobleases import LeaseId
+from blobleases.directory import DirectoryStorage
+storage = DirectoryStorage(sys.argv[1])
+lid = LeaseId.new()
+cid = storage.store_bytes(b"read until the interpreter exits", lid)
+reader = storage.get_reader(cid, lid)  # released by the last garbage collection
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_reader_released_at_interpreter_exit_waits_for_a_busy_lock(
+    churner: tuple[Path, subprocess.Popen[str]],
+) -> None:
+    """At interpreter exit no thread can start or run: the release of a
+    reader freed by the last garbage collection still waits for the writer
+    lock (held by a stopped process until it continues) and then ends."""
+    root, other = churner
+    child = subprocess.Popen(
+        [sys.executable, "-c", _READ_AT_EXIT, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        _stop_while_holding(other.pid, root / "lock", "FLOCK")
+        try:
+            assert child.stdin is not None
+            child.stdin.close()  # the child exits, and its reader is released
+            time.sleep(0.5)
+        finally:
+            os.kill(other.pid, signal.SIGCONT)
+        child.wait(timeout=120)
+        assert child.stderr is not None
+        err = child.stderr.read()
+        assert child.returncode == 0, err
+        assert "Exception" not in err and "Error" not in err, err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -464,7 +464,9 @@ class _WriterLock:
     StorageError naming the holder's pid (from /proc/locks) and the helper,
     once it gets the lock, releases it unless a caller wants it again. While
     the helper waits, every caller goes through it (a non-blocking attempt
-    on the same open file would succeed under the helper's feet).
+    on the same open file would succeed under the helper's feet). At
+    interpreter exit, where no thread can start or run (a reader released
+    by the last garbage collection), the lock is polled instead.
 
     ``owner`` is the thread holding the lock (0: none). Work that must not
     start a transaction inside that thread's own (a lease or reader released
@@ -582,23 +584,31 @@ class _WriterLock:
 
     def _wait_flock(self, timeout: float) -> None:
         """The flock is taken by another process: wait for it through the
-        helper thread, at most ``timeout`` seconds."""
+        helper thread, at most ``timeout`` seconds (polling where no thread
+        can start or run: at interpreter exit)."""
         deadline = time.monotonic() + timeout
+        if sys.is_finalizing():
+            self._poll_flock(timeout, deadline)
+            return
         with self._cond:
             self._wanted = True
             if not self._pending:
                 self._pending = True
                 self._failed = None
                 helper = self._helper
-                if helper is None or not helper.is_alive():
+                if helper is not None and helper.is_alive():
+                    self._cond.notify_all()
+                else:
                     helper = threading.Thread(
                         target=self._wait_loop, name="blobleases-writer-lock", daemon=True
                     )
+                    try:
+                        helper.start()
+                    except RuntimeError:  # shutting down: no new thread starts
+                        self._pending = self._wanted = False
+                        helper = None
                     self._helper = helper
-                    helper.start()
-                else:
-                    self._cond.notify_all()
-            while not self._granted:
+            while self._helper is not None and not self._granted:
                 failed, self._failed = self._failed, None
                 if failed is not None:
                     self._wanted = False
@@ -606,12 +616,30 @@ class _WriterLock:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._wanted = False
-                    raise StorageError(
-                        f"timed out after {timeout:g} s waiting for the writer lock "
-                        f"{self.path!r}: {_holders_text([self.fd], flock=True)}"
-                    )
+                    raise self._timed_out(timeout)
                 self._cond.wait(min(left, _MAX_WAIT))
-            self._granted = False
+            granted, self._granted = self._granted, False
+        if not granted:
+            self._poll_flock(timeout, deadline)
+
+    def _poll_flock(self, timeout: float, deadline: float) -> None:
+        delay = 0.0001
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if time.monotonic() >= deadline:
+                raise self._timed_out(timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _timed_out(self, timeout: float) -> StorageError:
+        return StorageError(
+            f"timed out after {timeout:g} s waiting for the writer lock "
+            f"{self.path!r}: {_holders_text([self.fd], flock=True)}"
+        )
 
     def _wait_loop(self) -> None:
         """The helper thread: take the flock, blocking, whenever asked."""
