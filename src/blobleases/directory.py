@@ -8,6 +8,8 @@ Layout under the root (mode 0700, files 0600)::
     owners/<token>          one per process using the store: the process
                             holds an fcntl lock on it while it lives (see
                             :class:`~blobleases.liveness.OwnerLock`)
+    reserve                 space kept back so that freeing works on a full
+                            filesystem (see _frees)
     blobs/sha256/ab/<hex>   one file per blob, named by its validated content id
     tmp/<token>-<random>.tmp
                             blobs being written; the name tells which process
@@ -24,7 +26,13 @@ How the pieces stay consistent across processes and crashes:
   lock, that no newer row names the file (a store that raced the delete has
   then re-created the row and its file stays);
 * a crash between the two leaves an orphaned file, which ``collect()``
-  removes (again checking under the write lock).
+  removes (again checking under the write lock);
+* long work (collect, repair, reaping thousands of leases) commits in
+  slices of a few milliseconds, letting the write lock go in between, and
+  each slice leaves the index consistent;
+* every wait for another process (the writer flock, SQLite's lock, another
+  thread's transaction) ends after ``lock_timeout`` with StorageError
+  naming what it waited for and the pid holding it (from /proc/locks).
 
 Leases and reader holds record their owner: for a process's own leases and
 readers its owner token, whose lock file the kernel keeps locked exactly as
@@ -67,6 +75,14 @@ Choices where the contract is silent:
 * Through a corrupted index nothing is repaired: ``verify()`` reports it in
   ``index_errors`` (and checks nothing else); other operations raise
   StorageError naming the index.
+* A lease or reader released (by the garbage collector, a signal handler)
+  while its thread is inside a transaction of the same store is released
+  right after that transaction lets the writer lock go.
+* The reserve is 1/16 of the filesystem, between 64 KiB and 1 MiB: room
+  for the transactions that free space. It is given back only to work that
+  frees (a store on a full filesystem fails and leaves it), and made again
+  once there is room. Threads sharing one handle also wait for each other
+  on the handle's lock, each wait on another process bounded as above.
 """
 
 from __future__ import annotations
@@ -83,9 +99,11 @@ import secrets
 import shutil
 import sqlite3
 import stat as stat_module
+import sys
 import tempfile
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -93,12 +111,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar, cast
+from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
+    BlobLeaseError,
     ContentNotFound,
     IntegrityError,
     InvalidContentId,
@@ -155,8 +174,22 @@ _ACCESS_FLUSH_SECONDS = 1.0
 # store_bytes of at least this many bytes hashes in a worker thread while the
 # temporary file is written (below it, the hand-off costs more than it saves)
 _OVERLAP_MIN = 256 << 10
-_LOCK_TIMEOUT = 120.0
 _ACCESS_FLUSH_ENTRIES = 512
+# Long work (collect, repair, reaping many leases) commits and lets the
+# writer lock go after this long, pausing a moment for waiting processes.
+_SLICE_SECONDS = 0.002
+_SLICE_PAUSE = 0.0002
+_SLICE_KEYS = 64  # content ids settled between slice checks
+_MAX_WAIT = min(threading.TIMEOUT_MAX, 1e9)  # lock_timeout beyond it: as good as forever
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_FULL = 13
+_WAL_WRITE_LOCK = 120  # SQLite's WAL write lock: this byte of the -shm file
+# Space kept in reserve (a file in the root) so that freeing works on a full
+# filesystem: 1/16 of the filesystem, between 64 KiB and 1 MiB.
+_RESERVE = "reserve"
+_RESERVE_MAX = 1 << 20
+_RESERVE_MIN = 64 << 10
 _SIZE_CACHE_ENTRIES = 1 << 16
 # close() ends at most this many expired leases (bounded work at exit)
 _CLOSE_EXPIRE_LIMIT = 2000
@@ -383,6 +416,114 @@ def _check_dir_stat(st: os.stat_result, path: str) -> None:
         )
 
 
+def _proc_state(pid: int) -> str:
+    """``" (stopped)"`` and the like for a process of this pid namespace, or ``""``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
+    names = {"T": "stopped", "t": "stopped by a debugger", "D": "in uninterruptible I/O"}
+    return f" ({names[state]})" if state in names else ""
+
+
+def _lock_holders(fds: list[int], *, flock: bool, start: int | None = None) -> list[int]:
+    """Pids (other than ours) holding a write lock on the files of ``fds``,
+    from /proc/locks (Linux): flocks if ``flock``, else POSIX locks (those
+    starting at byte ``start`` if given). Empty where unknown."""
+    wanted: set[tuple[int, int, int]] = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            wanted.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    kinds = ("FLOCK",) if flock else ("POSIX", "OFDLCK")
+    holders: list[int] = []
+    try:
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return holders
+    me = os.getpid()
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 8 or parts[1] == "->" or parts[1] not in kinds or parts[3] != "WRITE":
+            continue
+        try:
+            pid = int(parts[4])
+            major, minor, inode = parts[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(inode))
+            first = int(parts[6])
+        except ValueError:
+            continue
+        if where not in wanted or pid in (me, -1, 0) or pid in holders:
+            continue
+        if start is not None and first != start:
+            continue
+        holders.append(pid)
+    return holders
+
+
+def _holders_text(fds: list[int], *, flock: bool, start: int | None = None) -> str:
+    pids = _lock_holders(fds, flock=flock, start=start)
+    if not pids:
+        return "held by another process (its pid is not known here)"
+    shown = ", ".join(f"{pid}{_proc_state(pid)}" for pid in pids)
+    return f"held by pid {shown}"
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the filesystem is full."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", 0) == _SQLITE_FULL:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is SQLite's busy timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error):
+            return getattr(seen, "sqlite_errorcode", 0) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        seen = seen.__cause__
+    return False
+
+
+_P = ParamSpec("_P")
+
+
+def _frees(
+    method: Callable[Concatenate[DirectoryStorage, _P], _T],
+) -> Callable[Concatenate[DirectoryStorage, _P], _T]:
+    """For work that frees space (dropping, releasing, reaping, collecting,
+    repairing): if it fails because the filesystem is full, the store's
+    reserve is given back to the filesystem and the work done again, so the
+    store can always free its own space. The reserve is made again once
+    there is room."""
+
+    @functools.wraps(method)
+    def frees(self: DirectoryStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            result = method(self, *args, **kwargs)
+        except StorageError as exc:
+            if not _is_full(exc) or not self._release_reserve():
+                raise
+            result = method(self, *args, **kwargs)
+        if self._reserve_missing:
+            self._ensure_reserve()
+        return result
+
+    return frees
+
+
 class _MmapSource:
     """A reader source over a read-only mmap of a blob file (or nothing, for
     an empty blob: empty files cannot be mapped)."""
@@ -422,19 +563,44 @@ class _WriterLock:
     of up to 100 ms (measured: three processes contending for the write lock
     waited up to 430 ms, one of them starved; with the flock at most 30 ms,
     fairly shared). SQLite's own lock stays the authority; a dead holder's
-    flock goes with its process."""
+    flock goes with its process.
+
+    Every wait is bounded (``lock_timeout``): a blocking flock cannot be
+    given a timeout, so a contended flock is waited for by a helper thread
+    (one per process and root, started on first contention) while the
+    caller waits on a condition with a timeout; on timeout the caller raises
+    StorageError naming the holder's pid (from /proc/locks) and the helper,
+    once it gets the lock, releases it unless a caller wants it again. While
+    the helper waits, every caller goes through it (a non-blocking attempt
+    on the same open file would succeed under the helper's feet). At
+    interpreter exit, where no thread can start or run (a reader released
+    by the last garbage collection), the lock is polled instead.
+
+    ``owner`` is the thread holding the lock (0: none). Work that must not
+    start a transaction inside that thread's own (a lease or reader released
+    by the garbage collector mid-transaction) is put in ``deferred`` and run
+    by that thread right after it lets the lock go."""
 
     _all: ClassVar[dict[str, _WriterLock]] = {}
     _all_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str) -> None:
         self.pid = os.getpid()
         self.fd = fd
+        self.path = path
         self.rlock = threading.RLock()
         self.depth = 0
         # counts entries: a change tells _unlink_doomed that a transaction
         # (of another handle, in this thread) may have run meanwhile
         self.epoch = 0
+        self.owner = 0
+        self.deferred: list[Callable[[], None]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._wanted = False  # a caller waits for the helper to get the flock
+        self._granted = False  # the helper got it for the caller
+        self._pending = False  # the helper is inside a blocking flock
+        self._failed: OSError | None = None  # the helper's flock failed
+        self._helper: threading.Thread | None = None
 
     @classmethod
     def of(cls, root: str, root_fd: int) -> _WriterLock:
@@ -451,7 +617,7 @@ class _WriterLock:
                     )
                 except OSError as exc:
                     raise _error(f"cannot open the writer lock of {root!r}", exc) from exc
-                writer = cls._all[key] = cls(fd)
+                writer = cls._all[key] = cls(fd, os.path.join(root, "lock"))
             return writer
 
     @classmethod
@@ -464,24 +630,147 @@ class _WriterLock:
                 os.close(writer.fd)
         cls._all = {}
 
-    def enter(self) -> None:
-        if not self.rlock.acquire(True, _LOCK_TIMEOUT):
-            raise StorageError(f"timed out after {_LOCK_TIMEOUT:.0f} s waiting to write")
+    def enter(self, timeout: float) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds for other
+        threads and processes (StorageError naming the holder)."""
+        if not self.rlock.acquire(True, min(timeout, _MAX_WAIT)):
+            raise StorageError(
+                f"timed out after {timeout:g} s waiting for the writer lock {self.path!r}: "
+                f"another thread of this process (pid {os.getpid()}) holds it"
+            )
         self.epoch += 1
         if self.depth == 0:
+            self.owner = threading.get_ident()
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            except OSError as exc:
+                taken = False
+                if not self._pending:
+                    try:
+                        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        taken = True
+                    except BlockingIOError:
+                        pass
+                if not taken:
+                    self._wait_flock(timeout)
+            except BaseException as exc:
+                self.owner = 0
                 self.rlock.release()
-                raise _error("cannot take the writer lock", exc) from exc
+                if isinstance(exc, OSError):
+                    raise _error(f"cannot take the writer lock {self.path!r}", exc) from exc
+                raise
         self.depth += 1
 
     def exit(self) -> None:
         self.depth -= 1
-        if self.depth == 0:
+        last = self.depth == 0
+        if last:
+            self.owner = 0
             with contextlib.suppress(OSError):
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.rlock.release()
+        if last and self.deferred:
+            self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        while True:
+            try:
+                work = self.deferred.pop(0)
+            except IndexError:
+                return
+            try:
+                work()
+            except BlobLeaseError:
+                pass  # as in the finalizer that deferred it (a closed store reaps)
+            except Exception as exc:
+                hook_args = types.SimpleNamespace(
+                    exc_type=type(exc),
+                    exc_value=exc,
+                    exc_traceback=exc.__traceback__,
+                    err_msg="Exception ignored in a deferred release",
+                    object=work,
+                )
+                sys.unraisablehook(hook_args)
+
+    def _wait_flock(self, timeout: float) -> None:
+        """The flock is taken by another process: wait for it through the
+        helper thread, at most ``timeout`` seconds (polling where no thread
+        can start or run: at interpreter exit)."""
+        deadline = time.monotonic() + timeout
+        if sys.is_finalizing():
+            self._poll_flock(timeout, deadline)
+            return
+        with self._cond:
+            self._wanted = True
+            if not self._pending:
+                self._pending = True
+                self._failed = None
+                helper = self._helper
+                if helper is not None and helper.is_alive():
+                    self._cond.notify_all()
+                else:
+                    helper = threading.Thread(
+                        target=self._wait_loop, name="blobleases-writer-lock", daemon=True
+                    )
+                    try:
+                        helper.start()
+                    except RuntimeError:  # shutting down: no new thread starts
+                        self._pending = self._wanted = False
+                        helper = None
+                    self._helper = helper
+            while self._helper is not None and not self._granted:
+                failed, self._failed = self._failed, None
+                if failed is not None:
+                    self._wanted = False
+                    raise _error(f"cannot take the writer lock {self.path!r}", failed)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._wanted = False
+                    raise self._timed_out(timeout)
+                self._cond.wait(min(left, _MAX_WAIT))
+            granted, self._granted = self._granted, False
+        if not granted:
+            self._poll_flock(timeout, deadline)
+
+    def _poll_flock(self, timeout: float, deadline: float) -> None:
+        delay = 0.0001
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if time.monotonic() >= deadline:
+                raise self._timed_out(timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _timed_out(self, timeout: float) -> StorageError:
+        return StorageError(
+            f"timed out after {timeout:g} s waiting for the writer lock "
+            f"{self.path!r}: {_holders_text([self.fd], flock=True)}"
+        )
+
+    def _wait_loop(self) -> None:
+        """The helper thread: take the flock, blocking, whenever asked."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+            error: OSError | None = None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                error = exc
+            with self._cond:
+                self._pending = False
+                if error is None and self._wanted:
+                    self._wanted = False
+                    self._granted = True
+                elif error is None:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(self.fd, fcntl.LOCK_UN)
+                else:
+                    self._failed = error
+                self._cond.notify_all()
 
 
 @dataclass(slots=True)
@@ -498,6 +787,8 @@ class _Tx:
     known: ContentId | None = None  # the id of a doomed key, if the caller has it
     deleted: int = 0
     freed: int = 0
+    held: bool = True  # the writer lock and the SQLite transaction are held
+    slice_at: float = 0.0  # (monotonic) when long work should slice; 0: not yet known
 
 
 _MAX_ROOT_DEPTH = 256
@@ -608,13 +899,24 @@ class DirectoryStorage(BlobStorage):
         # read-only handles hold leases in this process only: (cid, lid) -> expiry
         self._local_leases: dict[tuple[str, str], float | None] = {}
         self._finalizer: weakref.finalize[Any, DirectoryStorage] | None = None
+        self._reserve_missing = False
         # one hashing thread per handle and process, started on first use
         self._hasher_pool: ThreadPoolExecutor | None = None
         self._hasher_pid = 0
         self._hasher_busy = threading.Lock()
         try:
             self._open_root(create=create, rebuild=rebuild)
-            self._open_index(rebuild=rebuild)
+            try:
+                self._open_index(rebuild=rebuild)
+            except StorageError as exc:
+                if _is_busy(exc):
+                    timeout = self.policies.lock_timeout
+                    raise StorageError(
+                        f"{exc} (waited {timeout:g} s: {self._index_holders()})"
+                    ) from exc.__cause__
+                if self._read_only or not _is_full(exc) or not self._release_reserve():
+                    raise
+                self._open_index(rebuild=rebuild)
         except BaseException:
             self._close_fds()
             raise
@@ -622,6 +924,8 @@ class DirectoryStorage(BlobStorage):
         # At exit, after the leases made on this handle (finalizers run
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, weakref.ref(self))
+        if not self._read_only:
+            self._ensure_reserve()
 
     def _open_root(self, *, create: bool, rebuild: bool) -> None:
         """Open the root and check everything in it before anything is
@@ -770,12 +1074,25 @@ class DirectoryStorage(BlobStorage):
 
     def _open_index(self, *, rebuild: bool) -> None:
         try:
-            db = connect(self._index_path, safe=self._safe, read_only=self._read_only)
+            db = connect(
+                self._index_path,
+                safe=self._safe,
+                read_only=self._read_only,
+                timeout=self.policies.lock_timeout,
+            )
             try:
                 if self._read_only:
                     check_schema(db)
                 else:
-                    create_schema(db, self._scope)
+                    # under the writer lock, as every write: waiting in SQLite's
+                    # busy handler instead, beside busy writers, can take longer
+                    # than lock_timeout (it polls)
+                    writer = self._writer()
+                    writer.enter(self.policies.lock_timeout)
+                    try:
+                        create_schema(db, self._scope)
+                    finally:
+                        writer.exit()
             except BaseException:
                 db.close()
                 raise
@@ -942,7 +1259,12 @@ class DirectoryStorage(BlobStorage):
             _INHERITED.append(db)
             self._db = None
         try:
-            db = connect(self._index_path, safe=self._safe, read_only=self._read_only)
+            db = connect(
+                self._index_path,
+                safe=self._safe,
+                read_only=self._read_only,
+                timeout=self.policies.lock_timeout,
+            )
         except sqlite3.Error as exc:
             raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
         self._db, self._db_pid, self._mypid = db, pid, pid
@@ -988,12 +1310,7 @@ class DirectoryStorage(BlobStorage):
         writer = self._writer_lock
         if writer is None or writer.pid != self._db_pid:
             writer = self._writer()
-        writer.enter()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            writer.exit()
-            raise _error(f"cannot lock the index {self._index_path!r}", exc) from exc
+        self._lock_index(db, writer)
         tx = _Tx(db, time.time(), writer)
         try:
             if self._access and (
@@ -1008,6 +1325,32 @@ class DirectoryStorage(BlobStorage):
             self._abort(tx, exc)
         return tx
 
+    def _lock_index(self, db: sqlite3.Connection, writer: _WriterLock) -> None:
+        """Take the writer lock and begin a write transaction, each wait
+        bounded by ``lock_timeout`` (StorageError naming the holder)."""
+        timeout = self.policies.lock_timeout
+        writer.enter(timeout)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            writer.exit()
+            detail = ""
+            if _is_busy(exc):
+                detail = f" (waited {timeout:g} s: {self._index_holders()})"
+            raise _error(f"cannot lock the index {self._index_path!r}{detail}", exc) from exc
+
+    def _index_holders(self) -> str:
+        """Who holds the index's write lock (SQLite's WAL write lock is a
+        POSIX lock on byte 120 of the ``-shm`` file)."""
+        try:
+            fd = os.open(_INDEX + "-shm", _O_READ, dir_fd=self._root_fd)
+        except OSError:
+            return "held by another process (its pid is not known here)"
+        try:
+            return _holders_text([fd], flock=False, start=_WAL_WRITE_LOCK)
+        finally:
+            os.close(fd)
+
     def _commit(self, tx: _Tx) -> None:
         try:
             tx.db.execute("COMMIT")
@@ -1019,7 +1362,31 @@ class DirectoryStorage(BlobStorage):
             for token in tx.dead_owners:  # their rows are gone: now their lock files
                 remove_dead_owner(self._owners_fd, token)
         finally:
+            tx.held = False
             tx.writer.exit()
+
+    def _maybe_slice(self, tx: _Tx) -> None:
+        """In a long piece of work (collect, repair, reaping many leases):
+        once ``tx`` has been open ``_SLICE_SECONDS``, commit what it did,
+        let the writer lock go for a moment and begin again, so that other
+        processes wait for it only a few milliseconds at a time. Each slice
+        leaves the index consistent (rows deleted with their content
+        settled); ``tx`` keeps its clock and its counts."""
+        now = time.monotonic()
+        if now < tx.slice_at:
+            return
+        if not tx.slice_at:  # the first check: the slice began about now
+            tx.slice_at = now + _SLICE_SECONDS
+            return
+        self._commit(tx)
+        tx.doomed.clear()
+        tx.flushed.clear()
+        tx.known = None
+        # a process woken by the release must get a chance to take the lock
+        time.sleep(_SLICE_PAUSE)
+        self._lock_index(tx.db, tx.writer)
+        tx.held = True
+        tx.slice_at = time.monotonic() + _SLICE_SECONDS
 
     def _unlink_doomed(self, tx: _Tx, epoch: int) -> None:
         """Unlink the files of content that ``tx``, just committed, deleted.
@@ -1048,10 +1415,13 @@ class DirectoryStorage(BlobStorage):
 
     def _abort(self, tx: _Tx, exc: BaseException) -> NoReturn:
         """Roll ``tx`` back and raise ``exc`` (OS and SQLite errors as StorageError)."""
+        if not tx.held:  # a slice boundary failed: nothing is open any more
+            raise exc
         if tx.db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 tx.db.execute("ROLLBACK")
         self._owner_recorded = False  # its row may have been rolled back
+        tx.held = False
         tx.writer.exit()
         for t, k in tx.flushed:  # rolled back: record them again
             self._access[k] = max(t, self._access.get(k, t))
@@ -1077,7 +1447,7 @@ class DirectoryStorage(BlobStorage):
         leaves orphans, which collect() removes."""
         try:
             writer = self._writer()
-            writer.enter()
+            writer.enter(self.policies.lock_timeout)
         except StorageError:
             return
         try:
@@ -1131,6 +1501,52 @@ class DirectoryStorage(BlobStorage):
         if len(self._access) >= _ACCESS_FLUSH_ENTRIES or time.monotonic() >= self._access_flush_at:
             with self._write(maintain=False, expire=False, flush=True):
                 pass
+
+    # -- the reserve ------------------------------------------------------------------
+
+    def _ensure_reserve(self) -> None:
+        """Make ``<root>/reserve`` if it is missing (best effort: on a full
+        filesystem it is tried again after the next work that frees)."""
+        self._reserve_missing = True
+        if self._closed or self._root_fd < 0 or self._read_only:
+            return
+        if self._lstat(self._root_fd, _RESERVE) is not None:
+            self._reserve_missing = False
+            return
+        try:
+            st = os.fstatvfs(self._root_fd)
+            size = min(_RESERVE_MAX, max(_RESERVE_MIN, st.f_blocks * st.f_frsize // 16))
+            name, fd = self._open_temp()
+        except (OSError, StorageError):
+            return
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                _write_all(fd, memoryview(bytes(size)))  # no fallocate here
+            os.replace(name, _RESERVE, src_dir_fd=self._tmp_fd, dst_dir_fd=self._root_fd)
+            self._reserve_missing = False
+        except OSError:
+            self._discard_temp(name)
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem (False if there is none)
+        and checkpoint the index, so that what follows fits."""
+        try:
+            os.unlink(_RESERVE, dir_fd=self._root_fd)
+        except OSError:
+            return False
+        self._reserve_missing = True
+        with self._lock:
+            db = self._db
+            if db is not None and self._db_pid == os.getpid() and not db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return True
 
     # -- directories and files --------------------------------------------------------
 
@@ -1686,14 +2102,28 @@ class DirectoryStorage(BlobStorage):
         return self._end_rows(tx, "holds", where, args)
 
     def _end_rows(self, tx: _Tx, table: str, where: str, args: tuple[Any, ...]) -> int:
+        """Many rows (a dead process's thousands of leases) are ended
+        ``_SLICE_KEYS`` content ids at a time, in slices (see _maybe_slice)."""
         db = tx.db
-        keys = [r[0] for r in db.execute(f"SELECT DISTINCT cid FROM {table} WHERE {where}", args)]
-        if not keys:
-            return 0
-        count = db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
-        for key in keys:
-            self._settle(tx, key)
-        return int(count)
+        count = 0
+        select = f"SELECT DISTINCT cid FROM {table} WHERE {where} LIMIT {_SLICE_KEYS + 1}"
+        while True:
+            keys = [r[0] for r in db.execute(select, args)]
+            if not keys:
+                return count
+            if len(keys) <= _SLICE_KEYS:
+                count += db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
+            else:
+                keys = keys[:_SLICE_KEYS]
+                marks = ", ".join("?" * len(keys))
+                count += db.execute(
+                    f"DELETE FROM {table} WHERE ({where}) AND cid IN ({marks})", (*args, *keys)
+                ).rowcount
+            for key in keys:
+                self._settle(tx, key)
+            if len(keys) < _SLICE_KEYS:
+                return count
+            self._maybe_slice(tx)
 
     def _expire(self, tx: _Tx) -> int:
         return self._end_leases(tx, "expires_at IS NOT NULL AND expires_at <= ?", (tx.now,))
@@ -1776,6 +2206,7 @@ class DirectoryStorage(BlobStorage):
         self._next_reap = tx.now + self.policies.reap_interval
         return leases, holds, dead_owners
 
+    @_frees
     def _auto_reap(self) -> None:
         """Reap if no process has in the last ``reap_interval`` seconds."""
         with self._write(maintain=False) as tx:
@@ -1809,6 +2240,7 @@ class DirectoryStorage(BlobStorage):
         row = db.execute(_SQL_HELD, (key, lkey, now)).fetchone()
         return None if row is None else int(row[0])
 
+    @_frees
     def _read_op(self, *, flush: bool = False) -> sqlite3.Connection:
         """Start a read-only operation (lock held): reap if due, end expired
         leases if any, and (if ``flush``) write recorded accesses."""
@@ -2180,8 +2612,23 @@ class DirectoryStorage(BlobStorage):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
         return source
 
+    def _deferred(self, work: Callable[..., None], *args: Any) -> bool:
+        """True if this thread holds this store's writer lock (a finalizer
+        run by the garbage collector inside a transaction): then
+        ``work(*args)`` runs right after the lock is let go, where starting
+        a transaction of its own would fail (or wait for itself)."""
+        writer = self._writer_lock
+        # None: this handle never wrote, so it holds no lease or reader
+        if writer is None or writer.owner != threading.get_ident() or writer.pid != os.getpid():
+            return False
+        writer.deferred.append(functools.partial(work, *args))
+        return True
+
+    @_frees
     @_index_errors
     def _release_hold(self, hold: int, key: str) -> None:
+        if self._deferred(self._release_hold, hold, key):
+            return
         with self._lock:
             if self._closed or self._db_pid != os.getpid():
                 return  # a closed store's holds end when the process is reaped
@@ -2189,8 +2636,11 @@ class DirectoryStorage(BlobStorage):
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
                     self._settle(tx, key)
 
+    @_frees
     @_index_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
+        if self._deferred(self._advise_lease_dropped, lid, cid):
+            return
         key = str(cid)
         if self._read_only:
             with self._lock:
@@ -2214,6 +2664,7 @@ class DirectoryStorage(BlobStorage):
     # Owners of leases and holds of ``pid`` recorded in this pid namespace.
     _OWNERS_OF_PID = "owner IN (SELECT owner FROM owners WHERE pid = ? AND scope = ?)"
 
+    @_frees
     @_index_errors
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
@@ -2234,6 +2685,7 @@ class DirectoryStorage(BlobStorage):
                 (self._scope, pid, start, tx.now),
             )
 
+    @_frees
     @_index_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
@@ -2355,22 +2807,38 @@ class DirectoryStorage(BlobStorage):
                 removed += remove_dead_owner(self._owners_fd, name)
         return removed
 
+    @_frees
     @_index_errors
     def _collect(self) -> CollectReport:
+        """In slices (see _maybe_slice); the files of every row are checked
+        outside the writer lock and only rows found without their file are
+        checked again, and removed, under it."""
         report = CollectReport()
+        self._reserve_missing = True  # checked after: another process may have used it
         with self._write(maintain=False, expire=False) as tx:  # _reap expires, counted
             leases, holds, procs = self._reap(tx)
             self._trim_retained(tx, self.policies.retain_bytes)
             report.leases_reaped = leases
             report.readers_reaped = holds
             report.processes_reaped = procs
-            for (key,) in tx.db.execute("SELECT cid FROM content").fetchall():
-                if not self._file_exists(ContentId.parse(key)):
-                    self._delete(tx, key)
-                    tx.deleted -= 1
-                    report.rows_removed += 1
             report.blobs_deleted = tx.deleted
             report.bytes_freed = tx.freed
+        with self._lock:
+            keys = [r[0] for r in self._conn().execute("SELECT cid FROM content")]
+        missing = [key for key in keys if not self._file_exists(ContentId.parse(key))]
+        if missing:
+            with self._write(maintain=False, expire=False) as tx:
+                for key in missing:
+                    cid = ContentId.parse(key)
+                    if tx.db.execute(
+                        _SQL_CONTENT, (key,)
+                    ).fetchone() is not None and not self._file_exists(cid):
+                        self._delete(tx, key)
+                        tx.deleted -= 1
+                        report.rows_removed += 1
+                    self._maybe_slice(tx)
+                report.blobs_deleted += tx.deleted
+                report.bytes_freed += tx.freed
         report.files_removed = len(self._remove_orphans(repair=True))
         try:
             self._remove_dead_owner_files()
@@ -2467,8 +2935,19 @@ class DirectoryStorage(BlobStorage):
         except OSError as exc:
             raise _error(f"cannot list the files of {self._root!r}", exc) from exc
         orphans: list[str] = []
-        with self._checking() as db:
+        # Files with a row now are not orphans: only the others are checked
+        # again, under the write lock (in slices).
+        with self._lock:
+            known = {r[0] for r in self._conn().execute("SELECT cid FROM content")}
+        candidates = [
+            (alg, shard, name)
+            for alg, shard, name in candidates
+            if f"{alg}-{name}" not in known or not _HEX64.fullmatch(name) or name[:2] != shard
+        ]
+        with self._checking() as (db, tx):
             for alg, shard, name in candidates:
+                if tx is not None:
+                    self._maybe_slice(tx)
                 if _HEX64.fullmatch(name) and name[:2] == shard:
                     key = f"{alg}-{name}"
                     if db.execute("SELECT 1 FROM content WHERE cid = ?", (key,)).fetchone():
@@ -2494,16 +2973,18 @@ class DirectoryStorage(BlobStorage):
         return orphans
 
     @contextlib.contextmanager
-    def _checking(self) -> Iterator[sqlite3.Connection]:
-        """The index under the write lock (for a read-only handle, which
-        cannot take it, the index as it is)."""
+    def _checking(self) -> Iterator[tuple[sqlite3.Connection, _Tx | None]]:
+        """The index under the write lock, with its transaction (for a
+        read-only handle, which cannot take it, the index as it is and
+        None)."""
         if self._read_only:
             with self._lock:
-                yield self._conn()
+                yield self._conn(), None
         else:
             with self._write(maintain=False) as tx:
-                yield tx.db
+                yield tx.db, tx
 
+    @_frees
     @_index_errors
     def _verify(self, repair: bool) -> VerifyReport:
         if repair and self._read_only:
@@ -2536,6 +3017,7 @@ class DirectoryStorage(BlobStorage):
             with self._write(maintain=False) as tx:
                 for cid in report.corrupted + report.missing:
                     self._delete(tx, str(cid))
+                    self._maybe_slice(tx)
             report.repaired = True
         return report
 

@@ -48,6 +48,7 @@ from urllib.parse import quote
 __all__ = ["SCHEMA_VERSION", "check_schema", "connect", "create_schema", "pid_owner"]
 
 SCHEMA_VERSION = 2
+_MAX_BUSY_SECONDS = 2_000_000.0  # SQLite's busy timeout is an int of milliseconds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -102,19 +103,22 @@ INSERT OR IGNORE INTO meta(key, value) VALUES ('dedup_hits', 0);
 """
 
 
-def connect(path: str, *, safe: bool, read_only: bool = False) -> sqlite3.Connection:
+def connect(
+    path: str, *, safe: bool, read_only: bool = False, timeout: float = 120.0
+) -> sqlite3.Connection:
     """Open the index at ``path`` in autocommit mode (transactions are
-    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``.
+    explicit), WAL, with ``synchronous=FULL`` when ``safe`` else ``OFF``;
+    SQLite waits at most ``timeout`` seconds for another connection's lock.
 
     ``read_only``: opened with ``mode=ro``, which reads a WAL index only
     while its ``-wal`` and ``-shm`` files exist (a process has it open
     elsewhere); else (none of them, and none can be made on a read-only
     filesystem) with ``immutable=1``: nobody writes the index then."""
     if read_only:
-        return _connect_read_only(path)
+        return _connect_read_only(path, timeout)
     db = sqlite3.connect(
         path,
-        timeout=120.0,
+        timeout=min(timeout, _MAX_BUSY_SECONDS),
         isolation_level=None,
         check_same_thread=False,
         cached_statements=256,
@@ -132,13 +136,13 @@ def connect(path: str, *, safe: bool, read_only: bool = False) -> sqlite3.Connec
     return db
 
 
-def _connect_read_only(path: str) -> sqlite3.Connection:
+def _connect_read_only(path: str, timeout: float) -> sqlite3.Connection:
     last: sqlite3.Error | None = None
     for query in ("mode=ro", "mode=ro&immutable=1"):
         db = sqlite3.connect(
             f"file:{quote(path, safe='/')}?{query}",
             uri=True,
-            timeout=120.0,
+            timeout=min(timeout, _MAX_BUSY_SECONDS),
             isolation_level=None,
             check_same_thread=False,
             cached_statements=256,

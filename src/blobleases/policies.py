@@ -85,6 +85,9 @@ class Policies:
     * ``transfer_ttl``: seconds a pickled lease's transfer lease lives.
     * ``durability``: ``"fast"`` survives process crashes; ``"safe"`` fsyncs.
     * ``verify_reads``: rehash on every read instead of checking the size.
+    * ``lock_timeout``: the longest (seconds) any operation waits for another
+      process (a writer lock, a busy index) before StorageError naming what it
+      waited for and, where known, the pid holding it.
     """
 
     max_bytes: int | None = None
@@ -94,6 +97,7 @@ class Policies:
     transfer_ttl: float = 300.0
     durability: Durability = "fast"
     verify_reads: bool = False
+    lock_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _check_size(self.max_bytes, "max_bytes", optional=True)
@@ -110,3 +114,4 @@ class Policies:
             _check_seconds(self.reap_interval, "reap_interval", allow_zero=True),
         )
         object.__setattr__(self, "transfer_ttl", _check_seconds(self.transfer_ttl, "transfer_ttl"))
+        object.__setattr__(self, "lock_timeout", _check_seconds(self.lock_timeout, "lock_timeout"))

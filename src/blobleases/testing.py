@@ -723,6 +723,12 @@ class BlobStorageTests:
         storage.collect()
         assert storage.contains(b) and storage.contains(c)
 
+    def test_lock_timeout_is_accepted(self) -> None:
+        storage = self.open(lock_timeout=2.5)
+        assert storage.policies.lock_timeout == 2.5
+        cid, lid = self.put(storage, blob(10, 74))
+        assert storage.get_data(cid, lid) == blob(10, 74)
+
     @pytest.mark.parametrize(
         ("policies", "error", "name"),
         [
@@ -734,6 +740,9 @@ class BlobStorageTests:
             ({"transfer_ttl": 0}, ValueError, "transfer_ttl"),
             ({"durability": "maybe"}, ValueError, "durability"),
             ({"verify_reads": "yes"}, TypeError, "verify_reads"),
+            ({"lock_timeout": 0}, ValueError, "lock_timeout must be"),
+            ({"lock_timeout": float("inf")}, ValueError, "lock_timeout must be"),
+            ({"lock_timeout": "30"}, TypeError, "lock_timeout must be"),
         ],
     )
     def test_bad_policy_names_it(
