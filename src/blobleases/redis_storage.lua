@@ -320,21 +320,44 @@ return 1
 return index_remove(KEYS, ARGV[1], ARGV[2])
 
 --@ reserve
--- KEYS idx, bytes, reserved bytes; ARGV content id, size, token, max bytes,
--- deadline, owner. Returns {0} if the content is indexed already, {1} when
--- reserved, {2, total} when it does not fit.
+-- KEYS idx, bytes, reserved bytes, doomed; ARGV content id, size, token, max
+-- bytes, deadline, owner, now, then the planned victims. Returns {0} if the
+-- content is indexed already, {1, bytes the victims free} when reserved,
+-- {2, total} when it does not
+-- fit even after the victims go, {3} when a victim is gone or doomed by
+-- another store (plan again). Mirror of policy_rules: the plan is decided
+-- before anything is evicted, and a store that cannot fit evicts nothing.
+-- On {1} the victims are doomed (claimed for this store until the
+-- deadline) so no concurrent store counts the room they free again.
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return {0}
 end
 local total = tonumber(redis.call('GET', KEYS[2]) or '0')
 local size = tonumber(ARGV[2])
-if total + size > tonumber(ARGV[4]) then
+local now = tonumber(ARGV[7])
+local freed = 0
+for i = 8, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if not v then
+    return {3}
+  end
+  local sz, _, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+  local doomed = redis.call('HGET', KEYS[4], ARGV[i])
+  if kind == 'R' or (doomed and tonumber(doomed) > now) then
+    return {3}
+  end
+  freed = freed + tonumber(sz)
+end
+if total + size - freed > tonumber(ARGV[4]) then
   return {2, total}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' R ' .. ARGV[5] .. ' ' .. ARGV[6])
 redis.call('INCRBY', KEYS[2], size)
 redis.call('INCRBY', KEYS[3], size)
-return {1}
+for i = 8, #ARGV do
+  redis.call('HSET', KEYS[4], ARGV[i], tostring(now + 60))
+end
+return {1, freed}
 
 --@ retain allow-oom
 -- KEYS retained, retained sizes, retained bytes; ARGV content id, now, size,
