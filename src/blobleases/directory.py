@@ -114,6 +114,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
+from . import policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
@@ -1942,7 +1943,7 @@ class DirectoryStorage(BlobStorage):
             owner = pid_owner(pid, start, self._scope)
             if not detached:
                 db.execute(_SQL_ADD_OWNER, (owner, pid, start, self._scope))
-        expires = None if ttl is None else tx.now + ttl
+        expires = policy_rules.expires_at(ttl, tx.now)
         lkey = str(lid)
         if first:
             db.execute(
@@ -1999,7 +2000,7 @@ class DirectoryStorage(BlobStorage):
             return
         db.execute("DELETE FROM leases WHERE cid = ?", (key,))
         size, retain = int(row[0]), self.policies.retain_bytes
-        if size <= retain:
+        if policy_rules.retains(size, retain):
             seq = db.execute(
                 "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
             ).fetchone()[0]
@@ -2052,11 +2053,8 @@ class DirectoryStorage(BlobStorage):
         if total <= budget:
             return
         rows = db.execute(_SQL_RETAINED_IN_ORDER).fetchall()
-        for key, size in rows:
-            if total <= budget:
-                break
+        for key in policy_rules.over_retain_budget(total, budget, rows):
             self._delete(tx, key)
-            total -= size
 
     def _make_room(self, tx: _Tx, size: int) -> None:
         """Evict per policy so ``size`` more bytes fit under ``max_bytes``
@@ -2069,26 +2067,26 @@ class DirectoryStorage(BlobStorage):
         if total + size <= limit:
             return
         if size > limit:
-            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
-        need = total + size - limit
-        victims: list[str] = []
-        queries = [_SQL_RETAINED_IN_ORDER]
-        if self.policies.on_full == "evict":
-            queries.append(
+            raise StoreFull(policy_rules.too_large_message(size, limit))
+
+        def leased() -> Iterator[tuple[str, int, bool]]:
+            # Content with a reader (a hold) is never a candidate.
+            cursor = db.execute(
                 "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
                 "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
             )
-        for query in queries:
-            if need <= 0:
-                break
-            cursor = db.execute(query)
-            while need > 0 and (row := cursor.fetchone()) is not None:
-                victims.append(row[0])
-                need -= row[1]
-        if need > 0:
+            for key, held in cursor:
+                yield key, held, False
+
+        victims = policy_rules.plan_eviction(
+            total + size - limit,
+            db.execute(_SQL_RETAINED_IN_ORDER),
+            leased(),
+            self.policies.on_full,
+        )
+        if victims is None:
             raise StoreFull(
-                f"storing {size} bytes would exceed max_bytes={limit} "
-                f"({total} bytes held; on_full={self.policies.on_full!r})"
+                policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
             )
         for key in victims:
             self._delete(tx, key)
@@ -2528,7 +2526,7 @@ class DirectoryStorage(BlobStorage):
                 if row is None:
                     raise ContentNotFound(cid)
                 size = int(row[0])
-            self._local_leases[(key, lkey)] = None if ttl is None else now + ttl
+            self._local_leases[(key, lkey)] = policy_rules.expires_at(ttl, now)
         return size
 
     @_index_errors

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from . import policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -189,7 +190,8 @@ class MemoryStorage(BlobStorage):
         else:
             if lid in blob:
                 return
-            expires_at = time.time() + ttl
+            expires_at = policy_rules.expires_at(ttl, time.time())
+            assert expires_at is not None
             blob[lid] = _Lease(expires_at, detached)
             heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
         if not detached and lid.pid != self._own_pid:
@@ -249,7 +251,7 @@ class MemoryStorage(BlobStorage):
         if blob or blob.readers:  # a blob is true while it has leases
             return
         size = blob.size
-        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
+        if policy_rules.retains(size, self.policies.retain_bytes):
             self._retained[cid] = None
             self._retained_bytes += size
             self._trim_retained(self.policies.retain_bytes)
@@ -258,10 +260,11 @@ class MemoryStorage(BlobStorage):
 
     def _trim_retained(self, budget: int) -> tuple[int, int]:
         count = freed = 0
-        while self._retained_bytes > budget and self._retained:
-            cid = next(iter(self._retained))
-            freed += self._blobs[cid].size
-            self._delete(cid)
+        if self._retained_bytes <= budget:
+            return count, freed
+        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
+        for cid in policy_rules.over_retain_budget(self._retained_bytes, budget, retained):
+            freed += self._delete(cid)
             count += 1
         return count, freed
 
@@ -284,27 +287,19 @@ class MemoryStorage(BlobStorage):
         if limit is None or self._bytes + size <= limit:
             return
         if size > limit:
-            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
-        victims: list[ContentId] = []
-        need = self._bytes + size - limit
-        for cid in self._retained:
-            if need <= 0:
-                break
-            victims.append(cid)
-            need -= self._blobs[cid].size
-        if need > 0 and self.policies.on_full == "evict":
-            for cid in self._order:
-                if need <= 0:
-                    break
-                blob = self._blobs[cid]
-                if blob.readers or cid in self._retained:
-                    continue
-                victims.append(cid)
-                need -= blob.size
-        if need > 0:
+            raise StoreFull(policy_rules.too_large_message(size, limit))
+        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
+        leased = (
+            (cid, blob.size, bool(blob.readers))
+            for cid, blob in ((cid, self._blobs[cid]) for cid in self._order)
+            if cid not in self._retained
+        )
+        victims = policy_rules.plan_eviction(
+            self._bytes + size - limit, retained, leased, self.policies.on_full
+        )
+        if victims is None:
             raise StoreFull(
-                f"storing {size} bytes would exceed max_bytes={limit} "
-                f"({self._bytes} bytes held; on_full={self.policies.on_full!r})"
+                policy_rules.over_limit_message(size, limit, self._bytes, self.policies.on_full)
             )
         for cid in victims:
             self._delete(cid)

@@ -761,7 +761,7 @@ class RedisStorage(BlobStorage):
 
     def _unreferenced(self, cid: ContentId, size: int) -> None:
         """Content just lost its last lease and reader: retain or delete it."""
-        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
+        if policy_rules.retains(size, self.policies.retain_bytes):
             victims = self._ev(
                 "retain",
                 [self._k_ret, self._k_rsz, self._k_retb],
@@ -818,7 +818,7 @@ class RedisStorage(BlobStorage):
     ) -> tuple[int, int]:
         """Hold the lease if the content is present: (status, size) with status
         0 absent, 1 already held, 2 newly held (a retained blob is referenced again)."""
-        expires_at = None if ttl is None else time.time() + ttl
+        expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
         value = _lease_value(expires_at, detached, owner)
         keys = self._ckeys(cid)
@@ -986,7 +986,7 @@ class RedisStorage(BlobStorage):
         base = self._base(cid)
         prefix = f"{base}c:{token}:"
         n = -(-size // self._chunk) if size else 0
-        expires_at = None if ttl is None else time.time() + ttl
+        expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
         value = _lease_value(expires_at, detached, owner)
         with self._lock:
