@@ -114,7 +114,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
-from . import policy_rules
+from . import ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
@@ -169,7 +169,6 @@ def _index_errors(method: _F) -> _F:
 _INDEX = "index.sqlite3"
 _MARKER = "format"
 _MARKER_TEXT = b"blobleases directory store, format 1\n"
-_COPY_CHUNK = 1 << 20
 _MAX_WRITE = 1 << 30
 _ACCESS_FLUSH_SECONDS = 1.0
 # store_bytes of at least this many bytes hashes in a worker thread while the
@@ -1885,15 +1884,8 @@ class DirectoryStorage(BlobStorage):
             if size is not None and st.st_size != size:
                 return None
             hasher = new_hasher(cid.algorithm)
-            buf = bytearray(_COPY_CHUNK)
-            view = memoryview(buf)
-            total = 0
-            while True:
-                n = os.readv(fd, [view])
-                if not n:
-                    break
-                hasher.update(view[:n])
-                total += n
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                total = ingest.copy(f, hasher)
             if hasher.digest() != cid.digest or total != st.st_size:
                 return None
             return total
@@ -2424,15 +2416,15 @@ class DirectoryStorage(BlobStorage):
             self._op()
         name, fd = self._open_temp()
         try:
-            if isinstance(source, (str, os.PathLike)):
-                try:
-                    f = open(source, "rb")  # noqa: SIM115 - closed below
-                except OSError as exc:
-                    raise _error(f"cannot read {os.fspath(source)!r}", exc) from exc
-                with f:
-                    size = self._copy(f, hasher, fd)
-            else:
-                size = self._copy(source, hasher, fd)
+            with ingest.open_source(
+                source, lambda path, exc: _error(f"cannot read {path!r}", exc)
+            ) as f:
+                size = ingest.copy(
+                    f,
+                    hasher,
+                    lambda chunk: _write_all(fd, chunk),
+                    lambda exc: _error("cannot read the source file", exc),
+                )
             if self._safe:
                 os.fsync(fd)
         except BaseException as exc:
@@ -2445,29 +2437,6 @@ class DirectoryStorage(BlobStorage):
         cid = ContentId(algorithm, hasher.digest())
         self._place(cid, str(cid), name, size, lid, ttl, detached)
         return cid, size
-
-    def _copy(self, f: Any, hasher: Any, fd: int) -> int:
-        readinto = getattr(f, "readinto", None)
-        buf = bytearray(_COPY_CHUNK)
-        view = memoryview(buf)
-        total = 0
-        while True:
-            try:
-                if readinto is not None:
-                    n = readinto(view)
-                    chunk = view[: n or 0]
-                else:
-                    raw = f.read(_COPY_CHUNK)
-                    if isinstance(raw, str):
-                        raise TypeError("source must be a binary file (its read() returned text)")
-                    chunk = memoryview(raw)
-            except OSError as exc:
-                raise _error("cannot read the source file", exc) from exc
-            if not chunk:
-                return total
-            hasher.update(chunk)
-            _write_all(fd, chunk)
-            total += chunk.nbytes
 
     @_index_errors
     def _lease_by_content(

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import policy_rules
+from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -26,7 +26,6 @@ from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["MemoryStorage"]
 
-_COPY_CHUNK = 1 << 20
 
 #: Accesses within this many seconds share one last-access time (one float
 #: object), so recording an access frees no float stored long ago.
@@ -363,15 +362,8 @@ class MemoryStorage(BlobStorage):
     ) -> tuple[ContentId, int]:
         hasher = new_hasher(algorithm)
         parts: list[bytes] = []
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                f = open(source, "rb")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
-            with f:
-                _copy(f, hasher, parts)
-        else:
-            _copy(source, hasher, parts)
+        with ingest.open_source(source, ingest.cannot_read) as f:
+            ingest.copy(f, hasher, lambda chunk: parts.append(bytes(chunk)))
         data = b"".join(parts)
         cid = ContentId(algorithm, hasher.digest())
         self._store(cid, memoryview(data), lid, ttl, detached, True)
@@ -528,14 +520,3 @@ class MemoryStorage(BlobStorage):
         """Replace a blob's bytes in place (the conformance suite's fault hook)."""
         with self._lock:
             self._blobs[cid].data = data
-
-
-def _copy(f: Any, hasher: Any, parts: list[bytes]) -> None:
-    while True:
-        chunk = f.read(_COPY_CHUNK)
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes | bytearray):
-            raise TypeError("source must be a binary file (its read() returned text)")
-        hasher.update(chunk)
-        parts.append(bytes(chunk))

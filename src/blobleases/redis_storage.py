@@ -63,7 +63,7 @@ from importlib import resources
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import policy_rules
+from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -1069,30 +1069,19 @@ class RedisStorage(BlobStorage):
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
         self._maintain()
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                f = open(source, "rb")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
-            with f:
+        with ingest.open_source(source, ingest.cannot_read) as f:
+            seekable = False
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                seekable = bool(f.seekable())
+            if seekable:
                 return self._store_stream(f, lid, algorithm, ttl, detached)
-        seekable = False
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            seekable = bool(source.seekable())
-        if seekable:
-            return self._store_stream(source, lid, algorithm, ttl, detached)
-        # One pass to a private temporary file: the content id must be known
-        # before the first chunk is written (chunks live in its hash slot).
-        with tempfile.TemporaryFile() as spool:
-            while True:
-                part = source.read(self._chunk)
-                if not part:
-                    break
-                if not isinstance(part, bytes | bytearray | memoryview):
-                    raise TypeError("source must be a binary file (its read() returned text)")
-                spool.write(part)
-            spool.seek(0)
-            return self._store_stream(spool, lid, algorithm, ttl, detached)
+            # One pass to a private temporary file: the content id must be known
+            # before the first chunk is written (chunks live in its hash slot).
+            with tempfile.TemporaryFile() as spool:
+                for part in ingest.chunks(f):
+                    spool.write(part)
+                spool.seek(0)
+                return self._store_stream(spool, lid, algorithm, ttl, detached)
 
     def _store_stream(
         self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -1102,15 +1091,7 @@ class RedisStorage(BlobStorage):
         (second pass); a file that changed in between raises IntegrityError."""
         start = f.tell()
         hasher = new_hasher(algorithm)
-        size = 0
-        while True:
-            part = f.read(self._chunk)
-            if not part:
-                break
-            if not isinstance(part, bytes | bytearray | memoryview):
-                raise TypeError("source must be a binary file (its read() returned text)")
-            hasher.update(part)
-            size += len(part)
+        size = ingest.copy(f, hasher)
         cid = ContentId(algorithm, hasher.digest())
         status, _ = self._hold(cid, lid, ttl, detached)
         if status == 2:
