@@ -898,7 +898,11 @@ class RedisStorage(BlobStorage):
                     freed += self._delete(victim, mode)
             finally:
                 self._r.hdel(self._k_doom, *(victim for victim, _ in victims))
-            if freed < int(res[1]):
+            # A victim this store did not delete either was deleted by another
+            # (its room is free) or gained a lease or reader (it stays).
+            if freed < int(res[1]) and any(
+                self._r.hexists(self._k_idx, victim) for victim, _ in victims
+            ):
                 self._ev("idx_remove", self._g_idx(), [str(cid), token])
                 raise StoreFull(
                     f"storing {size} bytes: content chosen for eviction gained a lease or "
