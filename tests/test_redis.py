@@ -26,6 +26,7 @@ from blobleases import (
     LeaseExpired,
     LeaseId,
     StorageError,
+    StoreFull,
     open_storage,
 )
 from blobleases.redis_storage import RedisStorage
@@ -674,3 +675,45 @@ def test_keys_of_one_blob_share_one_cluster_slot(redis_cluster: Any) -> None:
             assert reader.read() == data
     finally:
         storage.close()
+
+
+def test_store_full_after_a_concurrent_store_took_the_room_evicts_nothing(
+    any_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 3: StoreFull changes nothing, even when another client's store
+    takes the room between this store's eviction plan and its eviction."""
+    namespace = _namespace()
+    policies: dict[str, Any] = {"max_bytes": 10_000, "on_full": "evict"}
+    a = RedisStorage(any_url, namespace=namespace, **policies)
+    b = RedisStorage(any_url, namespace=namespace, **policies)
+    try:
+        v = ContentId.for_bytes(blob(4000, 1))
+        lv = LeaseId.new()
+        b.store(v, blob(4000, 1), lv)  # evictable
+        k = ContentId.for_bytes(blob(3000, 2))
+        lk = LeaseId.new()
+        b.store(k, blob(3000, 2), lk)
+        w = ContentId.for_bytes(blob(3000, 3))
+        lw = LeaseId.new()
+        readers = [b.get_reader(k, lk)]
+        plan = a._plan_eviction
+
+        def plan_then_b_stores(need: int) -> list[tuple[str, str]] | None:
+            victims = plan(need)
+            if not b.contains(w):  # b fills the room v would free, and reads it
+                b.store(w, blob(3000, 3), lw)
+                readers.append(b.get_reader(w, lw))
+            return victims
+
+        monkeypatch.setattr(a, "_plan_eviction", plan_then_b_stores)
+        new = blob(6000, 4)
+        with pytest.raises(StoreFull):
+            a.store(ContentId.for_bytes(new), new, LeaseId.new())
+        assert a.contains(v), "a failed store evicted content"
+        assert b.get_data(v, lv) == blob(4000, 1)
+        assert a.stats().bytes == 10_000
+        for reader in readers:
+            reader.close()
+    finally:
+        a.close()
+        b.close()

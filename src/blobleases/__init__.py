@@ -32,7 +32,7 @@ from .reader import BlobReader
 from .registry import get_storage, register_storage, unregister_storage
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage
-from .urls import open_storage
+from .urls import open_storage, register_backend
 
 if TYPE_CHECKING:
     from .directory import DirectoryStorage
@@ -74,6 +74,7 @@ __all__ = [
     "get_storage",
     "loads",
     "open_storage",
+    "register_backend",
     "register_storage",
     "store",
     "store_file",

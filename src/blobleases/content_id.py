@@ -9,13 +9,13 @@ import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
+from . import ingest
 from .errors import InvalidContentId
 
 __all__ = ["ALGORITHMS", "ContentId", "Hasher", "as_buffer", "new_hasher"]
 
 ALGORITHMS: Final = ("sha256", "blake3")
 DIGEST_SIZE: Final = 32
-_CHUNK: Final = 1 << 20
 _PARSE = re.compile(r"(sha256|blake3)[-:]([0-9a-fA-F]{64})")
 
 
@@ -172,13 +172,10 @@ class ContentId:
     ) -> ContentId:
         """The id of a file's bytes, read as a stream in constant memory."""
         hasher = new_hasher(algorithm)
-        if isinstance(source, (str, os.PathLike)):
-            with open(source, "rb") as f:
-                _feed(hasher, f)
-        elif isinstance(source, io.IOBase) or hasattr(source, "read"):
-            _feed(hasher, source)
-        else:
+        if not isinstance(source, (str, os.PathLike, io.IOBase)) and not hasattr(source, "read"):
             raise TypeError(f"source must be a path or a binary file, not {type(source).__name__}")
+        with ingest.open_source(source) as f:
+            ingest.copy(f, hasher)
         return cls(algorithm, hasher.digest())
 
     @classmethod
@@ -189,22 +186,3 @@ class ContentId:
         if isinstance(value, str):
             return cls.parse(value)
         raise TypeError(f"{name} must be a ContentId or str, not {type(value).__name__}")
-
-
-def _feed(hasher: Any, f: IO[bytes]) -> None:
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    readinto = getattr(f, "readinto", None)
-    while True:
-        if readinto is not None:
-            n = readinto(view)
-            if not n:
-                break
-            hasher.update(view[:n])
-        else:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            if isinstance(chunk, str):
-                raise TypeError("source must be opened in binary mode")
-            hasher.update(chunk)

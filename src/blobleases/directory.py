@@ -114,6 +114,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
+from . import ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
@@ -168,7 +169,6 @@ def _index_errors(method: _F) -> _F:
 _INDEX = "index.sqlite3"
 _MARKER = "format"
 _MARKER_TEXT = b"blobleases directory store, format 1\n"
-_COPY_CHUNK = 1 << 20
 _MAX_WRITE = 1 << 30
 _ACCESS_FLUSH_SECONDS = 1.0
 # store_bytes of at least this many bytes hashes in a worker thread while the
@@ -1884,15 +1884,8 @@ class DirectoryStorage(BlobStorage):
             if size is not None and st.st_size != size:
                 return None
             hasher = new_hasher(cid.algorithm)
-            buf = bytearray(_COPY_CHUNK)
-            view = memoryview(buf)
-            total = 0
-            while True:
-                n = os.readv(fd, [view])
-                if not n:
-                    break
-                hasher.update(view[:n])
-                total += n
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                total = ingest.copy(f, hasher)
             if hasher.digest() != cid.digest or total != st.st_size:
                 return None
             return total
@@ -1942,7 +1935,7 @@ class DirectoryStorage(BlobStorage):
             owner = pid_owner(pid, start, self._scope)
             if not detached:
                 db.execute(_SQL_ADD_OWNER, (owner, pid, start, self._scope))
-        expires = None if ttl is None else tx.now + ttl
+        expires = policy_rules.expires_at(ttl, tx.now)
         lkey = str(lid)
         if first:
             db.execute(
@@ -1999,7 +1992,7 @@ class DirectoryStorage(BlobStorage):
             return
         db.execute("DELETE FROM leases WHERE cid = ?", (key,))
         size, retain = int(row[0]), self.policies.retain_bytes
-        if size <= retain:
+        if policy_rules.retains(size, retain):
             seq = db.execute(
                 "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
             ).fetchone()[0]
@@ -2052,11 +2045,8 @@ class DirectoryStorage(BlobStorage):
         if total <= budget:
             return
         rows = db.execute(_SQL_RETAINED_IN_ORDER).fetchall()
-        for key, size in rows:
-            if total <= budget:
-                break
+        for key in policy_rules.over_retain_budget(total, budget, rows):
             self._delete(tx, key)
-            total -= size
 
     def _make_room(self, tx: _Tx, size: int) -> None:
         """Evict per policy so ``size`` more bytes fit under ``max_bytes``
@@ -2069,26 +2059,26 @@ class DirectoryStorage(BlobStorage):
         if total + size <= limit:
             return
         if size > limit:
-            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
-        need = total + size - limit
-        victims: list[str] = []
-        queries = [_SQL_RETAINED_IN_ORDER]
-        if self.policies.on_full == "evict":
-            queries.append(
+            raise StoreFull(policy_rules.too_large_message(size, limit))
+
+        def leased() -> Iterator[tuple[str, int, bool]]:
+            # Content with a reader (a hold) is never a candidate.
+            cursor = db.execute(
                 "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
                 "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
             )
-        for query in queries:
-            if need <= 0:
-                break
-            cursor = db.execute(query)
-            while need > 0 and (row := cursor.fetchone()) is not None:
-                victims.append(row[0])
-                need -= row[1]
-        if need > 0:
+            for key, held in cursor:
+                yield key, held, False
+
+        victims = policy_rules.plan_eviction(
+            total + size - limit,
+            db.execute(_SQL_RETAINED_IN_ORDER),
+            leased(),
+            self.policies.on_full,
+        )
+        if victims is None:
             raise StoreFull(
-                f"storing {size} bytes would exceed max_bytes={limit} "
-                f"({total} bytes held; on_full={self.policies.on_full!r})"
+                policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
             )
         for key in victims:
             self._delete(tx, key)
@@ -2426,15 +2416,15 @@ class DirectoryStorage(BlobStorage):
             self._op()
         name, fd = self._open_temp()
         try:
-            if isinstance(source, (str, os.PathLike)):
-                try:
-                    f = open(source, "rb")  # noqa: SIM115 - closed below
-                except OSError as exc:
-                    raise _error(f"cannot read {os.fspath(source)!r}", exc) from exc
-                with f:
-                    size = self._copy(f, hasher, fd)
-            else:
-                size = self._copy(source, hasher, fd)
+            with ingest.open_source(
+                source, lambda path, exc: _error(f"cannot read {path!r}", exc)
+            ) as f:
+                size = ingest.copy(
+                    f,
+                    hasher,
+                    lambda chunk: _write_all(fd, chunk),
+                    lambda exc: _error("cannot read the source file", exc),
+                )
             if self._safe:
                 os.fsync(fd)
         except BaseException as exc:
@@ -2447,29 +2437,6 @@ class DirectoryStorage(BlobStorage):
         cid = ContentId(algorithm, hasher.digest())
         self._place(cid, str(cid), name, size, lid, ttl, detached)
         return cid, size
-
-    def _copy(self, f: Any, hasher: Any, fd: int) -> int:
-        readinto = getattr(f, "readinto", None)
-        buf = bytearray(_COPY_CHUNK)
-        view = memoryview(buf)
-        total = 0
-        while True:
-            try:
-                if readinto is not None:
-                    n = readinto(view)
-                    chunk = view[: n or 0]
-                else:
-                    raw = f.read(_COPY_CHUNK)
-                    if isinstance(raw, str):
-                        raise TypeError("source must be a binary file (its read() returned text)")
-                    chunk = memoryview(raw)
-            except OSError as exc:
-                raise _error("cannot read the source file", exc) from exc
-            if not chunk:
-                return total
-            hasher.update(chunk)
-            _write_all(fd, chunk)
-            total += chunk.nbytes
 
     @_index_errors
     def _lease_by_content(
@@ -2528,7 +2495,7 @@ class DirectoryStorage(BlobStorage):
                 if row is None:
                     raise ContentNotFound(cid)
                 size = int(row[0])
-            self._local_leases[(key, lkey)] = None if ttl is None else now + ttl
+            self._local_leases[(key, lkey)] = policy_rules.expires_at(ttl, now)
         return size
 
     @_index_errors

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -25,7 +26,6 @@ from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["MemoryStorage"]
 
-_COPY_CHUNK = 1 << 20
 
 #: Accesses within this many seconds share one last-access time (one float
 #: object), so recording an access frees no float stored long ago.
@@ -189,7 +189,8 @@ class MemoryStorage(BlobStorage):
         else:
             if lid in blob:
                 return
-            expires_at = time.time() + ttl
+            expires_at = policy_rules.expires_at(ttl, time.time())
+            assert expires_at is not None
             blob[lid] = _Lease(expires_at, detached)
             heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
         if not detached and lid.pid != self._own_pid:
@@ -249,7 +250,7 @@ class MemoryStorage(BlobStorage):
         if blob or blob.readers:  # a blob is true while it has leases
             return
         size = blob.size
-        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
+        if policy_rules.retains(size, self.policies.retain_bytes):
             self._retained[cid] = None
             self._retained_bytes += size
             self._trim_retained(self.policies.retain_bytes)
@@ -258,10 +259,11 @@ class MemoryStorage(BlobStorage):
 
     def _trim_retained(self, budget: int) -> tuple[int, int]:
         count = freed = 0
-        while self._retained_bytes > budget and self._retained:
-            cid = next(iter(self._retained))
-            freed += self._blobs[cid].size
-            self._delete(cid)
+        if self._retained_bytes <= budget:
+            return count, freed
+        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
+        for cid in policy_rules.over_retain_budget(self._retained_bytes, budget, retained):
+            freed += self._delete(cid)
             count += 1
         return count, freed
 
@@ -284,27 +286,19 @@ class MemoryStorage(BlobStorage):
         if limit is None or self._bytes + size <= limit:
             return
         if size > limit:
-            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
-        victims: list[ContentId] = []
-        need = self._bytes + size - limit
-        for cid in self._retained:
-            if need <= 0:
-                break
-            victims.append(cid)
-            need -= self._blobs[cid].size
-        if need > 0 and self.policies.on_full == "evict":
-            for cid in self._order:
-                if need <= 0:
-                    break
-                blob = self._blobs[cid]
-                if blob.readers or cid in self._retained:
-                    continue
-                victims.append(cid)
-                need -= blob.size
-        if need > 0:
+            raise StoreFull(policy_rules.too_large_message(size, limit))
+        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
+        leased = (
+            (cid, blob.size, bool(blob.readers))
+            for cid, blob in ((cid, self._blobs[cid]) for cid in self._order)
+            if cid not in self._retained
+        )
+        victims = policy_rules.plan_eviction(
+            self._bytes + size - limit, retained, leased, self.policies.on_full
+        )
+        if victims is None:
             raise StoreFull(
-                f"storing {size} bytes would exceed max_bytes={limit} "
-                f"({self._bytes} bytes held; on_full={self.policies.on_full!r})"
+                policy_rules.over_limit_message(size, limit, self._bytes, self.policies.on_full)
             )
         for cid in victims:
             self._delete(cid)
@@ -368,15 +362,8 @@ class MemoryStorage(BlobStorage):
     ) -> tuple[ContentId, int]:
         hasher = new_hasher(algorithm)
         parts: list[bytes] = []
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                f = open(source, "rb")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
-            with f:
-                _copy(f, hasher, parts)
-        else:
-            _copy(source, hasher, parts)
+        with ingest.open_source(source, ingest.cannot_read) as f:
+            ingest.copy(f, hasher, lambda chunk: parts.append(bytes(chunk)))
         data = b"".join(parts)
         cid = ContentId(algorithm, hasher.digest())
         self._store(cid, memoryview(data), lid, ttl, detached, True)
@@ -533,14 +520,3 @@ class MemoryStorage(BlobStorage):
         """Replace a blob's bytes in place (the conformance suite's fault hook)."""
         with self._lock:
             self._blobs[cid].data = data
-
-
-def _copy(f: Any, hasher: Any, parts: list[bytes]) -> None:
-    while True:
-        chunk = f.read(_COPY_CHUNK)
-        if not chunk:
-            return
-        if not isinstance(chunk, bytes | bytearray):
-            raise TypeError("source must be a binary file (its read() returned text)")
-        hasher.update(chunk)
-        parts.append(bytes(chunk))

@@ -81,7 +81,8 @@ end
 -- After a lease or hold ended: {1, 0, 0} while referenced; else delete the
 -- content at once when it is larger than the retention limit, or that limit
 -- is 0 (returning {1, 2, size, token}), or mark it unreferenced for the
--- caller to retain ({1, 1, size}).
+-- caller to retain ({1, 1, size}). The limit test mirrors
+-- policy_rules.retains.
 local function after_end(m, l, r, base, now, retain_limit)
   local s = redis.call('HGET', m, 's')
   if not s then
@@ -272,7 +273,8 @@ return res
 --@ delete allow-oom
 -- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
 -- Modes: unref (only if no lease and no reader holds it), evict (only if
--- no reader holds it; its leases end), force. Returns {deleted, size, token}.
+-- no reader holds it, mirror of policy_rules.plan_eviction's rule that
+-- content with an open reader is never evicted; its leases end), force. Returns {deleted, size, token}.
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local mode, now = ARGV[2], tonumber(ARGV[3])
 local t = redis.call('HGET', m, 't')
@@ -320,27 +322,51 @@ return 1
 return index_remove(KEYS, ARGV[1], ARGV[2])
 
 --@ reserve
--- KEYS idx, bytes, reserved bytes; ARGV content id, size, token, max bytes,
--- deadline, owner. Returns {0} if the content is indexed already, {1} when
--- reserved, {2, total} when it does not fit.
+-- KEYS idx, bytes, reserved bytes, doomed; ARGV content id, size, token, max
+-- bytes, deadline, owner, now, then the planned victims. Returns {0} if the
+-- content is indexed already, {1, bytes the victims free} when reserved,
+-- {2, total} when it does not
+-- fit even after the victims go, {3} when a victim is gone or doomed by
+-- another store (plan again). Mirror of policy_rules.plan_eviction's rule
+-- that a store that cannot fit evicts nothing: the plan (decided in Python by
+-- policy_rules.plan_eviction) is checked before anything is evicted.
+-- On {1} the victims are doomed (claimed for this store until the
+-- deadline) so no concurrent store counts the room they free again.
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return {0}
 end
 local total = tonumber(redis.call('GET', KEYS[2]) or '0')
 local size = tonumber(ARGV[2])
-if total + size > tonumber(ARGV[4]) then
+local now = tonumber(ARGV[7])
+local freed = 0
+for i = 8, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if not v then
+    return {3}
+  end
+  local sz, _, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+  local doomed = redis.call('HGET', KEYS[4], ARGV[i])
+  if kind == 'R' or (doomed and tonumber(doomed) > now) then
+    return {3}
+  end
+  freed = freed + tonumber(sz)
+end
+if total + size - freed > tonumber(ARGV[4]) then
   return {2, total}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' R ' .. ARGV[5] .. ' ' .. ARGV[6])
 redis.call('INCRBY', KEYS[2], size)
 redis.call('INCRBY', KEYS[3], size)
-return {1}
+for i = 8, #ARGV do
+  redis.call('HSET', KEYS[4], ARGV[i], tostring(now + 60))
+end
+return {1, freed}
 
 --@ retain allow-oom
 -- KEYS retained, retained sizes, retained bytes; ARGV content id, now, size,
 -- budget. Adds the content to the retained LRU, then pops the oldest
 -- retained entries while over budget and returns them (to delete if still
--- unreferenced).
+-- unreferenced): mirror of policy_rules.over_retain_budget.
 if ARGV[1] ~= '' and redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
   redis.call('INCRBY', KEYS[3], tonumber(ARGV[3]))

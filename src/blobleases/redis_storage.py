@@ -63,6 +63,7 @@ from importlib import resources
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
+from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -425,6 +426,7 @@ class RedisStorage(BlobStorage):
         self._k_resb = g + "resb"
         self._k_lru = g + "lru"
         self._k_ret = g + "ret"
+        self._k_doom = g + "doom"
         self._k_rsz = g + "rsz"
         self._k_retb = g + "retb"
         self._k_dedup = g + "dedup"
@@ -759,7 +761,7 @@ class RedisStorage(BlobStorage):
 
     def _unreferenced(self, cid: ContentId, size: int) -> None:
         """Content just lost its last lease and reader: retain or delete it."""
-        if self.policies.retain_bytes > 0 and size <= self.policies.retain_bytes:
+        if policy_rules.retains(size, self.policies.retain_bytes):
             victims = self._ev(
                 "retain",
                 [self._k_ret, self._k_rsz, self._k_retb],
@@ -816,7 +818,7 @@ class RedisStorage(BlobStorage):
     ) -> tuple[int, int]:
         """Hold the lease if the content is present: (status, size) with status
         0 absent, 1 already held, 2 newly held (a retained blob is referenced again)."""
-        expires_at = None if ttl is None else time.time() + ttl
+        expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
         value = _lease_value(expires_at, detached, owner)
         keys = self._ckeys(cid)
@@ -841,19 +843,26 @@ class RedisStorage(BlobStorage):
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
         """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
         per policy; True if reserved (False: the content is indexed already).
-        StoreFull when the victims the policy allows cannot free enough, before
-        anything is deleted (under concurrent stores, room freed for this one
-        may be taken by another, and StoreFull comes after evicting)."""
+
+        The plan comes first: the victims that suffice are chosen, then one
+        script checks that they still free enough and reserves the room while
+        claiming them (so a concurrent store cannot count them again); only
+        then are they deleted. StoreFull when the victims the policy allows
+        cannot free enough, with nothing evicted. (A victim that gains a
+        reader or lease between the plan and its deletion is kept; if that
+        leaves the store short, the reservation is released and StoreFull
+        raised: the only case where a failed store has evicted.)"""
         limit = self.policies.max_bytes
         if limit is None:
             return False
         if size > limit:
-            raise StoreFull(f"a blob of {size} bytes cannot fit in max_bytes={limit}")
+            raise StoreFull(policy_rules.too_large_message(size, limit))
         self._flush_touches()
+        victims: list[tuple[str, str]] = []
         for _ in range(8):
             res = self._ev(
                 "reserve",
-                [self._k_idx, self._k_bytes, self._k_resb],
+                [self._k_idx, self._k_bytes, self._k_resb, self._k_doom],
                 [
                     str(cid),
                     size,
@@ -861,52 +870,73 @@ class RedisStorage(BlobStorage):
                     limit,
                     time.time() + _STAGE_TTL_MS / 1000,
                     self._owner(os.getpid()),
+                    time.time(),
+                    *(victim for victim, _ in victims),
                 ],
             )
-            if int(res[0]) != 2:
-                return int(res[0]) == 1
-            total = int(res[1])
-            victims = self._plan_eviction(total + size - limit)
-            if victims is None:
+            status = int(res[0])
+            if status in (0, 1):
+                break
+            if status == 2:
+                total = int(res[1])
+                planned = self._plan_eviction(total + size - limit)
+                if planned is None:
+                    raise StoreFull(
+                        policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
+                    )
+                victims = planned
+            else:
+                victims = []
+        else:
+            raise StoreFull(f"storing {size} bytes: could not make room under max_bytes={limit}")
+        if status == 0:
+            return False
+        if victims:
+            freed = 0
+            try:
+                for victim, mode in victims:
+                    freed += self._delete(victim, mode)
+            finally:
+                self._r.hdel(self._k_doom, *(victim for victim, _ in victims))
+            # A victim this store did not delete either was deleted by another
+            # (its room is free) or gained a lease or reader (it stays).
+            if freed < int(res[1]) and any(
+                self._r.hexists(self._k_idx, victim) for victim, _ in victims
+            ):
+                self._ev("idx_remove", self._g_idx(), [str(cid), token])
                 raise StoreFull(
-                    f"storing {size} bytes would exceed max_bytes={limit} "
-                    f"({total} bytes held; on_full={self.policies.on_full!r})"
+                    f"storing {size} bytes: content chosen for eviction gained a lease or "
+                    f"reader meanwhile (max_bytes={limit})"
                 )
-            for victim, mode in victims:
-                self._delete(victim, mode)
-        raise StoreFull(f"storing {size} bytes: could not make room under max_bytes={limit}")
+        return True
 
     def _plan_eviction(self, need: int) -> list[tuple[str, str]] | None:
-        """Victims that free at least ``need`` bytes: retained content first,
-        then (with ``on_full="evict"``) least recently used content without a
-        reader; None if not enough can be freed."""
+        """Victims, with their delete mode, that free at least ``need`` bytes,
+        by policy_rules.plan_eviction; None if not enough can be freed.
+        Content another store has claimed (doomed) is passed over."""
+        now = time.time()
+        doomed = {_s(c) for c, t in self._r.hgetall(self._k_doom).items() if float(_s(t)) > now}
         retained = [_s(c) for c in self._r.zrange(self._k_ret, 0, -1)]
-        victims: list[tuple[str, str]] = []
-        sizes = self._sizes(retained)
-        for cid_text in retained:
-            if need <= 0:
-                break
-            victims.append((cid_text, "unref"))
-            need -= sizes.get(cid_text, 0)
-        if need > 0 and self.policies.on_full == "evict":
-            chosen = {c for c, _ in victims} | set(retained)
+        retained_sizes = self._sizes([c for c in retained if c not in doomed])
+
+        def leased() -> Iterator[tuple[str, int, bool]]:
+            skip = doomed | set(retained)
             start = 0
-            while need > 0:
-                batch = [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]
-                if not batch:
-                    break
+            while batch := [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]:
                 start += _BATCH
-                batch = [c for c in batch if c not in chosen]
+                batch = [c for c in batch if c not in skip]
                 sizes = self._sizes(batch)
                 readers = self._each(batch, lambda p, c: p.hlen(self._base(c) + "r"))
                 for cid_text, nreaders in zip(batch, readers, strict=True):
-                    if need <= 0:
-                        break
-                    if int(nreaders):
-                        continue
-                    victims.append((cid_text, "evict"))
-                    need -= sizes.get(cid_text, 0)
-        return victims if need <= 0 else None
+                    if cid_text in sizes:
+                        yield cid_text, sizes[cid_text], bool(int(nreaders))
+
+        victims = policy_rules.plan_eviction(
+            need, retained_sizes.items(), leased(), self.policies.on_full
+        )
+        if victims is None:
+            return None
+        return [(c, "unref" if c in retained_sizes else "evict") for c in victims]
 
     def _sizes(self, cids: list[str]) -> dict[str, int]:
         if not cids:
@@ -960,7 +990,7 @@ class RedisStorage(BlobStorage):
         base = self._base(cid)
         prefix = f"{base}c:{token}:"
         n = -(-size // self._chunk) if size else 0
-        expires_at = None if ttl is None else time.time() + ttl
+        expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
         value = _lease_value(expires_at, detached, owner)
         with self._lock:
@@ -1043,30 +1073,19 @@ class RedisStorage(BlobStorage):
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
         self._maintain()
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                f = open(source, "rb")  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise StorageError(f"cannot read {os.fspath(source)!r}: {exc.strerror}") from exc
-            with f:
+        with ingest.open_source(source, ingest.cannot_read) as f:
+            seekable = False
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                seekable = bool(f.seekable())
+            if seekable:
                 return self._store_stream(f, lid, algorithm, ttl, detached)
-        seekable = False
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            seekable = bool(source.seekable())
-        if seekable:
-            return self._store_stream(source, lid, algorithm, ttl, detached)
-        # One pass to a private temporary file: the content id must be known
-        # before the first chunk is written (chunks live in its hash slot).
-        with tempfile.TemporaryFile() as spool:
-            while True:
-                part = source.read(self._chunk)
-                if not part:
-                    break
-                if not isinstance(part, bytes | bytearray | memoryview):
-                    raise TypeError("source must be a binary file (its read() returned text)")
-                spool.write(part)
-            spool.seek(0)
-            return self._store_stream(spool, lid, algorithm, ttl, detached)
+            # One pass to a private temporary file: the content id must be known
+            # before the first chunk is written (chunks live in its hash slot).
+            with tempfile.TemporaryFile() as spool:
+                for part in ingest.chunks(f):
+                    spool.write(part)
+                spool.seek(0)
+                return self._store_stream(spool, lid, algorithm, ttl, detached)
 
     def _store_stream(
         self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -1076,15 +1095,7 @@ class RedisStorage(BlobStorage):
         (second pass); a file that changed in between raises IntegrityError."""
         start = f.tell()
         hasher = new_hasher(algorithm)
-        size = 0
-        while True:
-            part = f.read(self._chunk)
-            if not part:
-                break
-            if not isinstance(part, bytes | bytearray | memoryview):
-                raise TypeError("source must be a binary file (its read() returned text)")
-            hasher.update(part)
-            size += len(part)
+        size = ingest.copy(f, hasher)
         cid = ContentId(algorithm, hasher.digest())
         status, _ = self._hold(cid, lid, ttl, detached)
         if status == 2:

@@ -18,6 +18,7 @@ Every test checks one line of SPEC section 2 or 3 and ends by asserting that
 from __future__ import annotations
 
 import gc
+import io
 import os
 import pickle
 import subprocess
@@ -694,6 +695,34 @@ class BlobStorageTests:
             assert ra.read() == blob(3000, 60) and rb.read() == blob(3000, 61)
         c, _ = self.put(storage, blob(3000, 62))  # readers closed: a is evicted
         assert not storage.contains(a) and storage.contains(b) and storage.contains(c)
+
+    @pytest.mark.parametrize("on_full", ["evict", "refuse"])
+    def test_store_full_evicts_nothing_when_eviction_cannot_make_room(self, on_full: str) -> None:
+        # Evictable: retained r (and, with on_full="evict", leased e); never
+        # evictable: k and m, leased with an open reader. The new blob cannot
+        # fit even after evicting all that may go, so nothing may go.
+        storage = self.open(max_bytes=10_000, on_full=on_full, retain_bytes=10_000)
+        r, lr = self.put(storage, blob(2000, 55))
+        storage.advise_lease_dropped(lr, r)
+        e, le = self.put(storage, blob(2000, 56))
+        k, lk = self.put(storage, blob(3000, 57))
+        m, lm = self.put(storage, blob(3000, 58))
+        new = blob(5000, 59)
+        with storage.get_reader(k, lk) as rk, storage.get_reader(m, lm) as rm:
+            with pytest.raises(StoreFull):
+                storage.store(ContentId.for_bytes(new), new, LeaseId.new())
+            with pytest.raises(StoreFull):
+                storage.store_file(io.BytesIO(new), LeaseId.new())
+            assert not storage.contains(ContentId.for_bytes(new))
+            for cid in (r, e, k, m):
+                assert storage.contains(cid), f"{cid} was evicted by a store that failed"
+            assert storage.get_data(e, le) == blob(2000, 56)
+            assert rk.read() == blob(3000, 57) and rm.read() == blob(3000, 58)
+            stats = storage.stats()
+            assert (stats.blobs, stats.bytes, stats.leases) == (4, 10_000, 3)
+        lr2 = LeaseId.new()
+        storage.lease_by_content(r, lr2)  # retained content is still a hit
+        assert storage.get_data(r, lr2) == blob(2000, 55)
 
     def test_retain_bytes_keeps_unreferenced_content(self) -> None:
         storage = self.open(retain_bytes=5000)
