@@ -28,8 +28,10 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 import threading
+import traceback
 import uuid
 import weakref
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from functools import partial
 from typing import Any
 
 from .content_id import ContentId
-from .errors import BlobLeaseError
+from .errors import BlobLeaseError, LeaseExpired
 from .lease_id import LeaseId
 from .pickling import dumps, loads
 from .registry import storage_for_url
@@ -184,7 +186,9 @@ class _PrivateStore:
 
     def _make_lock(self) -> int:
         fd = os.open(
-            self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            self._lock_path,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
         )
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with _OWN_LOCK:
@@ -258,10 +262,21 @@ def _run_task(token: str, url: str, algorithm: str, min_size: int, payload: byte
     storage = _CALLER_STORES.get(token)  # a forked worker has the caller's handle
     if storage is None:
         storage = storage_for_url(url)
-    fn, args, kwargs = loads(payload, storage=storage)
+    try:
+        fn, args, kwargs = loads(payload, storage=storage)
+    except LeaseExpired:
+        raise  # content gone: this one task fails, never the pool
+    except BaseException:
+        # As in ProcessPoolExecutor, where a task that cannot be unpickled
+        # kills its worker: the traceback on stderr, and a broken pool.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     result = fn(*args, **kwargs)
     del fn, args, kwargs  # the argument views end their leases now
-    return _Result(token, url, dumps(result, storage=storage, min_size=min_size, algorithm=algorithm))
+    return _Result(
+        token, url, dumps(result, storage=storage, min_size=min_size, algorithm=algorithm)
+    )
 
 
 def _transfers(payload: bytes) -> list[tuple[str, str]]:

@@ -178,10 +178,15 @@ def dumps(
 
     refs: list[int] = []
     out = io.BytesIO()
+    dumper = _Dumper(out, store, min_size, refs)
     try:
-        _Dumper(out, store, min_size, refs).dump(obj)
+        dumper.dump(obj)
+        # The dumper is in a reference cycle (its buffer callback) that only
+        # the cyclic collector frees: its memo must not keep obj alive.
+        dumper.clear_memo()
         return pickle.dumps((_TAG, _VERSION, blobs, (refs, out.getvalue())), protocol=_PROTOCOL)
     except BaseException:
+        dumper.clear_memo()
         # Nobody will load these tickets: end their transfer leases now.
         for cid_text, transfer_text, _ticket in blobs:
             storage.advise_lease_dropped(LeaseId.parse(transfer_text), ContentId.parse(cid_text))
