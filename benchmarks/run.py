@@ -37,6 +37,7 @@ from benchmarks.harness import (
     fmt,
     machine_info,
 )
+from benchmarks.rows_executor import executor_rows
 from benchmarks.rows_handoff import fanout_rows, handoff_rows, ray_rows
 from benchmarks.rows_lifecycle import reap_rows, scale_rows
 from benchmarks.rows_local import get_rows, lease_rows, small_rows, store_rows
@@ -59,6 +60,8 @@ GROUPS: list[Group] = [
     ("8", "scale", scale_rows),
     ("9", "redis", redis_rows),
     ("10", "ray", ray_rows),
+    # issue 13's rows 11-15, numbered 12-16 here
+    ("12", "executor", executor_rows),
 ]
 
 #: Issue 4 (acceptance 6) targets, checked on rows of issue 7: (row prefix, on, op, threshold).
@@ -279,7 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         metavar="PATTERN",
         help="run only these rows: comma-separated numbers or names "
-        "(store, get, small, lease, handoff, fanout, reap, scale, redis, ray)",
+        "(store, get, small, lease, handoff, fanout, reap, scale, redis, ray, executor)",
     )
     parser.add_argument(
         "--stat",

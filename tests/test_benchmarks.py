@@ -23,6 +23,8 @@ FIELDS = {"name", "value", "unit", "baseline", "baseline_value", "ratio", "targe
 ROW_IDS = [
     "1a", "1b", "2a", "2b", "3", "4a", "4b", "5a", "5b", "5c", "5d",
     "6a", "6b", "6c", "6d", "6e", "6f", "7", "8a", "8b", "9", "10",
+    "12a", "12b", "12c", "12d", "12e", "12f", "13a", "13b", "13c", "13d",
+    "14a", "14b", "14c", "15a", "15b", "15c", "16",
 ]  # fmt: skip
 
 

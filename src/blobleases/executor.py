@@ -41,7 +41,9 @@ from typing import Any
 
 from .content_id import ContentId
 from .errors import BlobLeaseError, LeaseExpired
+from .lease import BlobLease
 from .lease_id import LeaseId
+from .manager import BlobManager
 from .pickling import dumps, loads
 from .registry import storage_for_url
 from .storage import BlobStorage
@@ -308,7 +310,10 @@ class LeaseExecutor(ProcessPoolExecutor):
     ``min_size`` bytes is stored once in :attr:`storage` and mapped
     zero-copy (read-only) by the worker, and large results are mapped
     zero-copy by the caller. The same array passed to many tasks is stored
-    once. A task's tickets end when its future completes or is cancelled.
+    once (the executor holds the blobs of the last task submitted until the
+    next submit, or shutdown, so that tasks which finish between two submits
+    do not free an array the next one passes again). A task's tickets and
+    leases end when its future completes or is cancelled.
 
     ``storage=None`` makes a private store (RAM-backed ``shm://`` when
     ``/dev/shm`` has at least :data:`SHM_MIN_FREE` free, else a temporary
@@ -370,6 +375,8 @@ class LeaseExecutor(ProcessPoolExecutor):
         self._algorithm = algorithm if isinstance(algorithm, str) else "sha256"
         self._token = uuid.uuid4().hex
         _CALLER_STORES[self._token] = storage
+        self._held: list[BlobLease] = []
+        self._bridge_lock = threading.Lock()
         self._cleanup = _Cleanup(private)
         self._finalizer = weakref.finalize(self, self._cleanup.when_idle)
 
@@ -405,15 +412,33 @@ class LeaseExecutor(ProcessPoolExecutor):
                     self._storage.advise_lease_dropped(LeaseId.parse(lid), ContentId.parse(cid))
             raise
         self._cleanup.thread = getattr(self, "_executor_manager_thread", None)
+        self._bridge(transfers)
         if transfers:
             future.add_done_callback(partial(_end_transfers, self._storage, transfers))
         return future
+
+    def _bridge(self, transfers: list[tuple[str, str]]) -> None:
+        """Hold the blobs of the last task submitted until the next submit
+        has pickled its own: the same array passed to task after task (a
+        ``map`` over one array) is then a dedup hit every time, even when a
+        worker ends the previous task's hold before the next submit."""
+        manager = BlobManager(self._storage)
+        held: list[BlobLease] = []
+        for cid, _lid in transfers:
+            with contextlib.suppress(BlobLeaseError):
+                held.append(manager.get_by_content_id(cid))
+        with self._bridge_lock:
+            old, self._held = self._held, held
+        for lease in old:
+            with contextlib.suppress(BlobLeaseError):
+                lease.close()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         thread = getattr(self, "_executor_manager_thread", None)
         if thread is not None:
             self._cleanup.thread = thread
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._bridge([])
         if wait:
             self._cleanup.now()
         else:
