@@ -196,8 +196,10 @@ class _Peers:
             "ppe": lambda arrays: list(self.ppe.map(fn, arrays)),
         }
         if self.joblib is not None:
-            delayed = self.joblib.delayed
-            out["joblib"] = lambda arrays: self.parallel(delayed(fn)(a) for a in arrays)
+            joblib = self.joblib
+            out["joblib"] = lambda arrays: joblib.Parallel(n_jobs=WORKERS)(
+                joblib.delayed(fn)(a) for a in arrays
+            )
         if self.ray is not None:
             remote = self.ray_fns[fn.__name__]
             out["ray"] = lambda arrays: self.ray.get([remote.remote(a) for a in arrays])
