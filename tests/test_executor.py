@@ -183,6 +183,29 @@ def test_the_same_array_is_stored_once(tmp_path: Path, where: str) -> None:
         assert ex.storage.stats().blobs == 0
 
 
+def test_an_array_sent_again_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = DirectoryStorage(tmp_path / "store")
+    writes: list[int] = []
+    write_temp = storage._write_temp
+
+    def counting(data: memoryview) -> str:
+        writes.append(data.nbytes)
+        return write_temp(data)
+
+    monkeypatch.setattr(storage, "_write_temp", counting)
+    array = np.random.default_rng(3).random(1 << 17)  # 1 MiB
+    with LeaseExecutor(2, storage=storage, mp_context=FORK) as ex:
+        for _ in range(10):  # each task done before the next submit
+            assert ex.submit(_info, array).result()[4] == float(array.sum())
+        assert writes == [array.nbytes]
+        array[0] = 7.0  # changed: the hash, not the hint, decides
+        assert ex.submit(_info, array).result()[4] == float(array.sum())
+        assert writes == [array.nbytes] * 2
+    storage.close()
+
+
 def test_arguments_are_pickled_at_submit(tmp_path: Path) -> None:
     go = str(tmp_path / "go")
     array = np.ones(1 << 17)
