@@ -37,6 +37,7 @@ from benchmarks.harness import (
     fmt,
     machine_info,
 )
+from benchmarks.rows_executor import executor_rows
 from benchmarks.rows_handoff import fanout_rows, handoff_rows, ray_rows
 from benchmarks.rows_latency import latency_rows
 from benchmarks.rows_lifecycle import reap_rows, scale_rows
@@ -61,6 +62,8 @@ GROUPS: list[Group] = [
     ("9", "redis", redis_rows),
     ("10", "ray", ray_rows),
     ("11", "latency", latency_rows),
+    # issue 13's rows 11-15, numbered 12-16 here
+    ("12", "executor", executor_rows),
 ]
 
 #: Issue 4 (acceptance 6) targets, checked on rows of issue 7: (row prefix, on, op, threshold).
@@ -281,7 +284,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         metavar="PATTERN",
         help="run only these rows: comma-separated numbers or names "
-        "(store, get, small, lease, handoff, fanout, reap, scale, redis, ray, latency)",
+        "(store, get, small, lease, handoff, fanout, reap, scale, redis, ray, latency, executor)",
     )
     parser.add_argument(
         "--stat",

@@ -22,6 +22,7 @@ from .errors import (
     StorageNotInitialized,
     StoreFull,
 )
+from .executor import LeaseExecutor
 from .lease import BlobLease, ByValue, LeaseTicket
 from .lease_id import LeaseId
 from .manager import BlobManager, get_by_content_id, store, store_file
@@ -55,6 +56,7 @@ __all__ = [
     "IntegrityError",
     "InvalidContentId",
     "InvalidLeaseId",
+    "LeaseExecutor",
     "LeaseExpired",
     "LeaseId",
     "LeaseInfo",

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import sys
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -167,7 +170,7 @@ def dumps(
     index: dict[ContentId, int] = {}
 
     def store(raw: memoryview) -> int:
-        with manager.store(raw, algorithm=algo) as lease:
+        with _store_buffer(manager, storage, raw, algo) as lease:
             known = index.get(lease.content_id)
             if known is not None:
                 return known
@@ -178,14 +181,68 @@ def dumps(
 
     refs: list[int] = []
     out = io.BytesIO()
+    dumper = _Dumper(out, store, min_size, refs)
     try:
-        _Dumper(out, store, min_size, refs).dump(obj)
+        dumper.dump(obj)
+        # The dumper is in a reference cycle (its buffer callback) that only
+        # the cyclic collector frees: its memo must not keep obj alive.
+        dumper.clear_memo()
         return pickle.dumps((_TAG, _VERSION, blobs, (refs, out.getvalue())), protocol=_PROTOCOL)
     except BaseException:
+        dumper.clear_memo()
         # Nobody will load these tickets: end their transfer leases now.
         for cid_text, transfer_text, _ticket in blobs:
             storage.advise_lease_dropped(LeaseId.parse(transfer_text), ContentId.parse(cid_text))
         raise
+
+
+# The buffers stored last, by (exporting object's id, size, algorithm, store
+# url, first and last bytes): a hint that the same buffer is being sent again (the same array to
+# task after task). A hinted buffer is hashed first and stored under its id,
+# so content still present is never written again; the hash, not the hint,
+# decides (a changed buffer, or a reused id, is stored as usual).
+_RECENT: OrderedDict[tuple[int, int, str, str, bytes], ContentId] = OrderedDict()
+_RECENT_MAX = 64
+_RECENT_LOCK = threading.Lock()
+
+
+def _reinit_recent_lock() -> None:
+    global _RECENT_LOCK
+    _RECENT_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reinit_recent_lock)
+
+
+def _ends(raw: memoryview) -> bytes:
+    flat = raw if raw.format == "B" and raw.ndim == 1 else raw.cast("B")
+    return bytes(flat[:32]) + bytes(flat[-32:])
+
+
+def _store_buffer(
+    manager: BlobManager, storage: BlobStorage, raw: memoryview, algorithm: str
+) -> BlobLease:
+    """A lease on ``raw`` stored in ``storage``; a buffer sent again is
+    hashed first, and not written again if its content is present."""
+    # (the ends of the bytes too: a fresh buffer that reuses a freed
+    # object's id is then rarely mistaken for a repeat)
+    key = (id(raw.obj), raw.nbytes, algorithm, storage.url, _ends(raw))
+    with _RECENT_LOCK:
+        hinted = key in _RECENT
+    if hinted:
+        cid = ContentId.for_bytes(raw, algorithm)
+        lid = LeaseId.new()
+        storage.store(cid, raw, lid)  # present: a dedup hit, nothing written
+        lease = BlobLease(storage, cid, lid, raw.nbytes)
+    else:
+        lease = manager.store(raw, algorithm=algorithm)
+        cid = lease.content_id
+    with _RECENT_LOCK:
+        _RECENT[key] = cid
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    return lease
 
 
 def loads(payload: bytes, *, storage: BlobStorage | None = None) -> Any:
