@@ -1072,14 +1072,18 @@ class DirectoryStorage(BlobStorage):
             self._next_reap = float("inf")  # a read-only handle never reaps
         return index
 
+    def _connect_index(self) -> sqlite3.Connection:
+        """A new connection to the index, as this handle opens it."""
+        return connect(
+            self._index_path,
+            safe=self._safe,
+            read_only=self._read_only,
+            timeout=self.policies.lock_timeout,
+        )
+
     def _open_index(self, *, rebuild: bool) -> None:
         try:
-            db = connect(
-                self._index_path,
-                safe=self._safe,
-                read_only=self._read_only,
-                timeout=self.policies.lock_timeout,
-            )
+            db = self._connect_index()
             try:
                 if self._read_only:
                     check_schema(db)
@@ -1259,12 +1263,7 @@ class DirectoryStorage(BlobStorage):
             _INHERITED.append(db)
             self._db = None
         try:
-            db = connect(
-                self._index_path,
-                safe=self._safe,
-                read_only=self._read_only,
-                timeout=self.policies.lock_timeout,
-            )
+            db = self._connect_index()
         except sqlite3.Error as exc:
             raise _error(f"cannot open the index {self._index_path!r}", exc) from exc
         self._db, self._db_pid, self._mypid = db, pid, pid
