@@ -47,6 +47,14 @@ fi
 "${PYTHONS[0]}" -m ruff check src tests benchmarks
 "${PYTHONS[0]}" -m mypy
 
+# The documentation site (mkdocs.yml), once: any warning (a broken link, a
+# docstring mkdocstrings cannot read) fails the run (not --quiet: it hides
+# the warnings from --strict).
+"${PYTHONS[0]}" -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+site_dir=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 "${PYTHONS[0]}" -m mkdocs build --strict --site-dir "$site_dir"
+rm -rf "$site_dir"
+
 status=0
 for python in "${PYTHONS[@]}"; do
     echo "== pytest on $("$python" --version) ($python)"
