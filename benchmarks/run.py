@@ -1,6 +1,7 @@
 """Run every benchmark row and print the table.
 
     python -m benchmarks [--quick] [--json FILE] [--markdown FILE] [--only PATTERN]
+    python -m benchmarks --plot DIR [--results FILE]...
     python benchmarks/run.py ...
 
 Each row measures blobleases and its baseline in the same process, interleaving
@@ -293,6 +294,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how repetitions are summarised (default: median)",
     )
     parser.add_argument("--plain", action="store_true", help="a plain text table (no rich)")
+    parser.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="run nothing: write PNG charts (ratios; executor rows) of saved results to DIR",
+    )
+    parser.add_argument(
+        "--results",
+        metavar="FILE",
+        action="append",
+        help="the saved results --plot draws: a --json or --markdown file of a run "
+        "(repeatable; default: benchmarks/RESULTS.json, the latest published rows)",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a new one in $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary")
@@ -312,6 +325,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        return _plot(args.results, args.plot)
     tiny = args.tiny or os.environ.get("BLOBLEASES_BENCH_TINY") == "1"
     mode = "tiny" if tiny else "quick" if args.quick else "full"
     sizes = Sizes.for_mode(mode)
@@ -335,20 +350,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["seconds"] = round(time.perf_counter() - t0, 1)
     ctx.log(f"total {info['seconds']} s")
     print_table(ctx.rows, info, args.plain)
+    doc = {
+        "rows": [r.to_json() for r in ctx.rows],
+        "machine": info,
+        "command": command.strip(),
+        "issue4": issue4_lines(ctx.rows),
+    }
     if args.json:
-        doc = {
-            "rows": [r.to_json() for r in ctx.rows],
-            "machine": info,
-            "command": command.strip(),
-            "issue4": issue4_lines(ctx.rows),
-        }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
             f.write("\n")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(ctx.rows, info, command.strip()))
+        # the same rows as JSON beside the table, for --plot --results
+        with open(os.path.splitext(args.markdown)[0] + ".json", "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
     return 0
+
+
+def _plot(results: Sequence[str] | None, directory: str) -> int:
+    try:
+        from benchmarks.plot import plot_results
+
+        written = plot_results(results, directory)
+    except ImportError as exc:
+        print(f"--plot needs matplotlib: pip install 'blobleases[bench]' ({exc})", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"--plot: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0 if written else 1
 
 
 if __name__ == "__main__":

@@ -99,12 +99,14 @@ def test_table_printed(tiny_run: tuple[str, dict[str, Any]]) -> None:
 
 def test_script_entry_and_only(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    md = tmp_path / "rows.md"
+    md = tmp_path / "table.md"
     proc = _run("benchmarks/run.py", "--only", "lease", "--json", str(out), "--markdown", str(md))
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["name"].split(" ", 1)[0] for row in rows] == ["4a", "4b"]
     assert "| row |" in md.read_text()
+    # the table's rows as JSON beside it, for --plot --results
+    assert json.loads((tmp_path / "table.json").read_text())["rows"] == rows
 
 
 def test_met_and_ratio_follow_the_numbers() -> None:
