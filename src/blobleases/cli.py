@@ -35,15 +35,17 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TaskID,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
 
 from . import __version__
-from .content_id import ContentId, new_hasher
+from .content_id import ContentId, new_hasher, observe_hashing
 from .errors import BlobLeaseError, ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .manager import BlobManager
@@ -65,6 +67,8 @@ _ClickException: type[Exception] = next(
 
 #: Files at least this large get a progress bar when stderr is a terminal.
 PROGRESS_THRESHOLD = 4 * 1024 * 1024
+#: verify and collect show progress on stores of PROGRESS_THRESHOLD bytes or this many blobs.
+PROGRESS_BLOBS = 1000
 _CHUNK = 1 << 20
 
 HELP = """\
@@ -332,6 +336,38 @@ def _new_progress() -> Progress:
     )
 
 
+@contextlib.contextmanager
+def _store_progress(storage: BlobStorage, action: str) -> Iterator[None]:
+    """On a terminal, for a large store: a bar of the bytes rehashed while
+    ``action`` is "verifying" (verify() hashes every byte), a spinner while
+    it is "collecting" (how much collect() will do is not known ahead)."""
+    size = None
+    if sys.stderr.isatty():
+        with contextlib.suppress(BlobLeaseError, OSError):
+            st = storage.stats()
+            if st.bytes >= PROGRESS_THRESHOLD or st.blobs >= PROGRESS_BLOBS:
+                size = st
+    if size is None:
+        yield
+        return
+    what = f"{action} {_plural(size.blobs, 'blob')}"
+    if action != "verifying":
+        with Progress(
+            SpinnerColumn(),
+            TextColumn(f"[bold blue]{what}, {human_size(size.bytes)}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as spinner:
+            spinner.add_task(action, total=None)
+            yield
+        return
+    progress = _new_progress()
+    task = progress.add_task(what, total=size.bytes)
+    with progress, observe_hashing(functools.partial(progress.advance, task)):
+        yield
+
+
 class _CountingReader(io.RawIOBase):
     """A binary file wrapper that reports every byte read to ``advance``."""
 
@@ -563,7 +599,20 @@ def _write_stdout(cid_text: str) -> None:
             )
             return
         out = sys.stdout.buffer
-        _copy_verified(reader, cid, out.write)
+        progress: Progress | None = None
+        advance: Callable[[int], None] | None = None
+        # a bar on the terminal's stderr while the bytes go to a file or pipe
+        if _want_progress(reader.size) and not sys.stdout.isatty():
+            progress = _new_progress()
+            progress.start()
+            advance = functools.partial(
+                progress.advance, progress.add_task(f"reading {str(cid)[:19]}…", total=reader.size)
+            )
+        try:
+            _copy_verified(reader, cid, out.write, advance)
+        finally:
+            if progress is not None:
+                progress.stop()
         out.flush()
 
 
@@ -832,7 +881,9 @@ def collect(store: StoreOpt = None, json_output: JsonOpt = False) -> None:
     deletes unreferenced content and leftovers of crashed writers.
     """
     _use(store, json_output)
-    report = _storage().collect()
+    storage = _storage()
+    with _store_progress(storage, "collecting"):
+        report = storage.collect()
     if _state.json:
         _print_json(asdict(report))
         return
@@ -864,7 +915,9 @@ def verify(
     on removed content then get LeaseExpired, never wrong bytes). Exits 1 if something is wrong and was not repaired.
     """
     _use(store, json_output)
-    report = _storage().verify(repair=repair)
+    storage = _storage()
+    with _store_progress(storage, "verifying"):
+        report = storage.verify(repair=repair)
     if _state.json:
         _print_json(
             {

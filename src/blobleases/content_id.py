@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 from . import ingest
 from .errors import InvalidContentId
 
-__all__ = ["ALGORITHMS", "ContentId", "Hasher", "as_buffer", "new_hasher"]
+__all__ = ["ALGORITHMS", "ContentId", "Hasher", "as_buffer", "new_hasher", "observe_hashing"]
 
 ALGORITHMS: Final = ("sha256", "blake3")
 DIGEST_SIZE: Final = 32
@@ -42,9 +45,52 @@ def check_algorithm(algorithm: object) -> str:
     return algorithm
 
 
+#: Called with the size of every buffer hashed in this context (see observe_hashing).
+_HASH_OBSERVER: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "blobleases_hash_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observe_hashing(observe: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, in this thread (and context), ``observe(n)`` is
+    called after each update of a hasher made by :func:`new_hasher` with the
+    ``n`` bytes hashed: how the CLI shows the progress of ``verify()``,
+    which rehashes every byte of a store."""
+    token = _HASH_OBSERVER.set(observe)
+    try:
+        yield
+    finally:
+        _HASH_OBSERVER.reset(token)
+
+
+class _ObservedHasher:
+    """A hasher that reports the bytes of each update."""
+
+    __slots__ = ("_hasher", "_observe")
+
+    def __init__(self, hasher: Any, observe: Callable[[int], None]) -> None:
+        self._hasher = hasher
+        self._observe = observe
+
+    def update(self, data: Any, /) -> None:
+        self._hasher.update(data)
+        self._observe(memoryview(data).nbytes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hasher, name)
+
+
 def new_hasher(algorithm: str = "sha256") -> Any:
     """A fresh incremental hasher for ``algorithm`` (blake3 needs the extra)."""
     check_algorithm(algorithm)
+    observe = _HASH_OBSERVER.get()
+    if observe is not None:
+        return _ObservedHasher(_new_hasher(algorithm), observe)
+    return _new_hasher(algorithm)
+
+
+def _new_hasher(algorithm: str) -> Any:
     if algorithm == "sha256":
         return hashlib.sha256()
     try:
