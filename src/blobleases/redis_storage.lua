@@ -46,6 +46,22 @@ local function mark_if_unreferenced(m, l, r, now)
   return 0
 end
 
+-- The deadline of the eviction claim on a content (set by the claim script
+-- for the store evicting it), or nil when there is none. A claim past its
+-- deadline (its store stalled or died) is removed: the content stays.
+local function eviction_claim(m, now)
+  local c = redis.call('HGET', m, 'evicting')
+  if not c or c == '' then
+    return nil
+  end
+  local deadline = tonumber(string.match(c, ' (%S+)$'))
+  if deadline and deadline > now then
+    return deadline
+  end
+  redis.call('HDEL', m, 'evicting')
+  return nil
+end
+
 local function delete_content(m, l, r, base)
   local meta = redis.call('HMGET', m, 's', 'n')
   local n = tonumber(meta[2]) or 0
@@ -57,11 +73,17 @@ local function delete_content(m, l, r, base)
 end
 
 -- Hold a lease on present content. Returns {status, size, was_unreferenced,
--- token}: status 0 absent, 1 already held, 2 newly held.
+-- token}: status 0 absent, 1 already held, 2 newly held, -2 being evicted
+-- (claimed by a store: the caller waits until the claim is resolved and
+-- asks again; {-2, deadline, 0}).
 local function hold(m, l, lid, val, now)
   local s = redis.call('HGET', m, 's')
   if not s then
     return {0, 0, 0}
+  end
+  local claim = eviction_claim(m, now)
+  if claim then
+    return {-2, tostring(claim), 0}
   end
   local t = redis.call('HGET', m, 't')
   local cur = redis.call('HGET', l, lid)
@@ -133,10 +155,14 @@ return hold(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 -- value, now. Holds the new lease and ends the old one in this one script.
 -- When the old lease is not held (or expired), the new one is held as hold()
 -- does, except that content referenced only by expired leases counts as
--- absent. Returns {status, size, was_unreferenced} as hold() does, and 1 if
--- the old lease was ended.
+-- absent. Returns {status, size, was_unreferenced} as hold() does (-2: being
+-- evicted, nothing changed), and 1 if the old lease was ended.
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[4])
+local claim = eviction_claim(m, now)
+if claim then
+  return {-2, tostring(claim), 0, 0}
+end
 local old = redis.call('HGET', l, ARGV[1])
 if old and not is_expired(old, now) then
   local res = hold(m, l, ARGV[2], ARGV[3], now)
@@ -167,7 +193,8 @@ return {res[1], res[2], res[3], 0}
 -- KEYS meta, leases; ARGV base, token, chunk count, size, chunk size, now,
 -- lease id, lease value. The staged chunks c:<token>:<i> become the blob's
 -- chunks d:<i>. Returns hold()'s answer when the content is already present
--- (the staged chunks are dropped), {3, size, 0, token} when committed,
+-- (the staged chunks are dropped; {-2, deadline, 0} while it is being
+-- evicted, the staged chunks kept), {3, size, 0, token} when committed,
 -- {-1, bad chunk index} when a staged chunk is missing or has the wrong
 -- length (nothing committed).
 local m, l = KEYS[1], KEYS[2]
@@ -175,6 +202,10 @@ local n, size, cs = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = tonumber(ARGV[6])
 local prefix = ARGV[1] .. 'c:' .. ARGV[2] .. ':'
 if redis.call('EXISTS', m) == 1 then
+  local claim = eviction_claim(m, now)
+  if claim then
+    return {-2, tostring(claim), 0}
+  end
   for i = 0, n - 1 do
     redis.call('UNLINK', prefix .. i)
   end
@@ -205,7 +236,8 @@ return {3, size, 0, ARGV[2]}
 --@ read allow-oom
 -- KEYS meta, leases, readers; ARGV base, lease id, now, hold id, owner,
 -- unused. Returns {0} when the lease is not held (or the content is gone),
--- {-1, ...} when it just expired, else {1, size, chunk count, chunk size,
+-- {-1, ...} when it just expired, {-2, deadline} while it is being evicted
+-- (nothing recorded), else {1, size, chunk count, chunk size,
 -- token}; with a hold id the reader's hold is recorded. ARGV[7] is the retention limit
 -- (see after_end).
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
@@ -213,6 +245,10 @@ local now = tonumber(ARGV[3])
 local meta = redis.call('HMGET', m, 's', 'n', 'c', 't')
 if not meta[1] then
   return {0}
+end
+local claim = eviction_claim(m, now)
+if claim then
+  return {-2, tostring(claim)}
 end
 local v = redis.call('HGET', l, ARGV[2])
 if not v then
@@ -271,10 +307,11 @@ end
 return res
 
 --@ delete allow-oom
--- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any).
--- Modes: unref (only if no lease and no reader holds it), evict (only if
--- no reader holds it, mirror of policy_rules.plan_eviction's rule that
--- content with an open reader is never evicted; its leases end), force. Returns {deleted, size, token}.
+-- KEYS meta, leases, readers; ARGV base, mode, now, token ('' for any),
+-- claim token (mode claimed). Modes: unref (only if no lease and no reader
+-- holds it), claimed (only if still claimed by this store's claim script:
+-- no reader or lease was added since; its leases end), force. Returns
+-- {deleted, size, token}.
 local m, l, r = KEYS[1], KEYS[2], KEYS[3]
 local mode, now = ARGV[2], tonumber(ARGV[3])
 local t = redis.call('HGET', m, 't')
@@ -290,8 +327,11 @@ end
 if mode == 'unref' and (live_leases(l, now) > 0 or redis.call('HLEN', r) > 0) then
   return {0, 0, t}
 end
-if mode == 'evict' and redis.call('HLEN', r) > 0 then
-  return {0, 0, t}
+if mode == 'claimed' then
+  local c = redis.call('HGET', m, 'evicting')
+  if not c or string.sub(c, 1, #ARGV[5] + 1) ~= ARGV[5] .. ' ' then
+    return {0, 0, t}
+  end
 end
 return {1, delete_content(m, l, r, ARGV[1]), t}
 
@@ -322,34 +362,29 @@ return 1
 return index_remove(KEYS, ARGV[1], ARGV[2])
 
 --@ reserve
--- KEYS idx, bytes, reserved bytes, doomed; ARGV content id, size, token, max
--- bytes, deadline, owner, now, then the planned victims. Returns {0} if the
--- content is indexed already, {1, bytes the victims free} when reserved,
--- {2, total} when it does not
--- fit even after the victims go, {3} when a victim is gone or doomed by
--- another store (plan again). Mirror of policy_rules.plan_eviction's rule
--- that a store that cannot fit evicts nothing: the plan (decided in Python by
--- policy_rules.plan_eviction) is checked before anything is evicted.
--- On {1} the victims are doomed (claimed for this store until the
--- deadline) so no concurrent store counts the room they free again.
+-- KEYS idx, bytes, reserved bytes; ARGV content id, size, token, max bytes,
+-- deadline, owner, now, then the victims this store has claimed (claim
+-- script). Returns {0} if the content is indexed already, {1} when reserved,
+-- {2, total} when it does not fit even after the victims go (the caller
+-- releases its claims: nothing was evicted). A claimed victim no longer
+-- indexed was deleted meanwhile: its room is free already. Mirror of
+-- policy_rules.plan_eviction's rule that a store that cannot fit evicts
+-- nothing: every victim is claimed (so none can gain a lease or reader)
+-- and the room is checked here, before anything is deleted.
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return {0}
 end
 local total = tonumber(redis.call('GET', KEYS[2]) or '0')
 local size = tonumber(ARGV[2])
-local now = tonumber(ARGV[7])
 local freed = 0
 for i = 8, #ARGV do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if not v then
-    return {3}
+  if v then
+    local sz, _, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
+    if kind ~= 'R' then
+      freed = freed + tonumber(sz)
+    end
   end
-  local sz, _, kind = string.match(v, '^(%d+) (%S+) ?(%S*)')
-  local doomed = redis.call('HGET', KEYS[4], ARGV[i])
-  if kind == 'R' or (doomed and tonumber(doomed) > now) then
-    return {3}
-  end
-  freed = freed + tonumber(sz)
 end
 if total + size - freed > tonumber(ARGV[4]) then
   return {2, total}
@@ -357,10 +392,40 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' R ' .. ARGV[5] .. ' ' .. ARGV[6])
 redis.call('INCRBY', KEYS[2], size)
 redis.call('INCRBY', KEYS[3], size)
-for i = 8, #ARGV do
-  redis.call('HSET', KEYS[4], ARGV[i], tostring(now + 60))
+return {1}
+
+--@ claim
+-- KEYS meta, leases, readers; ARGV mode (evict: leased content, or unref:
+-- retained content), claim token, deadline, now. Claims the content for
+-- the store that planned to evict it: until the claim is released, deleted
+-- or past its deadline, no lease or reader can be added (hold, commit,
+-- take_over and read answer -2 and the caller waits). Returns {1, size}
+-- when claimed, {0} when the content is gone, {-1} when it may not be
+-- evicted now. Mirror of policy_rules.plan_eviction's rules: content with
+-- an open reader is never evicted, and retained content goes only while
+-- no lease holds it (a claim by another store: plan again).
+local m, l, r = KEYS[1], KEYS[2], KEYS[3]
+local now = tonumber(ARGV[4])
+local s = redis.call('HGET', m, 's')
+if not s then
+  return {0}
 end
-return {1, freed}
+if eviction_claim(m, now) or redis.call('HLEN', r) > 0 then
+  return {-1}
+end
+if ARGV[1] == 'unref' and live_leases(l, now) > 0 then
+  return {-1}
+end
+redis.call('HSET', m, 'evicting', ARGV[2] .. ' ' .. ARGV[3])
+return {1, tonumber(s)}
+
+--@ unclaim allow-oom
+-- KEYS meta; ARGV claim token. Releases this store's claim, if it holds it.
+local c = redis.call('HGET', KEYS[1], 'evicting')
+if c and string.sub(c, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  return redis.call('HDEL', KEYS[1], 'evicting')
+end
+return 0
 
 --@ retain allow-oom
 -- KEYS retained, retained sizes, retained bytes; ARGV content id, now, size,

@@ -303,6 +303,31 @@ class _Heartbeat:
                 self.beat()
 
 
+class _EvictionWait:
+    """Waiting, in short sleeps, while another store evicts a content (a
+    script answered -2: the content is claimed; see the claim script). A
+    claim lasts at most ``lock_timeout``; waiting longer than that raises
+    StorageError naming the content."""
+
+    def __init__(self, storage: RedisStorage, cid: ContentId) -> None:
+        self.timeout = storage.policies.lock_timeout
+        self.cid = cid
+        self.started: float | None = None
+        self.pause = 0.001
+
+    def sleep(self, reply: list[Any]) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        elif now - self.started > self.timeout:
+            raise StorageError(
+                f"waited {self.timeout} s for another store to finish evicting {self.cid} "
+                f"(claimed until {_s(reply[1])})"
+            )
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, 0.02)
+
+
 class RedisStorage(BlobStorage):
     """Blobs on Redis (``redis://``, ``rediss://``, ``unix://``) or Redis
     Cluster (``redis+cluster://host:port``), shared by processes on many hosts.
@@ -426,7 +451,6 @@ class RedisStorage(BlobStorage):
         self._k_resb = g + "resb"
         self._k_lru = g + "lru"
         self._k_ret = g + "ret"
-        self._k_doom = g + "doom"
         self._k_rsz = g + "rsz"
         self._k_retb = g + "retb"
         self._k_dedup = g + "dedup"
@@ -772,11 +796,13 @@ class RedisStorage(BlobStorage):
         else:
             self._delete(str(cid), "unref")
 
-    def _delete(self, cid_text: str, mode: str, token: str = "") -> int:
+    def _delete(self, cid_text: str, mode: str, token: str = "", *, claim: str = "") -> int:
         """Delete one content per ``mode`` (see the delete script) and its index
         entry; returns the bytes freed (0 if it was kept)."""
         res = self._ev(
-            "delete", self._ckeys(cid_text), [self._base(cid_text), mode, time.time(), token]
+            "delete",
+            self._ckeys(cid_text),
+            [self._base(cid_text), mode, time.time(), token, claim],
         )
         if not int(res[0]):
             return 0
@@ -827,7 +853,13 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, lid, expires_at, detached)
             self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
 
-        status, size, was_unref = (int(x) for x in self._run_pipe(build)[-1][:3])
+        waited = _EvictionWait(self, cid)
+        while True:
+            res = self._run_pipe(build)[-1]
+            if int(res[0]) != -2:
+                break
+            waited.sleep(res)
+        status, size, was_unref = (int(x) for x in res[:3])
         if status == 0:
             self._undo_intent(cid, lid, expires_at, detached)
         elif status == 2:
@@ -844,14 +876,19 @@ class RedisStorage(BlobStorage):
         """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
         per policy; True if reserved (False: the content is indexed already).
 
-        The plan comes first: the victims that suffice are chosen, then one
-        script checks that they still free enough and reserves the room while
-        claiming them (so a concurrent store cannot count them again); only
-        then are they deleted. StoreFull when the victims the policy allows
-        cannot free enough, with nothing evicted. (A victim that gains a
-        reader or lease between the plan and its deletion is kept; if that
-        leaves the store short, the reservation is released and StoreFull
-        raised: the only case where a failed store has evicted.)"""
+        Nothing is deleted before the whole plan is secured on the server:
+        the victims that suffice are chosen (policy_rules.plan_eviction),
+        each is claimed in its own slot by the claim script (which refuses
+        content that has a reader, or for retained content a lease, and from
+        then on makes every new lease or reader of it wait), and the reserve
+        script checks that the claimed victims free enough and reserves the
+        room in one step. Only then are they deleted. When a claim is refused
+        or the room is short, every claim is released and the plan made
+        again; StoreFull when the policy allows too little, with nothing
+        evicted. (A claim lapses after ``lock_timeout``, at most 300 s, so a
+        store that dies mid-eviction blocks nobody for long; a store that
+        stalls past it finds its victim kept and fails, having evicted the
+        others it had claimed.)"""
         limit = self.policies.max_bytes
         if limit is None:
             return False
@@ -859,77 +896,92 @@ class RedisStorage(BlobStorage):
             raise StoreFull(policy_rules.too_large_message(size, limit))
         self._flush_touches()
         victims: list[tuple[str, str]] = []
-        for _ in range(8):
-            res = self._ev(
-                "reserve",
-                [self._k_idx, self._k_bytes, self._k_resb, self._k_doom],
-                [
-                    str(cid),
-                    size,
-                    token,
-                    limit,
-                    time.time() + _STAGE_TTL_MS / 1000,
-                    self._owner(os.getpid()),
-                    time.time(),
-                    *(victim for victim, _ in victims),
-                ],
-            )
-            status = int(res[0])
-            if status in (0, 1):
-                break
-            if status == 2:
+        try:
+            for _ in range(8):
+                res = self._ev(
+                    "reserve",
+                    [self._k_idx, self._k_bytes, self._k_resb],
+                    [
+                        str(cid),
+                        size,
+                        token,
+                        limit,
+                        time.time() + _STAGE_TTL_MS / 1000,
+                        self._owner(os.getpid()),
+                        time.time(),
+                        *(victim for victim, _ in victims),
+                    ],
+                )
+                status = int(res[0])
+                if status == 0:
+                    return False
+                if status == 1:
+                    break
+                self._unclaim(victims, token)
+                victims = []
                 total = int(res[1])
                 planned = self._plan_eviction(total + size - limit)
                 if planned is None:
                     raise StoreFull(
                         policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
                     )
-                victims = planned
+                victims = self._claim(planned, token)
             else:
-                victims = []
-        else:
-            raise StoreFull(f"storing {size} bytes: could not make room under max_bytes={limit}")
-        if status == 0:
-            return False
-        if victims:
-            freed = 0
-            try:
-                for victim, mode in victims:
-                    freed += self._delete(victim, mode)
-            finally:
-                self._r.hdel(self._k_doom, *(victim for victim, _ in victims))
-            # A victim this store did not delete either was deleted by another
-            # (its room is free) or gained a lease or reader (it stays).
-            if freed < int(res[1]) and any(
-                self._r.hexists(self._k_idx, victim) for victim, _ in victims
-            ):
-                self._ev("idx_remove", self._g_idx(), [str(cid), token])
                 raise StoreFull(
-                    f"storing {size} bytes: content chosen for eviction gained a lease or "
-                    f"reader meanwhile (max_bytes={limit})"
+                    f"storing {size} bytes: could not make room under max_bytes={limit}"
                 )
+        except BaseException:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self._unclaim(victims, token)
+            raise
+        kept = [victim for victim, _ in victims if not self._delete(victim, "claimed", claim=token)]
+        # A victim not deleted here was deleted by another client (its room
+        # is free) or outlived this store's claim (it stays).
+        if any(self._r.exists(self._base(victim) + "m") for victim in kept):
+            self._ev("idx_remove", self._g_idx(), [str(cid), token])
+            raise StoreFull(
+                f"storing {size} bytes: the eviction claim on content chosen for eviction "
+                f"lapsed before it was evicted (max_bytes={limit})"
+            )
         return True
 
+    def _claim(self, planned: list[tuple[str, str]], token: str) -> list[tuple[str, str]]:
+        """Claim every planned victim for this store (see the claim script);
+        all of them, or none (then the plan must be made again: []). Victims
+        already gone count as claimed: their room is free."""
+        deadline = time.time() + min(self.policies.lock_timeout, 300.0)
+        claimed: list[tuple[str, str]] = []
+        for victim, mode in planned:
+            res = self._ev("claim", self._ckeys(victim), [mode, token, deadline, time.time()])
+            if int(res[0]) < 0:
+                self._unclaim(claimed, token)
+                return []
+            claimed.append((victim, mode))
+        return claimed
+
+    def _unclaim(self, victims: list[tuple[str, str]], token: str) -> None:
+        for victim, _ in victims:
+            self._ev("unclaim", [self._base(victim) + "m"], [token])
+
     def _plan_eviction(self, need: int) -> list[tuple[str, str]] | None:
-        """Victims, with their delete mode, that free at least ``need`` bytes,
+        """Victims, with their claim mode, that free at least ``need`` bytes,
         by policy_rules.plan_eviction; None if not enough can be freed.
-        Content another store has claimed (doomed) is passed over."""
-        now = time.time()
-        doomed = {_s(c) for c, t in self._r.hgetall(self._k_doom).items() if float(_s(t)) > now}
+        Content another store has claimed counts as having a reader (it is
+        passed over); the claim script checks each again atomically."""
         retained = [_s(c) for c in self._r.zrange(self._k_ret, 0, -1)]
-        retained_sizes = self._sizes([c for c in retained if c not in doomed])
+        busy = self._busy(retained)
+        retained_sizes = self._sizes([c for c in retained if not busy[c]])
 
         def leased() -> Iterator[tuple[str, int, bool]]:
-            skip = doomed | set(retained)
+            skip = set(retained)
             start = 0
             while batch := [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]:
                 start += _BATCH
                 batch = [c for c in batch if c not in skip]
                 sizes = self._sizes(batch)
-                readers = self._each(batch, lambda p, c: p.hlen(self._base(c) + "r"))
-                for cid_text, nreaders in zip(batch, readers, strict=True):
+                for cid_text, has_reader in self._busy(batch).items():
                     if cid_text in sizes:
-                        yield cid_text, sizes[cid_text], bool(int(nreaders))
+                        yield cid_text, sizes[cid_text], has_reader
 
         victims = policy_rules.plan_eviction(
             need, retained_sizes.items(), leased(), self.policies.on_full
@@ -937,6 +989,20 @@ class RedisStorage(BlobStorage):
         if victims is None:
             return None
         return [(c, "unref" if c in retained_sizes else "evict") for c in victims]
+
+    def _busy(self, cids: list[str]) -> dict[str, bool]:
+        """Whether each content has a reader or an eviction claim now."""
+        replies = self._each(
+            cids,
+            lambda p, c: [p.hlen(self._base(c) + "r"), p.hget(self._base(c) + "m", "evicting")],
+        )
+        now = time.time()
+        out: dict[str, bool] = {}
+        for k, cid_text in enumerate(cids):
+            readers, claim = replies[2 * k], replies[2 * k + 1]
+            claimed = bool(claim) and float(_s(claim).rsplit(" ", 1)[-1]) > now
+            out[cid_text] = bool(int(readers)) or claimed
+        return out
 
     def _sizes(self, cids: list[str]) -> dict[str, int]:
         if not cids:
@@ -1009,21 +1075,30 @@ class RedisStorage(BlobStorage):
             if check is not None:
                 check()
             keys = self._ckeys(cid)
-            args: list[Any] = [base, token, n, size, self._chunk, time.time(), str(lid), value]
-            index_args = [str(cid), size, token, time.time()]
 
             def build(pipe: Any) -> None:
+                now = time.time()
                 if last is not None:
                     pipe.set(prefix + str(n - 1), last, px=_STAGE_TTL_MS)
                 self._intent(pipe, cid, lid, expires_at, detached)
-                self._pipe_ev(pipe, "commit", keys[:2], args)
+                self._pipe_ev(
+                    pipe,
+                    "commit",
+                    keys[:2],
+                    [base, token, n, size, self._chunk, now, str(lid), value],
+                )
                 # Sent with the commit to save a round trip; corrected below
                 # when the commit found the content present.
-                self._pipe_ev(pipe, "idx_commit", self._g_idx()[:4], index_args)
+                self._pipe_ev(pipe, "idx_commit", self._g_idx()[:4], [str(cid), size, token, now])
 
             indexed = True
             written = n
-            res = self._run_pipe(build)[-2]
+            waited = _EvictionWait(self, cid)
+            while True:
+                res = self._run_pipe(build)[-2]
+                if int(res[0]) != -2:
+                    break
+                waited.sleep(res)
             reserved = False
             status = int(res[0])
             if status == -1:
@@ -1142,7 +1217,13 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, new, None, False)
             self._pipe_ev(pipe, "take_over", keys, [str(old), str(new), value, time.time()])
 
-        status, size, was_unref, ended = (int(x) for x in self._run_pipe(build)[-1][:4])
+        waited = _EvictionWait(self, cid)
+        while True:
+            res = self._run_pipe(build)[-1]
+            if int(res[0]) != -2:
+                break
+            waited.sleep(res)
+        status, size, was_unref, ended = (int(x) for x in res[:4])
         if status == 0:
             self._undo_intent(cid, new, None, False)
             return None
@@ -1165,18 +1246,18 @@ class RedisStorage(BlobStorage):
         """Check the lease (and record a reader hold): the read script's answer
         and, ``with_first_chunk``, the blob's first chunk fetched alongside."""
         keys = self._ckeys(cid)
-        args = [
-            self._base(cid),
-            str(lid),
-            time.time(),
-            hold_id,
-            self._owner(os.getpid()),
-            self._chunk,
-            self.policies.retain_bytes,
-        ]
         owner = self._owner(os.getpid())
 
         def build(pipe: Any) -> None:
+            args = [
+                self._base(cid),
+                str(lid),
+                time.time(),
+                hold_id,
+                owner,
+                self._chunk,
+                self.policies.retain_bytes,
+            ]
             if hold_id:
                 # By scripts flagged allow-oom (as is read): readers open on a
                 # server at maxmemory too.
@@ -1188,9 +1269,14 @@ class RedisStorage(BlobStorage):
             if with_first_chunk:
                 pipe.get(self._base(cid) + "d:0")
 
-        replies = self._run_pipe(build)
-        first = replies[-1] if with_first_chunk else None
-        res = list(replies[-2] if with_first_chunk else replies[-1])
+        waited = _EvictionWait(self, cid)
+        while True:
+            replies = self._run_pipe(build)
+            first = replies[-1] if with_first_chunk else None
+            res = list(replies[-2] if with_first_chunk else replies[-1])
+            if int(res[0]) != -2:
+                break
+            waited.sleep(res)
         status = int(res[0])
         if status == 1:
             self._touch(cid)
