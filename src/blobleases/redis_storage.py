@@ -1,22 +1,14 @@
 """RedisStorage: blobs and leases on a Redis server or Redis Cluster, shared by
 processes on many hosts.
 
-Layout (``P`` is the namespace, ``{cid}`` the content id as a hash tag, so
-every key of one content lives in one cluster slot):
-
-* ``P:{cid}:m`` meta hash (size, chunk count, chunk size, upload token,
-  created, last access, unreferenced-since), ``P:{cid}:l`` leases hash
-  (lease id -> ``expires|detached|owner``), ``P:{cid}:r`` reader holds
-  (hold id -> owner), ``P:{cid}:d:<i>`` the chunks, and
-  ``P:{cid}:c:<token>:<i>`` chunks being uploaded (with a TTL), renamed into
-  place by the commit script.
-* Global bookkeeping under the namespace's own hash tag ``P:{P}:...``: the
-  index of content and sizes with the byte total (and reservations of
-  uploads in progress), the LRU order, the retained set, dedup hits, known
-  processes, lease expiries.
-* ``P:{p:<owner>}:h``: what one process (``<host id>.ns<pid namespace
-  inode>/<pid>``) holds, so its leases and reader holds can be reaped;
-  ``P:hb:<owner>``: its heartbeat.
+Layout: the key and field names are those of :mod:`blobleases.redis.keys`
+(layout version 2, recorded in the store): per content ``P:{cid}:meta``,
+``:leases``, ``:readers``, ``:chunk:<i>`` and ``:staging:<upload>:<i>``, all
+with the content id as hash tag so they share one cluster slot; global
+bookkeeping under the namespace's own tag ``P:{P}:...`` (index, byte totals,
+LRU, retained set, dedup hits, processes, lease expiries); per process
+``P:{proc:<owner>}:holds`` and its heartbeat ``P:heartbeat:<owner>``. A store
+of another layout is refused with StorageError naming it.
 
 A pid means something only in its pid namespace (containers, ``unshare -p``),
 so an owner names its namespace, and "a dead local pid is seen at once"
@@ -77,6 +69,8 @@ from .liveness import (
 )
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
+from .redis.keys import LAYOUT_VERSION, End, Keys, Meta, lease_value, parse_lease_value
+from .redis.keys import text as _s
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource, check_hash
@@ -145,7 +139,7 @@ def _load_scripts() -> dict[str, str]:
     """The scripts of redis_storage.lua by name. A section header may name
     Redis 7 script flags after the name (``--@ end allow-oom``): the script
     then starts with the ``#!lua flags=...`` shebang."""
-    text = resources.files("blobleases").joinpath("redis_storage.lua").read_text("utf-8")
+    text = resources.files("blobleases.redis").joinpath("scripts.lua").read_text("utf-8")
     parts = re.split(r"^--@ (\w+)((?: [\w-]+)*)\s*$", text, flags=re.M)
     prelude = parts[0]
     out: dict[str, str] = {}
@@ -209,20 +203,6 @@ def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
             return func(*args, **kwargs)
 
     return wrapper
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _lease_value(expires_at: float | None, detached: bool, owner: str) -> str:
-    exp = "" if expires_at is None else repr(expires_at)
-    return f"{exp}|{'1' if detached else '0'}|{owner}"
-
-
-def _parse_lease_value(value: Any) -> tuple[float | None, bool, str]:
-    exp, det, owner = _s(value).split("|", 2)
-    return (float(exp) if exp else None), det == "1", owner
 
 
 class _Heartbeat:
@@ -444,18 +424,7 @@ class RedisStorage(BlobStorage):
         except (ValueError, TypeError) as exc:
             raise ValueError(f"url {self._safe_url()!r}: {exc}") from exc
 
-        p = namespace
-        g = f"{p}:{{{p}}}:"
-        self._k_idx = g + "idx"
-        self._k_bytes = g + "bytes"
-        self._k_resb = g + "resb"
-        self._k_lru = g + "lru"
-        self._k_ret = g + "ret"
-        self._k_rsz = g + "rsz"
-        self._k_retb = g + "retb"
-        self._k_dedup = g + "dedup"
-        self._k_procs = g + "procs"
-        self._k_exp = g + "exp"
+        self._keys = Keys(namespace)
         self._scripts: dict[str, tuple[str, str]] = {}
         for name, body in _load_scripts().items():
             self._scripts[name] = (body, "")
@@ -470,6 +439,11 @@ class RedisStorage(BlobStorage):
         self._next_reap = time.monotonic() + self.policies.reap_interval
         self._next_expiry = 0.0  # read the shared expiry index at the first operation
         with _storage_error_context(self):
+            try:
+                self._check_layout()
+            except StorageError:
+                self._r.close()
+                raise
             self._load_all_scripts()
             self._ensure_process()
         ref = weakref.ref(self)
@@ -477,6 +451,28 @@ class RedisStorage(BlobStorage):
         # At exit, after the leases made on this handle (finalizers run
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, ref)
+
+    def _check_layout(self) -> None:
+        """Mark a new store with its key layout (keys.LAYOUT_VERSION); refuse
+        a store of another layout, naming both, rather than misread it."""
+        found = self._r.get(self._keys.layout)
+        if found is None:
+            if self._r.exists(*self._keys.old_layout):
+                raise StorageError(
+                    f"namespace {self._namespace!r} at {self._safe_url()} holds a store of "
+                    f"key layout 1 (written by an older blobleases); this blobleases reads "
+                    f"layout {LAYOUT_VERSION} only: open it with the blobleases that wrote "
+                    f"it, or delete its keys ({self._namespace}:*) or use another namespace"
+                )
+            with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                # a server at maxmemory: the next opener marks the new store
+                self._r.set(self._keys.layout, LAYOUT_VERSION, nx=True)
+                found = self._r.get(self._keys.layout)
+        if found is not None and _s(found) != str(LAYOUT_VERSION):
+            raise StorageError(
+                f"namespace {self._namespace!r} at {self._safe_url()} holds a store of key "
+                f"layout {_s(found)}; this blobleases reads layout {LAYOUT_VERSION} only"
+            )
 
     # -- identity --------------------------------------------------------------
 
@@ -509,11 +505,10 @@ class RedisStorage(BlobStorage):
     # -- keys ------------------------------------------------------------------
 
     def _base(self, cid: ContentId | str) -> str:
-        return f"{self._namespace}:{{{cid}}}:"
+        return self._keys.content(cid)
 
     def _ckeys(self, cid: ContentId | str) -> list[str]:
-        b = self._base(cid)
-        return [b + "m", b + "l", b + "r"]
+        return self._keys.of_content(cid)
 
     @property
     def _local(self) -> str:
@@ -525,21 +520,10 @@ class RedisStorage(BlobStorage):
         return f"{self._local}/{pid}"
 
     def _proc_key(self, owner: str) -> str:
-        return f"{self._namespace}:{{p:{owner}}}:h"
+        return self._keys.holds(owner)
 
     def _hb_key(self, owner: str) -> str:
-        return f"{self._namespace}:hb:{owner}"
-
-    def _g_idx(self) -> list[str]:
-        return [
-            self._k_idx,
-            self._k_bytes,
-            self._k_resb,
-            self._k_lru,
-            self._k_ret,
-            self._k_rsz,
-            self._k_retb,
-        ]
+        return self._keys.heartbeat(owner)
 
     # -- scripts -------------------------------------------------------------------
 
@@ -670,18 +654,18 @@ class RedisStorage(BlobStorage):
         for i in range(0, len(items), _BATCH):
             # A script flagged allow-oom: a full server refuses a plain ZADD.
             args = [x for cid_text, at in items[i : i + _BATCH] for x in (at, cid_text)]
-            self._ev("touch", [self._k_lru], args)
+            self._ev("touch", [self._keys.lru], args)
 
     def _expire(self) -> int:
         """End every lease whose ttl has passed; returns how many."""
         now = time.time()
-        due = self._r.zrangebyscore(self._k_exp, "-inf", now, start=0, num=_BATCH * 4)
+        due = self._r.zrangebyscore(self._keys.expiries, "-inf", now, start=0, num=_BATCH * 4)
         ended = 0
         for member in due:
             cid_text, lid_text = _s(member).split(" ", 1)
-            ended += self._end(cid_text, "LE", lid_text)
-            self._r.zrem(self._k_exp, member)
-        first = self._r.zrange(self._k_exp, 0, 0, withscores=True)
+            ended += self._end(cid_text, End.EXPIRE, lid_text)
+            self._r.zrem(self._keys.expiries, member)
+        first = self._r.zrange(self._keys.expiries, 0, 0, withscores=True)
         self._next_expiry = float(first[0][1]) if first else math.inf
         if len(due) >= _BATCH * 4:
             self._next_expiry = 0.0
@@ -690,7 +674,7 @@ class RedisStorage(BlobStorage):
     def _reap_dead(self) -> tuple[int, int, int]:
         """Reap every known process that is dead; returns (leases, readers,
         processes) ended."""
-        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_procs).items()}
+        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.processes).items()}
         if not procs:
             return 0, 0, 0
         owners = list(procs)
@@ -704,7 +688,7 @@ class RedisStorage(BlobStorage):
             leases += nl
             readers += nr
             count += 1
-            self._ev("hdel_if", [self._k_procs], [owner, procs[owner]])
+            self._ev("hdel_if", [self._keys.processes], [owner, procs[owner]])
         return leases, readers, count
 
     def _heartbeats(self, owners: list[str]) -> dict[str, bool]:
@@ -720,8 +704,9 @@ class RedisStorage(BlobStorage):
         leases = readers = 0
         for member in members:
             kind, cid_text, ident = member.split(" ", 2)
-            if self._end(cid_text, "LO" if kind == "L" else "RO", ident, owner):
-                if kind == "L":
+            mode = End.REAP_LEASE if kind == "lease" else End.REAP_READER
+            if self._end(cid_text, mode, ident, owner):
+                if kind == "lease":
                     leases += 1
                 else:
                     readers += 1
@@ -761,7 +746,7 @@ class RedisStorage(BlobStorage):
         """The end script's keys: with the index keys on a standalone server
         (no slots), so a deleted content is unindexed in the same script."""
         keys = self._ckeys(cid_text)
-        return keys if self._cluster else keys + self._g_idx()
+        return keys if self._cluster else keys + self._keys.index_keys()
 
     def _end_args(self, cid_text: str, mode: str, ident: str, owner: str) -> list[Any]:
         return [
@@ -779,7 +764,7 @@ class RedisStorage(BlobStorage):
         of content it deleted, retain content it left unreferenced."""
         state = int(res[1])
         if state == 2:
-            self._ev("idx_remove", self._g_idx(), [cid_text, _s(res[3])])
+            self._ev("idx_remove", self._keys.index_keys(), [cid_text, _s(res[3])])
         elif state == 1:
             self._unreferenced(ContentId.parse(cid_text), int(res[2]))
 
@@ -788,13 +773,13 @@ class RedisStorage(BlobStorage):
         if policy_rules.retains(size, self.policies.retain_bytes):
             victims = self._ev(
                 "retain",
-                [self._k_ret, self._k_rsz, self._k_retb],
+                self._keys.retention(),
                 [str(cid), time.time(), size, self.policies.retain_bytes],
             )
             for victim in victims:
-                self._delete(_s(victim), "unref")
+                self._delete(_s(victim), "unreferenced")
         else:
-            self._delete(str(cid), "unref")
+            self._delete(str(cid), "unreferenced")
 
     def _delete(self, cid_text: str, mode: str, token: str = "", *, claim: str = "") -> int:
         """Delete one content per ``mode`` (see the delete script) and its index
@@ -806,7 +791,7 @@ class RedisStorage(BlobStorage):
         )
         if not int(res[0]):
             return 0
-        self._ev("idx_remove", self._g_idx(), [cid_text, _s(res[2])])
+        self._ev("idx_remove", self._keys.index_keys(), [cid_text, _s(res[2])])
         return int(res[1])
 
     def _intent(
@@ -817,10 +802,10 @@ class RedisStorage(BlobStorage):
         owner = self._owner(lid.pid)
         if not detached:
             start = self._vouch(lid.pid)
-            pipe.hsetnx(self._k_procs, owner, repr(start))
-            pipe.sadd(self._proc_key(owner), f"L {cid} {lid}")
+            pipe.hsetnx(self._keys.processes, owner, repr(start))
+            pipe.sadd(self._proc_key(owner), f"lease {cid} {lid}")
         if expires_at is not None:
-            pipe.zadd(self._k_exp, {f"{cid} {lid}": expires_at})
+            pipe.zadd(self._keys.expiries, {f"{cid} {lid}": expires_at})
         return owner
 
     def _undo_intent(
@@ -829,9 +814,9 @@ class RedisStorage(BlobStorage):
         with contextlib.suppress(redis.exceptions.RedisError):
             pipe = self._r.pipeline(transaction=False)
             if not detached:
-                pipe.srem(self._proc_key(self._owner(lid.pid)), f"L {cid} {lid}")
+                pipe.srem(self._proc_key(self._owner(lid.pid)), f"lease {cid} {lid}")
             if expires_at is not None:
-                pipe.zrem(self._k_exp, f"{cid} {lid}")
+                pipe.zrem(self._keys.expiries, f"{cid} {lid}")
             pipe.execute()
 
     def _note_expiry(self, expires_at: float | None) -> None:
@@ -846,7 +831,7 @@ class RedisStorage(BlobStorage):
         0 absent, 1 already held, 2 newly held (a retained blob is referenced again)."""
         expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
-        value = _lease_value(expires_at, detached, owner)
+        value = lease_value(expires_at, detached, owner)
         keys = self._ckeys(cid)
 
         def build(pipe: Any) -> None:
@@ -866,11 +851,11 @@ class RedisStorage(BlobStorage):
             self._note_expiry(expires_at)
             self._touch(cid)
             if was_unref:
-                self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+                self._ev("unretain", self._keys.retention(), [str(cid)])
         return status, size
 
     def _count_dedup(self) -> None:
-        self._r.incr(self._k_dedup)
+        self._r.incr(self._keys.dedup_hits)
 
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
         """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
@@ -900,7 +885,7 @@ class RedisStorage(BlobStorage):
             for _ in range(8):
                 res = self._ev(
                     "reserve",
-                    [self._k_idx, self._k_bytes, self._k_resb],
+                    [self._keys.index, self._keys.total_bytes, self._keys.reserved_bytes],
                     [
                         str(cid),
                         size,
@@ -937,8 +922,8 @@ class RedisStorage(BlobStorage):
         kept = [victim for victim, _ in victims if not self._delete(victim, "claimed", claim=token)]
         # A victim not deleted here was deleted by another client (its room
         # is free) or outlived this store's claim (it stays).
-        if any(self._r.exists(self._base(victim) + "m") for victim in kept):
-            self._ev("idx_remove", self._g_idx(), [str(cid), token])
+        if any(self._r.exists(self._keys.meta(victim)) for victim in kept):
+            self._ev("idx_remove", self._keys.index_keys(), [str(cid), token])
             raise StoreFull(
                 f"storing {size} bytes: the eviction claim on content chosen for eviction "
                 f"lapsed before it was evicted (max_bytes={limit})"
@@ -961,21 +946,23 @@ class RedisStorage(BlobStorage):
 
     def _unclaim(self, victims: list[tuple[str, str]], token: str) -> None:
         for victim, _ in victims:
-            self._ev("unclaim", [self._base(victim) + "m"], [token])
+            self._ev("unclaim", [self._keys.meta(victim)], [token])
 
     def _plan_eviction(self, need: int) -> list[tuple[str, str]] | None:
         """Victims, with their claim mode, that free at least ``need`` bytes,
         by policy_rules.plan_eviction; None if not enough can be freed.
         Content another store has claimed counts as having a reader (it is
         passed over); the claim script checks each again atomically."""
-        retained = [_s(c) for c in self._r.zrange(self._k_ret, 0, -1)]
+        retained = [_s(c) for c in self._r.zrange(self._keys.retained, 0, -1)]
         busy = self._busy(retained)
         retained_sizes = self._sizes([c for c in retained if not busy[c]])
 
         def leased() -> Iterator[tuple[str, int, bool]]:
             skip = set(retained)
             start = 0
-            while batch := [_s(c) for c in self._r.zrange(self._k_lru, start, start + _BATCH - 1)]:
+            while batch := [
+                _s(c) for c in self._r.zrange(self._keys.lru, start, start + _BATCH - 1)
+            ]:
                 start += _BATCH
                 batch = [c for c in batch if c not in skip]
                 sizes = self._sizes(batch)
@@ -988,13 +975,16 @@ class RedisStorage(BlobStorage):
         )
         if victims is None:
             return None
-        return [(c, "unref" if c in retained_sizes else "evict") for c in victims]
+        return [(c, "retained" if c in retained_sizes else "leased") for c in victims]
 
     def _busy(self, cids: list[str]) -> dict[str, bool]:
         """Whether each content has a reader or an eviction claim now."""
         replies = self._each(
             cids,
-            lambda p, c: [p.hlen(self._base(c) + "r"), p.hget(self._base(c) + "m", "evicting")],
+            lambda p, c: [
+                p.hlen(self._base(c) + "readers"),
+                p.hget(self._keys.meta(c), Meta.EVICTING),
+            ],
         )
         now = time.time()
         out: dict[str, bool] = {}
@@ -1007,7 +997,7 @@ class RedisStorage(BlobStorage):
     def _sizes(self, cids: list[str]) -> dict[str, int]:
         if not cids:
             return {}
-        values = self._r.hmget(self._k_idx, cids)
+        values = self._r.hmget(self._keys.index, cids)
         return {c: int(_s(v).split(" ", 1)[0]) for c, v in zip(cids, values, strict=True) if v}
 
     # -- the backend methods ---------------------------------------------------------
@@ -1054,11 +1044,11 @@ class RedisStorage(BlobStorage):
         staging keys also expire, and collect() removes what is left)."""
         token = f"{self._owner(os.getpid())}/{uuid.uuid4().hex[:16]}"
         base = self._base(cid)
-        prefix = f"{base}c:{token}:"
+        prefix = self._keys.staging(cid, token)
         n = -(-size // self._chunk) if size else 0
         expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
-        value = _lease_value(expires_at, detached, owner)
+        value = lease_value(expires_at, detached, owner)
         with self._lock:
             self._active_tokens.add(token)
         reserved = committed = indexed = False
@@ -1089,7 +1079,9 @@ class RedisStorage(BlobStorage):
                 )
                 # Sent with the commit to save a round trip; corrected below
                 # when the commit found the content present.
-                self._pipe_ev(pipe, "idx_commit", self._g_idx()[:4], [str(cid), size, token, now])
+                self._pipe_ev(
+                    pipe, "idx_commit", self._keys.index_keys()[:4], [str(cid), size, token, now]
+                )
 
             indexed = True
             written = n
@@ -1112,12 +1104,14 @@ class RedisStorage(BlobStorage):
             with contextlib.suppress(redis.exceptions.RedisError):
                 if status in (1, 2):
                     self._ev(
-                        "idx_commit", self._g_idx()[:4], [str(cid), size, _s(res[3]), time.time()]
+                        "idx_commit",
+                        self._keys.index_keys()[:4],
+                        [str(cid), size, _s(res[3]), time.time()],
                     )
                 if status == 2:
                     self._count_dedup()
                     if int(res[2]):
-                        self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+                        self._ev("unretain", self._keys.retention(), [str(cid)])
                 self._touch(cid)
                 if self.policies.durability == "safe":
                     self._wait_durable()
@@ -1134,7 +1128,7 @@ class RedisStorage(BlobStorage):
                 self._active_tokens.discard(token)
             if (reserved or indexed) and not committed:
                 with contextlib.suppress(redis.exceptions.RedisError):
-                    self._ev("idx_remove", self._g_idx(), [str(cid), token])
+                    self._ev("idx_remove", self._keys.index_keys(), [str(cid), token])
 
     def _wait_durable(self) -> None:
         """With durability="safe", wait until the server has fsynced its AOF
@@ -1210,7 +1204,7 @@ class RedisStorage(BlobStorage):
     @_storage_errors
     def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
         self._maintain()
-        value = _lease_value(None, False, self._owner(new.pid))
+        value = lease_value(None, False, self._owner(new.pid))
         keys = self._ckeys(cid)
 
         def build(pipe: Any) -> None:
@@ -1230,13 +1224,13 @@ class RedisStorage(BlobStorage):
         if status == 2:
             self._touch(cid)
             if was_unref:
-                self._ev("unretain", [self._k_ret, self._k_rsz, self._k_retb], [str(cid)])
+                self._ev("unretain", self._keys.retention(), [str(cid)])
         if ended:
             # the old lease's bookkeeping (a stale entry would be harmless)
             with contextlib.suppress(redis.exceptions.RedisError):
                 pipe = self._r.pipeline(transaction=False)
-                pipe.srem(self._proc_key(self._owner(old.pid)), f"L {cid} {old}")
-                pipe.zrem(self._k_exp, f"{cid} {old}")
+                pipe.srem(self._proc_key(self._owner(old.pid)), f"lease {cid} {old}")
+                pipe.zrem(self._keys.expiries, f"{cid} {old}")
                 pipe.execute()
         return size
 
@@ -1262,12 +1256,14 @@ class RedisStorage(BlobStorage):
                 # By scripts flagged allow-oom (as is read): readers open on a
                 # server at maxmemory too.
                 self._pipe_ev(
-                    pipe, "note", [self._k_procs], ["procs", owner, repr(own_start_time())]
+                    pipe, "note", [self._keys.processes], ["process", owner, repr(own_start_time())]
                 )
-                self._pipe_ev(pipe, "note", [self._proc_key(owner)], ["hold", f"R {cid} {hold_id}"])
+                self._pipe_ev(
+                    pipe, "note", [self._proc_key(owner)], ["hold", f"reader {cid} {hold_id}"]
+                )
             self._pipe_ev(pipe, "read", keys, args)
             if with_first_chunk:
-                pipe.get(self._base(cid) + "d:0")
+                pipe.get(self._keys.chunk(cid, 0))
 
         waited = _EvictionWait(self, cid)
         while True:
@@ -1283,7 +1279,7 @@ class RedisStorage(BlobStorage):
             return res, first
         if hold_id:
             with contextlib.suppress(redis.exceptions.RedisError):
-                self._r.srem(self._proc_key(self._owner(os.getpid())), f"R {cid} {hold_id}")
+                self._r.srem(self._proc_key(self._owner(os.getpid())), f"reader {cid} {hold_id}")
         if status == -1:
             self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
@@ -1343,10 +1339,10 @@ class RedisStorage(BlobStorage):
         pipe = self._r.pipeline(transaction=atomic)
         for k, lo, hi in ranges:
             if lo == 0 and hi == min(cs, size - k * cs):
-                pipe.get(f"{base}d:{k}")
+                pipe.get(f"{base}chunk:{k}")
             else:
-                pipe.getrange(f"{base}d:{k}", lo, hi - 1)
-        pipe.hget(base + "m", "t")
+                pipe.getrange(f"{base}chunk:{k}", lo, hi - 1)
+        pipe.hget(base + "meta", Meta.UPLOAD)
         return list(pipe.execute())
 
     @staticmethod
@@ -1358,7 +1354,7 @@ class RedisStorage(BlobStorage):
         )
 
     def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
-        current = self._r.hget(self._base(cid) + "m", "t")
+        current = self._r.hget(self._keys.meta(cid), Meta.UPLOAD)
         if current is None or _s(current) != token:
             raise self._layout_gone(cid)
         raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
@@ -1430,9 +1426,12 @@ class RedisStorage(BlobStorage):
 
         def build(pipe: Any) -> None:
             self._pipe_ev(
-                pipe, "end", self._end_keys(cid_text), self._end_args(cid_text, "R", hold_id, "")
+                pipe,
+                "end",
+                self._end_keys(cid_text),
+                self._end_args(cid_text, End.RELEASE, hold_id, ""),
             )
-            pipe.srem(key, f"R {cid} {hold_id}")
+            pipe.srem(key, f"reader {cid} {hold_id}")
 
         self._ended(cid_text, self._run_pipe(build)[0])
 
@@ -1440,16 +1439,19 @@ class RedisStorage(BlobStorage):
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         self._maintain()
         cid_text = str(cid)
-        member = f"L {cid} {lid}"
+        member = f"lease {cid} {lid}"
 
         def build(pipe: Any) -> None:
             self._pipe_ev(
-                pipe, "end", self._end_keys(cid_text), self._end_args(cid_text, "L", str(lid), "")
+                pipe,
+                "end",
+                self._end_keys(cid_text),
+                self._end_args(cid_text, End.DROP, str(lid), ""),
             )
             # Dropping a lease that is not held leaves no bookkeeping to remove,
             # so these are harmless either way.
             pipe.srem(self._proc_key(self._owner(lid.pid)), member)
-            pipe.zrem(self._k_exp, f"{cid} {lid}")
+            pipe.zrem(self._keys.expiries, f"{cid} {lid}")
 
         self._ended(cid_text, self._run_pipe(build)[0])
 
@@ -1462,46 +1464,50 @@ class RedisStorage(BlobStorage):
         if start is None:
             return
         owner = self._owner(pid)
-        known = self._r.hget(self._k_procs, owner)
+        known = self._r.hget(self._keys.processes, owner)
         if known is not None and not same_start(float(_s(known)), start):  # the pid was reused
             self._terminate(owner)
-            self._r.hdel(self._k_procs, owner)
+            self._r.hdel(self._keys.processes, owner)
         self._vouch(pid)
-        self._r.hset(self._k_procs, owner, repr(start))
+        self._r.hset(self._keys.processes, owner, repr(start))
 
     @_storage_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         self._maintain()
         owner = self._owner(pid)
         self._terminate(owner)
-        self._r.hdel(self._k_procs, owner)
+        self._r.hdel(self._keys.processes, owner)
 
     @_storage_errors
     def _contains(self, cid: ContentId) -> bool:
         self._maintain()
-        return bool(self._r.exists(self._base(cid) + "m"))
+        return bool(self._r.exists(self._keys.meta(cid)))
 
     @_storage_errors
     def _stat(self, cid: ContentId) -> BlobInfo:
         self._maintain()
         keys = self._ckeys(cid)
         meta, leases, readers = self._run_pipe(
-            lambda p: [p.hmget(keys[0], "s", "cr", "a"), p.hvals(keys[1]), p.hlen(keys[2])]
+            lambda p: [
+                p.hmget(keys[0], Meta.SIZE, Meta.CREATED, Meta.LAST_ACCESS),
+                p.hvals(keys[1]),
+                p.hlen(keys[2]),
+            ]
         )
         if meta[0] is None:
             raise ContentNotFound(cid)
         now = time.time()
         live = 0
         for value in leases:
-            exp, _, _ = _parse_lease_value(value)
+            exp, _, _ = parse_lease_value(value)
             if exp is None or exp > now:
                 live += 1
         return BlobInfo(cid, int(meta[0]), live, int(readers), float(meta[1]), float(meta[2]))
 
     def _present(self) -> list[str]:
         """Content ids in the LRU index whose meta exists."""
-        cids = [_s(c) for c in self._r.zrange(self._k_lru, 0, -1)]
-        found = self._each(cids, lambda p, c: p.exists(self._base(c) + "m"))
+        cids = [_s(c) for c in self._r.zrange(self._keys.lru, 0, -1)]
+        found = self._each(cids, lambda p, c: p.exists(self._keys.meta(c)))
         return [c for c, x in zip(cids, found, strict=True) if x]
 
     @_storage_errors
@@ -1516,8 +1522,8 @@ class RedisStorage(BlobStorage):
 
             def build(p: Any, b: list[str] = batch) -> None:
                 for c in b:
-                    p.hgetall(self._base(c) + "l")
-                    p.hgetall(self._base(c) + "r")
+                    p.hgetall(self._base(c) + "leases")
+                    p.hgetall(self._base(c) + "readers")
 
             res = self._run_pipe(build)
             for k, c in enumerate(batch):
@@ -1535,7 +1541,7 @@ class RedisStorage(BlobStorage):
         for cid_text, lid_text, value, _ in self._all_leases(self._present()):
             if value is None:
                 continue
-            exp, detached, _owner = _parse_lease_value(value)
+            exp, detached, _owner = parse_lease_value(value)
             if exp is not None and exp <= now:
                 continue
             lid = LeaseId.parse(lid_text)
@@ -1557,18 +1563,18 @@ class RedisStorage(BlobStorage):
                 owners.update(_s(o) for o in holds.values())
             if value is None:
                 continue
-            exp, _, _ = _parse_lease_value(value)
+            exp, _, _ = parse_lease_value(value)
             if exp is not None and exp <= now:
                 continue
             leases += 1
-            owners.add(_parse_lease_value(value)[2])
+            owners.add(parse_lease_value(value)[2])
         total, reserved, dedup, retb, nret = self._run_pipe(
             lambda p: [
-                p.get(self._k_bytes),
-                p.get(self._k_resb),
-                p.get(self._k_dedup),
-                p.get(self._k_retb),
-                p.zcard(self._k_ret),
+                p.get(self._keys.total_bytes),
+                p.get(self._keys.reserved_bytes),
+                p.get(self._keys.dedup_hits),
+                p.get(self._keys.retained_bytes),
+                p.zcard(self._keys.retained),
             ]
         )
         return StorageStats(
@@ -1591,14 +1597,14 @@ class RedisStorage(BlobStorage):
         """Every content's meta found by scanning the keyspace (the repair view)."""
         keys = [
             k
-            for k in self._scan(f"{self._namespace}:{{*}}:m")
-            if not k.startswith(f"{self._namespace}:{{p:")
+            for k in self._scan(f"{self._namespace}:{{*}}:meta")
+            if not k.startswith(f"{self._namespace}:{{proc:")
         ]
         out: dict[str, dict[str, str]] = {}
         res = self._each(keys, lambda p, k: p.hgetall(k))
         for key, meta in zip(keys, res, strict=True):
             if meta:
-                cid_text = key[len(self._namespace) + 2 : -3]
+                cid_text = key[len(self._namespace) + 2 : -len("}:meta")]
                 out[cid_text] = {_s(k): _s(v) for k, v in meta.items()}
         return out
 
@@ -1618,14 +1624,14 @@ class RedisStorage(BlobStorage):
         self._ensure_process()
         with self._reap_lock:
             self._flush_touches()
-            before = self._r.get(self._k_bytes), self._r.get(self._k_resb)
+            before = self._r.get(self._keys.total_bytes), self._r.get(self._keys.reserved_bytes)
             before_blobs = len(self._present())
             expired = self._expire()
             leases, readers, procs = self._reap_dead()
             self._next_reap = time.monotonic() + self.policies.reap_interval
             more_leases, more_readers, rows = self._sweep()
             after_blobs = len(self._present())
-            after = self._r.get(self._k_bytes), self._r.get(self._k_resb)
+            after = self._r.get(self._keys.total_bytes), self._r.get(self._keys.reserved_bytes)
         freed = (int(before[0] or 0) - int(before[1] or 0)) - (
             int(after[0] or 0) - int(after[1] or 0)
         )
@@ -1646,14 +1652,14 @@ class RedisStorage(BlobStorage):
         and reservations of dead writers are reconciled. Returns (leases,
         readers, index rows and keys removed)."""
         metas = self._metas()
-        retained = {_s(c) for c in self._r.zrange(self._k_ret, 0, -1)}
+        retained = {_s(c) for c in self._r.zrange(self._keys.retained, 0, -1)}
         owners: set[str] = set()
         rows: list[tuple[str, str, Any, dict[Any, Any]]] = list(self._all_leases(list(metas)))
         for _c, _l, value, holds in rows:
             if value is not None:
-                owners.add(_parse_lease_value(value)[2])
+                owners.add(parse_lease_value(value)[2])
             owners.update(_s(o) for o in holds.values())
-        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_procs).items()}
+        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.processes).items()}
         owners.update(procs)
         beats = self._heartbeats(sorted(owners))
         dead = {o for o in owners if self._is_dead(o, float(procs.get(o) or 0), beats[o])}
@@ -1665,14 +1671,14 @@ class RedisStorage(BlobStorage):
                 done_readers.add(cid_text)
                 for hold_id, owner in holds.items():
                     if _s(owner) in dead:
-                        readers += self._end(cid_text, "RO", _s(hold_id), _s(owner))
+                        readers += self._end(cid_text, End.REAP_READER, _s(hold_id), _s(owner))
             if value is None:
                 continue
-            exp, detached, owner = _parse_lease_value(value)
+            exp, detached, owner = parse_lease_value(value)
             if exp is not None and exp <= now:
-                leases += self._end(cid_text, "LE", lid_text)
+                leases += self._end(cid_text, End.EXPIRE, lid_text)
             elif owner in dead and not detached:
-                leases += self._end(cid_text, "LO", lid_text, owner)
+                leases += self._end(cid_text, End.REAP_LEASE, lid_text, owner)
         # Content nobody holds that is not in the retained set: finish its
         # unreferenced step (retain or delete).
         for cid_text, meta in metas.items():
@@ -1680,45 +1686,47 @@ class RedisStorage(BlobStorage):
             nleases, nreaders = self._run_pipe(
                 lambda p, k=keys: [p.hvals(k[1]), p.hlen(k[2])]  # type: ignore[misc]
             )
-            live = [v for v in nleases if (_parse_lease_value(v)[0] or math.inf) > now]
+            live = [v for v in nleases if (parse_lease_value(v)[0] or math.inf) > now]
             if not live and not int(nreaders) and cid_text not in retained:
-                self._unreferenced(ContentId.parse(cid_text), int(meta.get("s", 0)))
+                self._unreferenced(ContentId.parse(cid_text), int(meta.get(Meta.SIZE, 0)))
         # The index: entries whose content is gone, reservations of dead
         # writers; content missing from the index.
-        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_idx).items()}
+        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.index).items()}
         metas = self._metas()
         writers = {"/".join(v.split(" ")[1].split("/")[:2]) for v in index.values()}
         beats = self._heartbeats(sorted(writers | {self._owner(os.getpid())}))
         for cid_text, value in index.items():
             fields = value.split(" ")
             found = metas.get(cid_text)
-            if found is not None and found.get("t") == fields[1]:
+            if found is not None and found.get(Meta.UPLOAD) == fields[1]:
                 continue
             if found is not None:
                 self._ev(
-                    "idx_commit", self._g_idx()[:4], [cid_text, found.get("s", 0), found["t"], now]
+                    "idx_commit",
+                    self._keys.index_keys()[:4],
+                    [cid_text, found.get(Meta.SIZE, 0), found[Meta.UPLOAD], now],
                 )
                 continue
             # No meta: a leftover, unless its upload is still in flight (on a
             # cluster the index update can land before the commit).
-            reservation = len(fields) >= 5 and fields[2] == "R"
+            reservation = len(fields) >= 5 and fields[2] == "reserved"
             expired = reservation and float(fields[3]) <= now
             if not expired and not self._writer_dead(fields[1], beats):
                 continue
-            removed += int(self._ev("idx_remove", self._g_idx(), [cid_text, fields[1]]))
+            removed += int(self._ev("idx_remove", self._keys.index_keys(), [cid_text, fields[1]]))
         for cid_text, meta in metas.items():
             if cid_text not in index:
                 self._ev(
                     "idx_commit",
-                    self._g_idx()[:4],
-                    [cid_text, meta.get("s", 0), meta.get("t", ""), now],
+                    self._keys.index_keys()[:4],
+                    [cid_text, meta.get(Meta.SIZE, 0), meta.get(Meta.UPLOAD, ""), now],
                 )
         # Staging chunks of dead writers and chunks no meta names.
         stray = self._stray_chunks(metas, beats, include_live_staging=False)
         removed += self._drop_stray(stray)
         self._ev(
             "retain",
-            [self._k_ret, self._k_rsz, self._k_retb],
+            self._keys.retention(),
             ["", now, 0, self.policies.retain_bytes],
         )
         # Leases and reader hashes without a meta.
@@ -1738,12 +1746,12 @@ class RedisStorage(BlobStorage):
         out: list[str] = []
         ns = re.escape(self._namespace)
         candidates: list[tuple[str, str, int]] = []
-        for key in self._scan(f"{self._namespace}:{{*}}:d:*"):
-            m = re.fullmatch(ns + r":\{([^}]*)\}:d:(\d+)", key)
+        for key in self._scan(f"{self._namespace}:{{*}}:chunk:*"):
+            m = re.fullmatch(ns + r":\{([^}]*)\}:chunk:(\d+)", key)
             if m is None:
                 continue
             meta = metas.get(m.group(1))
-            if meta is None or int(m.group(2)) >= int(meta.get("n", 0)):
+            if meta is None or int(m.group(2)) >= int(meta.get(Meta.CHUNKS, 0)):
                 candidates.append((key, m.group(1), int(m.group(2))))
         # Content committed since the snapshot is not stray: look again.
         now = self._current(sorted({c for _, c, _ in candidates}))
@@ -1752,8 +1760,8 @@ class RedisStorage(BlobStorage):
             if current is None or index >= int(current[1]):
                 out.append(key)
         staged: list[tuple[str, str]] = []
-        for key in self._scan(f"{self._namespace}:{{*}}:c:*"):
-            m = re.fullmatch(ns + r":\{([^}]*)\}:c:([^:]+):(\d+)", key)
+        for key in self._scan(f"{self._namespace}:{{*}}:staging:*"):
+            m = re.fullmatch(ns + r":\{([^}]*)\}:staging:([^:]+):(\d+)", key)
             if m is not None:
                 staged.append((key, m.group(2)))
         writers = {"/".join(token.split("/")[:2]) for _, token in staged}
@@ -1779,7 +1787,7 @@ class RedisStorage(BlobStorage):
             base = self._base(cid_text)
             for i in range(0, len(suffixes), _BATCH):
                 batch = suffixes[i : i + _BATCH]
-                deleted += int(self._ev("drop_stray", [base + "m"], [base, *batch]))
+                deleted += int(self._ev("drop_stray", [base + "meta"], [base, *batch]))
         return deleted
 
     def _each(self, items: list[str], command: Callable[[Any, str], object]) -> list[Any]:
@@ -1798,10 +1806,10 @@ class RedisStorage(BlobStorage):
     def _orphan_hashes(self, metas: dict[str, dict[str, str]]) -> list[str]:
         """Leases and readers hashes of content that has no meta."""
         candidates: list[tuple[str, str]] = []
-        for suffix in ("l", "r"):
+        for suffix in ("leases", "readers"):
             for key in self._scan(f"{self._namespace}:{{*}}:{suffix}"):
-                m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:[lr]", key)
-                if m is None or m.group(1).startswith("p:"):
+                m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:(leases|readers)", key)
+                if m is None or m.group(1).startswith("proc:"):
                     continue
                 if m.group(1) not in metas:
                     candidates.append((key, m.group(1)))
@@ -1810,7 +1818,7 @@ class RedisStorage(BlobStorage):
 
     def _current(self, cids: list[str]) -> dict[str, tuple[str, int]]:
         """(token, chunk count) of those contents that exist now."""
-        res = self._each(cids, lambda p, c: p.hmget(self._base(c) + "m", "t", "n"))
+        res = self._each(cids, lambda p, c: p.hmget(self._keys.meta(c), Meta.UPLOAD, Meta.CHUNKS))
         return {c: (_s(t), int(n)) for c, (t, n) in zip(cids, res, strict=True) if t is not None}
 
     @_storage_errors
@@ -1821,9 +1829,9 @@ class RedisStorage(BlobStorage):
         tokens: dict[ContentId, str] = {}
         for cid_text, meta in sorted(metas.items()):
             cid = ContentId.parse(cid_text)
-            size, n, cs = int(meta["s"]), int(meta["n"]), int(meta["c"])
+            size, n, cs = int(meta[Meta.SIZE]), int(meta[Meta.CHUNKS]), int(meta[Meta.CHUNK_SIZE])
             hasher = new_hasher(cid.algorithm)
-            prefix = f"{self._base(cid)}d:"
+            prefix = f"{self._base(cid)}chunk:"
             found = bad = 0
             for i in range(n):
                 piece = self._r.get(prefix + str(i))
@@ -1836,9 +1844,9 @@ class RedisStorage(BlobStorage):
                     bad += 1
                 hasher.update(piece)
             broken = bool(n and not found) or bool(bad) or hasher.digest() != cid.digest
-            if broken and self._current([cid_text]).get(cid_text, ("", 0))[0] != meta["t"]:
+            if broken and self._current([cid_text]).get(cid_text, ("", 0))[0] != meta[Meta.UPLOAD]:
                 continue  # deleted or stored anew while it was being read
-            tokens[cid] = meta["t"]
+            tokens[cid] = meta[Meta.UPLOAD]
             if n and not found:
                 report.missing.append(cid)
             elif broken:
@@ -1846,21 +1854,21 @@ class RedisStorage(BlobStorage):
         beats = self._heartbeats([self._owner(os.getpid())])
         stray = self._stray_chunks(metas, beats, include_live_staging=False)
         orphans = self._orphan_hashes(metas)
-        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._k_idx).items()}
+        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.index).items()}
         stale = [
             c
             for c, v in index.items()
-            if c not in metas and not (len(v.split(" ")) >= 5 and v.split(" ")[2] == "R")
+            if c not in metas and not (len(v.split(" ")) >= 5 and v.split(" ")[2] == "reserved")
         ]
         now = self._current(stale)
         stale = [c for c in stale if c not in now]
-        report.orphaned.extend(stray + orphans + [f"{self._k_idx}/{c}" for c in stale])
+        report.orphaned.extend(stray + orphans + [f"{self._keys.index}/{c}" for c in stale])
         if repair and report:
             for cid in report.corrupted + report.missing:
                 self._delete(str(cid), "force", tokens[cid])
             self._drop_stray(stray + orphans)
             for c in stale:
-                self._ev("idx_remove", self._g_idx(), [c, ""])
+                self._ev("idx_remove", self._keys.index_keys(), [c, ""])
             report.repaired = True
         return report
 
@@ -1898,8 +1906,8 @@ class RedisStorage(BlobStorage):
 
     def _chunk_keys_for_tests(self, cid: ContentId) -> list[str]:
         """The keys of a committed blob's chunks, in order (fault-injection hook)."""
-        meta = self._r.hgetall(self._base(cid) + "m")
-        return [f"{self._base(cid)}d:{i}" for i in range(int(meta[b"n"]))]
+        chunks = self._r.hget(self._keys.meta(cid), Meta.CHUNKS)
+        return [self._keys.chunk(cid, i) for i in range(int(chunks))]
 
     @property
     def client(self) -> Any:

@@ -1,0 +1,2 @@
+"""RedisStorage's parts: key names (:mod:`.keys`) and the Lua scripts
+(``scripts.lua``). The backend itself is :class:`blobleases.redis_storage.RedisStorage`."""
