@@ -23,37 +23,25 @@ updated by separate single-slot scripts whose updates are idempotent and
 ordered so a crash between the two steps can only leave garbage that
 :meth:`RedisStorage.collect` repairs, never lose leased content.
 
-What ``collect()`` repairs: it scans the keyspace for every content, ends
-expired leases and the leases and reader holds of dead owners found on any
-content (even if missing from the per-process sets), finishes the
-unreferenced step (retain or delete) of content nobody holds, rebuilds index
-entries and byte totals from the metas (adding missing entries, dropping
-those of deleted content, and reservations of dead writers), and deletes
-staging chunks of dead writers, chunks no meta names, and leases or readers
-hashes without a meta (each rechecked atomically in its content's slot, so
-content committed meanwhile is kept). ``verify()`` rehashes every blob and
-reports corrupted (wrong bytes or size) and missing (no chunk left) blobs
-and orphaned keys; ``verify(repair=True)`` deletes them (their leases then
-get LeaseExpired).
+The parts live in :mod:`blobleases.redis`: key names (``keys``), the Lua
+(``scripts``), heartbeats (``heartbeat``), ``collect()`` and ``verify()``
+(``repair``), urls and errors (``client``), RESP (``protocol``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from importlib import resources
-from typing import IO, Any, ParamSpec, TypeVar
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
@@ -69,9 +57,13 @@ from .liveness import (
 )
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
+from .redis import repair as repair_module
+from .redis.client import storage_error_context, storage_errors, unsplit
+from .redis.heartbeat import Heartbeat, default_host_id
 from .redis.keys import LAYOUT_VERSION, End, Keys, Meta, lease_value, parse_lease_value
 from .redis.keys import text as _s
-from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
+from .redis.protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
+from .redis.scripts import Scripts
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource, check_hash
 
@@ -89,9 +81,6 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
         "RedisStorage needs the redis client: pip install 'blobleases[redis]'"
     ) from _exc
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DEFAULT_NAMESPACE = "blobleases"
 _DEFAULT_CHUNK = 4 << 20
@@ -102,185 +91,6 @@ _BATCH = 256
 _READ_SIZE = 1 << 20
 _CLOSE_EXPIRE_BATCHES = 2  # close() ends at most this many batches of expired leases
 _DEFAULT_PROTOCOL = int(getattr(redis.utils, "DEFAULT_RESP_VERSION", 2))
-
-
-def default_host_id() -> str:
-    """A stable id of this machine: its hostname and the start of
-    ``/etc/machine-id`` (containers sharing an image keep distinct hostnames)."""
-    name = socket.gethostname() or "host"
-    machine = ""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            with open(path) as f:
-                machine = f.read().strip()[:12]
-            break
-        except OSError:
-            continue
-    text = f"{name}.{machine}" if machine else name
-    text = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64]
-    return text or "host"
-
-
-def _unsplit(parts: SplitResult) -> str:
-    """``urlunsplit`` that keeps the ``//`` of a url without a host:
-    ``unix:///path`` (urlunsplit gives ``unix:/path``, which redis-py refuses)."""
-    text = urlunsplit(parts)
-    if (
-        not parts.netloc
-        and parts.path.startswith("/")
-        and not text.startswith(parts.scheme + "://")
-    ):
-        text = f"{parts.scheme}://{text[len(parts.scheme) + 1 :]}"
-    return text
-
-
-@functools.cache
-def _load_scripts() -> dict[str, str]:
-    """The scripts of redis_storage.lua by name. A section header may name
-    Redis 7 script flags after the name (``--@ end allow-oom``): the script
-    then starts with the ``#!lua flags=...`` shebang."""
-    text = resources.files("blobleases.redis").joinpath("scripts.lua").read_text("utf-8")
-    parts = re.split(r"^--@ (\w+)((?: [\w-]+)*)\s*$", text, flags=re.M)
-    prelude = parts[0]
-    out: dict[str, str] = {}
-    for name, flags, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
-        out[name] = _with_flags(flags.split(), prelude + body)
-    return out
-
-
-def _with_flags(flags: list[str], body: str) -> str:
-    return f"#!lua flags={','.join(flags)}\n{body}" if flags else body
-
-
-def _without_flags(body: str) -> str:
-    """A script without its shebang (for servers before Redis 7, which have no
-    script flags and let a script run until its first write that needs memory)."""
-    return body.split("\n", 1)[1] if body.startswith("#!") else body
-
-
-@contextlib.contextmanager
-def _storage_error_context(storage: Any = None, *, storing: bool = False) -> Iterator[None]:
-    """Turn redis-py failures into StorageError, chained; a write refused by a
-    server at maxmemory into StoreFull when ``storing``, else StorageError,
-    naming the server's maxmemory (read from ``storage``'s server)."""
-    try:
-        yield
-    except redis.exceptions.OutOfMemoryError as exc:
-        message = f"the redis server is full ({_memory_limit(storage)}): {exc}"
-        if storing:
-            raise StoreFull(message) from exc
-        raise StorageError(message) from exc
-    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
-        raise StorageError(f"redis: {type(exc).__name__}: {exc}") from exc
-
-
-def _memory_limit(storage: Any) -> str:
-    """``maxmemory`` and ``used_memory`` of the server, as far as it says."""
-    client = getattr(storage, "_r", None)
-    if client is None:
-        return "maxmemory reached"
-    try:
-        info = client.info("memory")
-        if isinstance(info, dict) and "maxmemory" not in info:  # a cluster: one per node
-            info = next((v for v in info.values() if isinstance(v, dict)), info)
-        return (
-            f"maxmemory {int(info['maxmemory'])} bytes, used_memory "
-            f"{int(info['used_memory'])} bytes, maxmemory-policy "
-            f"{info.get('maxmemory_policy', '?')}"
-        )
-    except Exception:
-        return "maxmemory reached"
-
-
-def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``func`` in :func:`_storage_error_context`; a method that stores
-    (``_store``, ``_store_file``) gets StoreFull from a full server."""
-    storing = func.__name__ in ("_store", "_store_file")
-
-    @functools.wraps(func)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _storage_error_context(args[0] if args else None, storing=storing):
-            return func(*args, **kwargs)
-
-    return wrapper
-
-
-class _Heartbeat:
-    """A daemon thread refreshing this process's heartbeat key (and those of
-    local pids this handle vouches for) every ``ttl / 5`` seconds."""
-
-    def __init__(self, client: Any, key_of: Callable[[int], str], ttl: float) -> None:
-        self.client = client
-        self.key_of = key_of
-        self.ttl_ms = max(int(ttl * 1000), 1)
-        self.interval = ttl / 5
-        self.pid = os.getpid()
-        self.start = own_start_time()
-        self.adopted: dict[int, float] = {}
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.missing = True
-        self.beat()
-        self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
-        self.thread.start()
-
-    def beat(self) -> None:
-        """Refresh the heartbeats. A server at maxmemory refuses SET but not
-        PEXPIRE, so there the heartbeats that exist are kept alive (and
-        ``missing`` says whether this process's own is absent)."""
-        with self.lock:
-            adopted = list(self.adopted.items())
-        pipe = self.client.pipeline(transaction=False)
-        keys = [self.key_of(self.pid)]
-        pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
-        for pid, start in adopted:
-            # where /proc shows another pid namespace, a vouched pid cannot be
-            # checked: its heartbeat lasts as long as this process's
-            if not can_judge_pids() or is_alive(pid, start):
-                keys.append(self.key_of(pid))
-                pipe.set(keys[-1], repr(start), px=self.ttl_ms)
-            else:
-                with self.lock:
-                    self.adopted.pop(pid, None)
-        replies = pipe.execute(raise_on_error=False)
-        refused = [
-            k
-            for k, r in zip(keys, replies, strict=True)
-            if isinstance(r, redis.exceptions.OutOfMemoryError)
-        ]
-        for reply in replies:
-            if isinstance(reply, Exception) and not isinstance(
-                reply, redis.exceptions.OutOfMemoryError
-            ):
-                raise reply
-        own_missing = False
-        if refused:
-            pipe = self.client.pipeline(transaction=False)
-            for key in refused:
-                pipe.pexpire(key, self.ttl_ms)
-            kept = pipe.execute()
-            own_missing = keys[0] in refused and not kept[0]
-        self.missing = own_missing
-
-    def adopt(self, pid: int, start: float) -> None:
-        with self.lock:
-            self.adopted[pid] = start
-        self.client.set(self.key_of(pid), repr(start), px=self.ttl_ms)
-
-    def disown(self, pid: int) -> None:
-        with self.lock:
-            self.adopted.pop(pid, None)
-
-    def vouches(self, pid: int) -> bool:
-        with self.lock:
-            return pid == self.pid or pid in self.adopted
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            if os.getpid() != self.pid:
-                return
-            with contextlib.suppress(Exception):
-                self.beat()
 
 
 class _EvictionWait:
@@ -381,8 +191,8 @@ class RedisStorage(BlobStorage):
         self._cluster = scheme == "redis+cluster"
         rest = [(k, v) for k, v in query if k != "namespace"]
         own = rest + ([("namespace", namespace)] if namespace != _DEFAULT_NAMESPACE else [])
-        self._url = _unsplit(parts._replace(query=urlencode(own)))
-        client_url = _unsplit(
+        self._url = unsplit(parts._replace(query=urlencode(own)))
+        client_url = unsplit(
             parts._replace(scheme="redis" if self._cluster else parts.scheme, query=urlencode(rest))
         )
         options: dict[str, Any] = {
@@ -425,20 +235,18 @@ class RedisStorage(BlobStorage):
             raise ValueError(f"url {self._safe_url()!r}: {exc}") from exc
 
         self._keys = Keys(namespace)
-        self._scripts: dict[str, tuple[str, str]] = {}
-        for name, body in _load_scripts().items():
-            self._scripts[name] = (body, "")
+        self._scripts = Scripts(self._r)
         self._lock = threading.RLock()
         self._reap_lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
         self._touches: dict[str, float] = {}
         self._active_tokens: set[str] = set()
         self._pending_releases: list[tuple[ContentId, str]] = []
         self._next_reap = time.monotonic() + self.policies.reap_interval
         self._next_expiry = 0.0  # read the shared expiry index at the first operation
-        with _storage_error_context(self):
+        with storage_error_context(self):
             try:
                 self._check_layout()
             except StorageError:
@@ -494,10 +302,10 @@ class RedisStorage(BlobStorage):
     def _safe_url(self) -> str:
         parts = urlsplit(getattr(self, "_url", ""))
         if parts.password is None:
-            return _unsplit(parts)
+            return unsplit(parts)
         netloc = parts.netloc.rsplit("@", 1)[1]
         user = parts.username or ""
-        return _unsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        return unsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
     def __repr__(self) -> str:
         return f"<RedisStorage {self._safe_url()}>"
@@ -528,42 +336,19 @@ class RedisStorage(BlobStorage):
     # -- scripts -------------------------------------------------------------------
 
     def _load_all_scripts(self) -> None:
-        for name, (body, _) in list(self._scripts.items()):
-            try:
-                sha = self._r.script_load(body)
-            except redis.exceptions.ResponseError:
-                if not body.startswith("#!"):
-                    raise
-                body = _without_flags(body)
-                sha = self._r.script_load(body)
-            self._scripts[name] = (body, _s(sha))
+        self._scripts.load_all()
 
     def _ev(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        sha = self._scripts[name][1]
-        try:
-            return self._r.evalsha(sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            self._load_all_scripts()
-            return self._r.evalsha(self._scripts[name][1], len(keys), *keys, *args)
+        return self._scripts.run(name, keys, args)
 
     def _pipe_ev(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        # execute_command: redis-py's cluster pipeline blocks its evalsha method
-        # but routes EVALSHA by its keys like any other command.
-        pipe.execute_command("EVALSHA", self._scripts[name][1], len(keys), *keys, *args)
+        self._scripts.queue(pipe, name, keys, args)
 
     def _run_pipe(self, build: Callable[[Any], object]) -> list[Any]:
-        """Run a pipeline built by ``build`` (which must hold only idempotent
-        commands); reload the scripts and run it again if the server lost them."""
-        for attempt in (0, 1):
-            pipe = self._r.pipeline(transaction=False)
-            build(pipe)
-            try:
-                return list(pipe.execute())
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                self._load_all_scripts()
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._scripts.pipeline(build)
+
+    def _each(self, items: list[str], command: Callable[[Any, str], object]) -> list[Any]:
+        return self._scripts.each(items, command)
 
     # -- process liveness ----------------------------------------------------------
 
@@ -576,7 +361,7 @@ class RedisStorage(BlobStorage):
                 return
             self._pid = os.getpid()
             prefix = self._hb_key(self._owner(0))[:-1]
-            heartbeat = _Heartbeat(self._r, lambda pid: f"{prefix}{pid}", self._hb_ttl)
+            heartbeat = Heartbeat(self._r, lambda pid: f"{prefix}{pid}", self._hb_ttl)
             self._heartbeat = heartbeat
             # An unclosed storage that is garbage-collected stops its thread.
             weakref.finalize(self, heartbeat.stop.set)
@@ -1002,7 +787,7 @@ class RedisStorage(BlobStorage):
 
     # -- the backend methods ---------------------------------------------------------
 
-    @_storage_errors
+    @storage_errors
     def _store(
         self,
         cid: ContentId,
@@ -1137,7 +922,7 @@ class RedisStorage(BlobStorage):
         with contextlib.suppress(redis.exceptions.ResponseError):
             self._r.execute_command("WAITAOF", 1, 0, 0)
 
-    @_storage_errors
+    @storage_errors
     def _store_file(
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
@@ -1191,7 +976,7 @@ class RedisStorage(BlobStorage):
         self._upload(cid, lid, ttl, detached, size, chunks(), check)
         return cid, size
 
-    @_storage_errors
+    @storage_errors
     def _lease_by_content(
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
@@ -1201,7 +986,7 @@ class RedisStorage(BlobStorage):
             raise ContentNotFound(cid)
         return size
 
-    @_storage_errors
+    @storage_errors
     def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
         self._maintain()
         value = lease_value(None, False, self._owner(new.pid))
@@ -1359,7 +1144,7 @@ class RedisStorage(BlobStorage):
             raise self._layout_gone(cid)
         raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
 
-    @_storage_errors
+    @storage_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         self._maintain()
         res, first = self._open(cid, lid, "", with_first_chunk=True)
@@ -1382,7 +1167,7 @@ class RedisStorage(BlobStorage):
             check_hash(cid, data)
         return data
 
-    @_storage_errors
+    @storage_errors
     def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
         self._maintain()
         hold_id = uuid.uuid4().hex
@@ -1401,7 +1186,7 @@ class RedisStorage(BlobStorage):
         pid = os.getpid()
         ref = weakref.ref(self)
 
-        @_storage_errors
+        @storage_errors
         def fetch(offset: int, length: int) -> bytes:
             storage = ref()
             if storage is None or storage._closed:
@@ -1435,7 +1220,7 @@ class RedisStorage(BlobStorage):
 
         self._ended(cid_text, self._run_pipe(build)[0])
 
-    @_storage_errors
+    @storage_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         self._maintain()
         cid_text = str(cid)
@@ -1455,7 +1240,7 @@ class RedisStorage(BlobStorage):
 
         self._ended(cid_text, self._run_pipe(build)[0])
 
-    @_storage_errors
+    @storage_errors
     def _advise_of_pid(self, pid: int) -> None:
         self._maintain()
         if not can_judge_pids():
@@ -1471,19 +1256,19 @@ class RedisStorage(BlobStorage):
         self._vouch(pid)
         self._r.hset(self._keys.processes, owner, repr(start))
 
-    @_storage_errors
+    @storage_errors
     def _advise_pid_terminated(self, pid: int) -> None:
         self._maintain()
         owner = self._owner(pid)
         self._terminate(owner)
         self._r.hdel(self._keys.processes, owner)
 
-    @_storage_errors
+    @storage_errors
     def _contains(self, cid: ContentId) -> bool:
         self._maintain()
         return bool(self._r.exists(self._keys.meta(cid)))
 
-    @_storage_errors
+    @storage_errors
     def _stat(self, cid: ContentId) -> BlobInfo:
         self._maintain()
         keys = self._ckeys(cid)
@@ -1510,7 +1295,7 @@ class RedisStorage(BlobStorage):
         found = self._each(cids, lambda p, c: p.exists(self._keys.meta(c)))
         return [c for c, x in zip(cids, found, strict=True) if x]
 
-    @_storage_errors
+    @storage_errors
     def _iter_content(self) -> list[ContentId]:
         self._maintain()
         return [ContentId.parse(c) for c in self._present()]
@@ -1533,7 +1318,7 @@ class RedisStorage(BlobStorage):
                 for lid, value in leases.items():
                     yield c, _s(lid), value, readers
 
-    @_storage_errors
+    @storage_errors
     def _iter_leases(self) -> list[LeaseInfo]:
         self._maintain()
         now = time.time()
@@ -1548,7 +1333,7 @@ class RedisStorage(BlobStorage):
             out.append(LeaseInfo(lid, ContentId.parse(cid_text), lid.pid, exp, detached))
         return out
 
-    @_storage_errors
+    @storage_errors
     def _stats(self) -> StorageStats:
         self._maintain()
         present = self._present()
@@ -1588,291 +1373,17 @@ class RedisStorage(BlobStorage):
             retained_bytes=int(retb or 0),
         )
 
-    # -- collect and verify ----------------------------------------------------------
+    # -- collect and verify (blobleases.redis.repair) ---------------------------------
 
-    def _scan(self, pattern: str) -> list[str]:
-        return [_s(k) for k in self._r.scan_iter(match=pattern, count=_SCAN_COUNT)]
-
-    def _metas(self) -> dict[str, dict[str, str]]:
-        """Every content's meta found by scanning the keyspace (the repair view)."""
-        keys = [
-            k
-            for k in self._scan(f"{self._namespace}:{{*}}:meta")
-            if not k.startswith(f"{self._namespace}:{{proc:")
-        ]
-        out: dict[str, dict[str, str]] = {}
-        res = self._each(keys, lambda p, k: p.hgetall(k))
-        for key, meta in zip(keys, res, strict=True):
-            if meta:
-                cid_text = key[len(self._namespace) + 2 : -len("}:meta")]
-                out[cid_text] = {_s(k): _s(v) for k, v in meta.items()}
-        return out
-
-    def _writer_dead(self, token: str, heartbeats: dict[str, bool]) -> bool:
-        """Whether the writer named in an upload token is gone (so its staging
-        keys and reservation are leftovers)."""
-        host, pid_text = [*token.split("/"), "", ""][:2]
-        owner = f"{host}/{pid_text}"
-        if host == self._local and pid_text == str(os.getpid()):
-            with self._lock:
-                return token not in self._active_tokens
-        return self._is_dead(owner, 0.0, heartbeats.get(owner, False))
-
-    @_storage_errors
+    @storage_errors
     def _collect(self) -> CollectReport:
-        self._check_open()
-        self._ensure_process()
-        with self._reap_lock:
-            self._flush_touches()
-            before = self._r.get(self._keys.total_bytes), self._r.get(self._keys.reserved_bytes)
-            before_blobs = len(self._present())
-            expired = self._expire()
-            leases, readers, procs = self._reap_dead()
-            self._next_reap = time.monotonic() + self.policies.reap_interval
-            more_leases, more_readers, rows = self._sweep()
-            after_blobs = len(self._present())
-            after = self._r.get(self._keys.total_bytes), self._r.get(self._keys.reserved_bytes)
-        freed = (int(before[0] or 0) - int(before[1] or 0)) - (
-            int(after[0] or 0) - int(after[1] or 0)
-        )
-        return CollectReport(
-            leases_reaped=leases + expired + more_leases,
-            readers_reaped=readers + more_readers,
-            processes_reaped=procs,
-            blobs_deleted=max(before_blobs - after_blobs, 0),
-            bytes_freed=max(freed, 0),
-            rows_removed=rows,
-        )
+        return repair_module.collect(self)
 
-    def _sweep(self) -> tuple[int, int, int]:
-        """The repair pass of collect(): every content's leases and holds are
-        checked against their owners' liveness (so a crash between a
-        content's script and the global bookkeeping cannot leak), unreferenced
-        content not retained is deleted, and the global index, staging keys
-        and reservations of dead writers are reconciled. Returns (leases,
-        readers, index rows and keys removed)."""
-        metas = self._metas()
-        retained = {_s(c) for c in self._r.zrange(self._keys.retained, 0, -1)}
-        owners: set[str] = set()
-        rows: list[tuple[str, str, Any, dict[Any, Any]]] = list(self._all_leases(list(metas)))
-        for _c, _l, value, holds in rows:
-            if value is not None:
-                owners.add(parse_lease_value(value)[2])
-            owners.update(_s(o) for o in holds.values())
-        procs = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.processes).items()}
-        owners.update(procs)
-        beats = self._heartbeats(sorted(owners))
-        dead = {o for o in owners if self._is_dead(o, float(procs.get(o) or 0), beats[o])}
-        now = time.time()
-        leases = readers = removed = 0
-        done_readers: set[str] = set()
-        for cid_text, lid_text, value, holds in rows:
-            if cid_text not in done_readers:
-                done_readers.add(cid_text)
-                for hold_id, owner in holds.items():
-                    if _s(owner) in dead:
-                        readers += self._end(cid_text, End.REAP_READER, _s(hold_id), _s(owner))
-            if value is None:
-                continue
-            exp, detached, owner = parse_lease_value(value)
-            if exp is not None and exp <= now:
-                leases += self._end(cid_text, End.EXPIRE, lid_text)
-            elif owner in dead and not detached:
-                leases += self._end(cid_text, End.REAP_LEASE, lid_text, owner)
-        # Content nobody holds that is not in the retained set: finish its
-        # unreferenced step (retain or delete).
-        for cid_text, meta in metas.items():
-            keys = self._ckeys(cid_text)
-            nleases, nreaders = self._run_pipe(
-                lambda p, k=keys: [p.hvals(k[1]), p.hlen(k[2])]  # type: ignore[misc]
-            )
-            live = [v for v in nleases if (parse_lease_value(v)[0] or math.inf) > now]
-            if not live and not int(nreaders) and cid_text not in retained:
-                self._unreferenced(ContentId.parse(cid_text), int(meta.get(Meta.SIZE, 0)))
-        # The index: entries whose content is gone, reservations of dead
-        # writers; content missing from the index.
-        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.index).items()}
-        metas = self._metas()
-        writers = {"/".join(v.split(" ")[1].split("/")[:2]) for v in index.values()}
-        beats = self._heartbeats(sorted(writers | {self._owner(os.getpid())}))
-        for cid_text, value in index.items():
-            fields = value.split(" ")
-            found = metas.get(cid_text)
-            if found is not None and found.get(Meta.UPLOAD) == fields[1]:
-                continue
-            if found is not None:
-                self._ev(
-                    "idx_commit",
-                    self._keys.index_keys()[:4],
-                    [cid_text, found.get(Meta.SIZE, 0), found[Meta.UPLOAD], now],
-                )
-                continue
-            # No meta: a leftover, unless its upload is still in flight (on a
-            # cluster the index update can land before the commit).
-            reservation = len(fields) >= 5 and fields[2] == "reserved"
-            expired = reservation and float(fields[3]) <= now
-            if not expired and not self._writer_dead(fields[1], beats):
-                continue
-            removed += int(self._ev("idx_remove", self._keys.index_keys(), [cid_text, fields[1]]))
-        for cid_text, meta in metas.items():
-            if cid_text not in index:
-                self._ev(
-                    "idx_commit",
-                    self._keys.index_keys()[:4],
-                    [cid_text, meta.get(Meta.SIZE, 0), meta.get(Meta.UPLOAD, ""), now],
-                )
-        # Staging chunks of dead writers and chunks no meta names.
-        stray = self._stray_chunks(metas, beats, include_live_staging=False)
-        removed += self._drop_stray(stray)
-        self._ev(
-            "retain",
-            self._keys.retention(),
-            ["", now, 0, self.policies.retain_bytes],
-        )
-        # Leases and reader hashes without a meta.
-        removed += self._drop_stray(self._orphan_hashes(metas))
-        return leases, readers, removed
-
-    def _stray_chunks(
-        self,
-        metas: dict[str, dict[str, str]],
-        beats: dict[str, bool],
-        *,
-        include_live_staging: bool,
-    ) -> list[str]:
-        """Chunk keys that belong to no committed blob: staging of dead writers
-        (and of live ones when ``include_live_staging``) and committed-looking
-        chunks no meta names."""
-        out: list[str] = []
-        ns = re.escape(self._namespace)
-        candidates: list[tuple[str, str, int]] = []
-        for key in self._scan(f"{self._namespace}:{{*}}:chunk:*"):
-            m = re.fullmatch(ns + r":\{([^}]*)\}:chunk:(\d+)", key)
-            if m is None:
-                continue
-            meta = metas.get(m.group(1))
-            if meta is None or int(m.group(2)) >= int(meta.get(Meta.CHUNKS, 0)):
-                candidates.append((key, m.group(1), int(m.group(2))))
-        # Content committed since the snapshot is not stray: look again.
-        now = self._current(sorted({c for _, c, _ in candidates}))
-        for key, cid_text, index in candidates:
-            current = now.get(cid_text)
-            if current is None or index >= int(current[1]):
-                out.append(key)
-        staged: list[tuple[str, str]] = []
-        for key in self._scan(f"{self._namespace}:{{*}}:staging:*"):
-            m = re.fullmatch(ns + r":\{([^}]*)\}:staging:([^:]+):(\d+)", key)
-            if m is not None:
-                staged.append((key, m.group(2)))
-        writers = {"/".join(token.split("/")[:2]) for _, token in staged}
-        missing = sorted(w for w in writers if w not in beats)
-        if missing:
-            beats = {**beats, **self._heartbeats(missing)}
-        for key, token in staged:
-            if include_live_staging or self._writer_dead(token, beats):
-                out.append(key)
-        return out
-
-    def _drop_stray(self, keys: list[str]) -> int:
-        """Delete content keys that no meta names, rechecking each atomically
-        in its content's slot (content committed since the scan is kept)."""
-        by_content: dict[str, list[str]] = {}
-        pattern = re.compile(re.escape(self._namespace) + r":\{([^}]*)\}:(.+)")
-        for key in keys:
-            m = pattern.fullmatch(key)
-            if m is not None:
-                by_content.setdefault(m.group(1), []).append(m.group(2))
-        deleted = 0
-        for cid_text, suffixes in by_content.items():
-            base = self._base(cid_text)
-            for i in range(0, len(suffixes), _BATCH):
-                batch = suffixes[i : i + _BATCH]
-                deleted += int(self._ev("drop_stray", [base + "meta"], [base, *batch]))
-        return deleted
-
-    def _each(self, items: list[str], command: Callable[[Any, str], object]) -> list[Any]:
-        """``command(pipe, item)`` for every item, pipelined in batches; the replies."""
-        out: list[Any] = []
-        for i in range(0, len(items), _BATCH):
-            batch = items[i : i + _BATCH]
-
-            def build(pipe: Any, b: list[str] = batch) -> None:
-                for item in b:
-                    command(pipe, item)
-
-            out.extend(self._run_pipe(build))
-        return out
-
-    def _orphan_hashes(self, metas: dict[str, dict[str, str]]) -> list[str]:
-        """Leases and readers hashes of content that has no meta."""
-        candidates: list[tuple[str, str]] = []
-        for suffix in ("leases", "readers"):
-            for key in self._scan(f"{self._namespace}:{{*}}:{suffix}"):
-                m = re.fullmatch(re.escape(self._namespace) + r":\{([^}]*)\}:(leases|readers)", key)
-                if m is None or m.group(1).startswith("proc:"):
-                    continue
-                if m.group(1) not in metas:
-                    candidates.append((key, m.group(1)))
-        now = self._current(sorted({c for _, c in candidates}))
-        return [key for key, cid_text in candidates if cid_text not in now]
-
-    def _current(self, cids: list[str]) -> dict[str, tuple[str, int]]:
-        """(token, chunk count) of those contents that exist now."""
-        res = self._each(cids, lambda p, c: p.hmget(self._keys.meta(c), Meta.UPLOAD, Meta.CHUNKS))
-        return {c: (_s(t), int(n)) for c, (t, n) in zip(cids, res, strict=True) if t is not None}
-
-    @_storage_errors
+    @storage_errors
     def _verify(self, repair: bool) -> VerifyReport:
-        self._maintain()
-        metas = self._metas()
-        report = VerifyReport(checked=len(metas))
-        tokens: dict[ContentId, str] = {}
-        for cid_text, meta in sorted(metas.items()):
-            cid = ContentId.parse(cid_text)
-            size, n, cs = int(meta[Meta.SIZE]), int(meta[Meta.CHUNKS]), int(meta[Meta.CHUNK_SIZE])
-            hasher = new_hasher(cid.algorithm)
-            prefix = f"{self._base(cid)}chunk:"
-            found = bad = 0
-            for i in range(n):
-                piece = self._r.get(prefix + str(i))
-                want = cs if i < n - 1 else size - (n - 1) * cs
-                if piece is None:
-                    bad += 1
-                    continue
-                found += 1
-                if len(piece) != want:
-                    bad += 1
-                hasher.update(piece)
-            broken = bool(n and not found) or bool(bad) or hasher.digest() != cid.digest
-            if broken and self._current([cid_text]).get(cid_text, ("", 0))[0] != meta[Meta.UPLOAD]:
-                continue  # deleted or stored anew while it was being read
-            tokens[cid] = meta[Meta.UPLOAD]
-            if n and not found:
-                report.missing.append(cid)
-            elif broken:
-                report.corrupted.append(cid)
-        beats = self._heartbeats([self._owner(os.getpid())])
-        stray = self._stray_chunks(metas, beats, include_live_staging=False)
-        orphans = self._orphan_hashes(metas)
-        index = {_s(k): _s(v) for k, v in self._r.hgetall(self._keys.index).items()}
-        stale = [
-            c
-            for c, v in index.items()
-            if c not in metas and not (len(v.split(" ")) >= 5 and v.split(" ")[2] == "reserved")
-        ]
-        now = self._current(stale)
-        stale = [c for c in stale if c not in now]
-        report.orphaned.extend(stray + orphans + [f"{self._keys.index}/{c}" for c in stale])
-        if repair and report:
-            for cid in report.corrupted + report.missing:
-                self._delete(str(cid), "force", tokens[cid])
-            self._drop_stray(stray + orphans)
-            for c in stale:
-                self._ev("idx_remove", self._keys.index_keys(), [c, ""])
-            report.repaired = True
-        return report
+        return repair_module.verify(self, repair)
 
-    @_storage_errors
+    @storage_errors
     def _close(self) -> None:
         with self._lock:
             if self._closed:
