@@ -623,12 +623,7 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, lid, expires_at, detached)
             self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
 
-        waited = _EvictionWait(self, cid)
-        while True:
-            res = self._run_pipe(build)[-1]
-            if int(res[0]) != -2:
-                break
-            waited.sleep(res)
+        res = self._run_past_eviction(cid, build, -1)[-1]
         status, size, was_unref = (int(x) for x in res[:3])
         if status == 0:
             self._undo_intent(cid, lid, expires_at, detached)
@@ -638,6 +633,19 @@ class RedisStorage(BlobStorage):
             if was_unref:
                 self._ev("unretain", self._keys.retention(), [str(cid)])
         return status, size
+
+    def _run_past_eviction(
+        self, cid: ContentId, build: Callable[[Any], object], script: int
+    ) -> list[Any]:
+        """The replies of the pipeline ``build``, run again (after a short
+        wait) while the script whose reply is at index ``script`` answers -2:
+        another store is evicting ``cid`` (see the claim script)."""
+        waited = _EvictionWait(self, cid)
+        while True:
+            replies = self._run_pipe(build)
+            if int(replies[script][0]) != -2:
+                return replies
+            waited.sleep(replies[script])
 
     def _count_dedup(self) -> None:
         self._r.incr(self._keys.dedup_hits)
@@ -870,12 +878,7 @@ class RedisStorage(BlobStorage):
 
             indexed = True
             written = n
-            waited = _EvictionWait(self, cid)
-            while True:
-                res = self._run_pipe(build)[-2]
-                if int(res[0]) != -2:
-                    break
-                waited.sleep(res)
+            res = self._run_past_eviction(cid, build, -2)[-2]
             reserved = False
             status = int(res[0])
             if status == -1:
@@ -996,12 +999,7 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, new, None, False)
             self._pipe_ev(pipe, "take_over", keys, [str(old), str(new), value, time.time()])
 
-        waited = _EvictionWait(self, cid)
-        while True:
-            res = self._run_pipe(build)[-1]
-            if int(res[0]) != -2:
-                break
-            waited.sleep(res)
+        res = self._run_past_eviction(cid, build, -1)[-1]
         status, size, was_unref, ended = (int(x) for x in res[:4])
         if status == 0:
             self._undo_intent(cid, new, None, False)
@@ -1050,14 +1048,9 @@ class RedisStorage(BlobStorage):
             if with_first_chunk:
                 pipe.get(self._keys.chunk(cid, 0))
 
-        waited = _EvictionWait(self, cid)
-        while True:
-            replies = self._run_pipe(build)
-            first = replies[-1] if with_first_chunk else None
-            res = list(replies[-2] if with_first_chunk else replies[-1])
-            if int(res[0]) != -2:
-                break
-            waited.sleep(res)
+        replies = self._run_past_eviction(cid, build, -2 if with_first_chunk else -1)
+        first = replies[-1] if with_first_chunk else None
+        res = list(replies[-2] if with_first_chunk else replies[-1])
         status = int(res[0])
         if status == 1:
             self._touch(cid)
