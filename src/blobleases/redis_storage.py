@@ -24,8 +24,9 @@ ordered so a crash between the two steps can only leave garbage that
 :meth:`RedisStorage.collect` repairs, never lose leased content.
 
 The parts live in :mod:`blobleases.redis`: key names (``keys``), the Lua
-(``scripts``), heartbeats (``heartbeat``), ``collect()`` and ``verify()``
-(``repair``), urls and errors (``client``), RESP (``protocol``).
+(``scripts``), heartbeats (``heartbeat``), making room under ``max_bytes``
+(``eviction``), chunked range reads (``chunks``), ``collect()`` and
+``verify()`` (``repair``), urls and errors (``client``), RESP (``protocol``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import ingest, policy_rules
 from .content_id import ContentId, new_hasher
-from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError, StoreFull
+from .errors import ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .liveness import (
     can_judge_pids,
@@ -57,10 +58,19 @@ from .liveness import (
 )
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
+from .redis import chunks, eviction
 from .redis import repair as repair_module
 from .redis.client import storage_error_context, storage_errors, unsplit
 from .redis.heartbeat import Heartbeat, default_host_id
-from .redis.keys import LAYOUT_VERSION, End, Keys, Meta, lease_value, parse_lease_value
+from .redis.keys import (
+    LAYOUT_VERSION,
+    STAGE_TTL_MS,
+    End,
+    Keys,
+    Meta,
+    lease_value,
+    parse_lease_value,
+)
 from .redis.keys import text as _s
 from .redis.protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .redis.scripts import Scripts
@@ -84,38 +94,11 @@ except ImportError as _exc:  # pragma: no cover - exercised without the extra
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DEFAULT_NAMESPACE = "blobleases"
 _DEFAULT_CHUNK = 4 << 20
-_STAGE_TTL_MS = 3600 * 1000
-_PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
 _SCAN_COUNT = 1000
 _BATCH = 256
 _READ_SIZE = 1 << 20
 _CLOSE_EXPIRE_BATCHES = 2  # close() ends at most this many batches of expired leases
 _DEFAULT_PROTOCOL = int(getattr(redis.utils, "DEFAULT_RESP_VERSION", 2))
-
-
-class _EvictionWait:
-    """Waiting, in short sleeps, while another store evicts a content (a
-    script answered -2: the content is claimed; see the claim script). A
-    claim lasts at most ``lock_timeout``; waiting longer than that raises
-    StorageError naming the content."""
-
-    def __init__(self, storage: RedisStorage, cid: ContentId) -> None:
-        self.timeout = storage.policies.lock_timeout
-        self.cid = cid
-        self.started: float | None = None
-        self.pause = 0.001
-
-    def sleep(self, reply: list[Any]) -> None:
-        now = time.monotonic()
-        if self.started is None:
-            self.started = now
-        elif now - self.started > self.timeout:
-            raise StorageError(
-                f"waited {self.timeout} s for another store to finish evicting {self.cid} "
-                f"(claimed until {_s(reply[1])})"
-            )
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, 0.02)
 
 
 class RedisStorage(BlobStorage):
@@ -623,7 +606,7 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, lid, expires_at, detached)
             self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
 
-        res = self._run_past_eviction(cid, build, -1)[-1]
+        res = eviction.run_past_eviction(self, cid, build, -1)[-1]
         status, size, was_unref = (int(x) for x in res[:3])
         if status == 0:
             self._undo_intent(cid, lid, expires_at, detached)
@@ -634,164 +617,14 @@ class RedisStorage(BlobStorage):
                 self._ev("unretain", self._keys.retention(), [str(cid)])
         return status, size
 
-    def _run_past_eviction(
-        self, cid: ContentId, build: Callable[[Any], object], script: int
-    ) -> list[Any]:
-        """The replies of the pipeline ``build``, run again (after a short
-        wait) while the script whose reply is at index ``script`` answers -2:
-        another store is evicting ``cid`` (see the claim script)."""
-        waited = _EvictionWait(self, cid)
-        while True:
-            replies = self._run_pipe(build)
-            if int(replies[script][0]) != -2:
-                return replies
-            waited.sleep(replies[script])
-
     def _count_dedup(self) -> None:
         self._r.incr(self._keys.dedup_hits)
 
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
-        """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
-        per policy; True if reserved (False: the content is indexed already).
-
-        Nothing is deleted before the whole plan is secured on the server:
-        the victims that suffice are chosen (policy_rules.plan_eviction),
-        each is claimed in its own slot by the claim script (which refuses
-        content that has a reader, or for retained content a lease, and from
-        then on makes every new lease or reader of it wait), and the reserve
-        script checks that the claimed victims free enough and reserves the
-        room in one step. Only then are they deleted. When a claim is refused
-        or the room is short, every claim is released and the plan made
-        again; StoreFull when the policy allows too little, with nothing
-        evicted. (A claim lapses after ``lock_timeout``, at most 300 s, so a
-        store that dies mid-eviction blocks nobody for long; a store that
-        stalls past it finds its victim kept and fails, having evicted the
-        others it had claimed.)"""
-        limit = self.policies.max_bytes
-        if limit is None:
-            return False
-        if size > limit:
-            raise StoreFull(policy_rules.too_large_message(size, limit))
-        self._flush_touches()
-        victims: list[tuple[str, str]] = []
-        try:
-            for _ in range(8):
-                res = self._ev(
-                    "reserve",
-                    [self._keys.index, self._keys.total_bytes, self._keys.reserved_bytes],
-                    [
-                        str(cid),
-                        size,
-                        token,
-                        limit,
-                        time.time() + _STAGE_TTL_MS / 1000,
-                        self._owner(os.getpid()),
-                        time.time(),
-                        *(victim for victim, _ in victims),
-                    ],
-                )
-                status = int(res[0])
-                if status == 0:
-                    return False
-                if status == 1:
-                    break
-                self._unclaim(victims, token)
-                victims = []
-                total = int(res[1])
-                planned = self._plan_eviction(total + size - limit)
-                if planned is None:
-                    raise StoreFull(
-                        policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
-                    )
-                victims = self._claim(planned, token)
-            else:
-                raise StoreFull(
-                    f"storing {size} bytes: could not make room under max_bytes={limit}"
-                )
-        except BaseException:
-            with contextlib.suppress(redis.exceptions.RedisError):
-                self._unclaim(victims, token)
-            raise
-        kept = [victim for victim, _ in victims if not self._delete(victim, "claimed", claim=token)]
-        # A victim not deleted here was deleted by another client (its room
-        # is free) or outlived this store's claim (it stays).
-        if any(self._r.exists(self._keys.meta(victim)) for victim in kept):
-            self._ev("idx_remove", self._keys.index_keys(), [str(cid), token])
-            raise StoreFull(
-                f"storing {size} bytes: the eviction claim on content chosen for eviction "
-                f"lapsed before it was evicted (max_bytes={limit})"
-            )
-        return True
-
-    def _claim(self, planned: list[tuple[str, str]], token: str) -> list[tuple[str, str]]:
-        """Claim every planned victim for this store (see the claim script);
-        all of them, or none (then the plan must be made again: []). Victims
-        already gone count as claimed: their room is free."""
-        deadline = time.time() + min(self.policies.lock_timeout, 300.0)
-        claimed: list[tuple[str, str]] = []
-        for victim, mode in planned:
-            res = self._ev("claim", self._ckeys(victim), [mode, token, deadline, time.time()])
-            if int(res[0]) < 0:
-                self._unclaim(claimed, token)
-                return []
-            claimed.append((victim, mode))
-        return claimed
-
-    def _unclaim(self, victims: list[tuple[str, str]], token: str) -> None:
-        for victim, _ in victims:
-            self._ev("unclaim", [self._keys.meta(victim)], [token])
+        return eviction.make_room(self, cid, size, token)
 
     def _plan_eviction(self, need: int) -> list[tuple[str, str]] | None:
-        """Victims, with their claim mode, that free at least ``need`` bytes,
-        by policy_rules.plan_eviction; None if not enough can be freed.
-        Content another store has claimed counts as having a reader (it is
-        passed over); the claim script checks each again atomically."""
-        retained = [_s(c) for c in self._r.zrange(self._keys.retained, 0, -1)]
-        busy = self._busy(retained)
-        retained_sizes = self._sizes([c for c in retained if not busy[c]])
-
-        def leased() -> Iterator[tuple[str, int, bool]]:
-            skip = set(retained)
-            start = 0
-            while batch := [
-                _s(c) for c in self._r.zrange(self._keys.lru, start, start + _BATCH - 1)
-            ]:
-                start += _BATCH
-                batch = [c for c in batch if c not in skip]
-                sizes = self._sizes(batch)
-                for cid_text, has_reader in self._busy(batch).items():
-                    if cid_text in sizes:
-                        yield cid_text, sizes[cid_text], has_reader
-
-        victims = policy_rules.plan_eviction(
-            need, retained_sizes.items(), leased(), self.policies.on_full
-        )
-        if victims is None:
-            return None
-        return [(c, "retained" if c in retained_sizes else "leased") for c in victims]
-
-    def _busy(self, cids: list[str]) -> dict[str, bool]:
-        """Whether each content has a reader or an eviction claim now."""
-        replies = self._each(
-            cids,
-            lambda p, c: [
-                p.hlen(self._base(c) + "readers"),
-                p.hget(self._keys.meta(c), Meta.EVICTING),
-            ],
-        )
-        now = time.time()
-        out: dict[str, bool] = {}
-        for k, cid_text in enumerate(cids):
-            readers, claim = replies[2 * k], replies[2 * k + 1]
-            claimed = bool(claim) and float(_s(claim).rsplit(" ", 1)[-1]) > now
-            out[cid_text] = bool(int(readers)) or claimed
-        return out
-
-    def _sizes(self, cids: list[str]) -> dict[str, int]:
-        if not cids:
-            return {}
-        values = self._r.hmget(self._keys.index, cids)
-        return {c: int(_s(v).split(" ", 1)[0]) for c, v in zip(cids, values, strict=True) if v}
+        return eviction.plan(self, need)
 
     # -- the backend methods ---------------------------------------------------------
 
@@ -810,7 +643,7 @@ class RedisStorage(BlobStorage):
         if size <= self._chunk and (hashed or cid.matches(data)):
             # One round trip: the commit script holds the lease instead when
             # the content is present (a dedup hit costs the bytes' transfer).
-            self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
+            self._upload(cid, lid, ttl, detached, size, chunks.memory_chunks(data, self._chunk))
             return
         status, _ = self._hold(cid, lid, ttl, detached)
         if status == 2:
@@ -819,7 +652,7 @@ class RedisStorage(BlobStorage):
             return
         if not hashed:
             check_hash(cid, data)
-        self._upload(cid, lid, ttl, detached, size, _memory_chunks(data, self._chunk))
+        self._upload(cid, lid, ttl, detached, size, chunks.memory_chunks(data, self._chunk))
 
     def _upload(
         self,
@@ -853,7 +686,7 @@ class RedisStorage(BlobStorage):
                 if i == n - 1:
                     last = chunk  # sent with the commit
                     break
-                self._r.set(prefix + str(i), chunk, px=_STAGE_TTL_MS)
+                self._r.set(prefix + str(i), chunk, px=STAGE_TTL_MS)
                 written = i + 1
             if check is not None:
                 check()
@@ -862,7 +695,7 @@ class RedisStorage(BlobStorage):
             def build(pipe: Any) -> None:
                 now = time.time()
                 if last is not None:
-                    pipe.set(prefix + str(n - 1), last, px=_STAGE_TTL_MS)
+                    pipe.set(prefix + str(n - 1), last, px=STAGE_TTL_MS)
                 self._intent(pipe, cid, lid, expires_at, detached)
                 self._pipe_ev(
                     pipe,
@@ -878,7 +711,7 @@ class RedisStorage(BlobStorage):
 
             indexed = True
             written = n
-            res = self._run_past_eviction(cid, build, -2)[-2]
+            res = eviction.run_past_eviction(self, cid, build, -2)[-2]
             reserved = False
             status = int(res[0])
             if status == -1:
@@ -999,7 +832,7 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, new, None, False)
             self._pipe_ev(pipe, "take_over", keys, [str(old), str(new), value, time.time()])
 
-        res = self._run_past_eviction(cid, build, -1)[-1]
+        res = eviction.run_past_eviction(self, cid, build, -1)[-1]
         status, size, was_unref, ended = (int(x) for x in res[:4])
         if status == 0:
             self._undo_intent(cid, new, None, False)
@@ -1048,7 +881,7 @@ class RedisStorage(BlobStorage):
             if with_first_chunk:
                 pipe.get(self._keys.chunk(cid, 0))
 
-        replies = self._run_past_eviction(cid, build, -2 if with_first_chunk else -1)
+        replies = eviction.run_past_eviction(self, cid, build, -2 if with_first_chunk else -1)
         first = replies[-1] if with_first_chunk else None
         res = list(replies[-2] if with_first_chunk else replies[-1])
         status = int(res[0])
@@ -1062,81 +895,6 @@ class RedisStorage(BlobStorage):
             self._ended(str(cid), res)
         raise self._lease_expired(cid, lid)
 
-    def _fetch(
-        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
-    ) -> bytes:
-        """Bytes [offset, offset+length) of the blob stored under upload
-        ``token``, fetching only the chunks that hold them. Never bytes of
-        another layout: LeaseExpired when that blob is gone (deleted, lost by
-        the server, or stored again since, with any chunk size),
-        IntegrityError when one of its chunks is missing or short."""
-        parts = self._fetch_parts(cid, token, cs, size, offset, length)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _fetch_parts(
-        self, cid: ContentId, token: str, cs: int, size: int, offset: int, length: int
-    ) -> list[bytes]:
-        end = min(offset + length, size)
-        if end <= offset:
-            return [b""]
-        base = self._base(cid)
-        first, last = offset // cs, (end - 1) // cs
-        parts: list[bytes] = []
-        i = first
-        while i <= last:
-            j = min(last + 1, i + max(1, _PIPE_BYTES // cs))
-            ranges = []
-            for k in range(i, j):
-                lo = max(offset, k * cs) - k * cs
-                hi = min(end, (k + 1) * cs) - k * cs
-                ranges.append((k, lo, hi))
-            try:
-                *got, current = self._read_chunks(base, cs, size, ranges, atomic=True)
-            except redis.exceptions.OutOfMemoryError:
-                # A server at maxmemory refuses every command queued in a
-                # MULTI. Read in a plain pipeline: the token is read after the
-                # chunks on the same connection, and a token is never current
-                # twice, so if it is still this blob's the chunks were too.
-                *got, current = self._read_chunks(base, cs, size, ranges, atomic=False)
-            if current is None or _s(current) != token:
-                raise self._layout_gone(cid)
-            for (k, lo, hi), piece in zip(ranges, got, strict=True):
-                if piece is None or len(piece) != hi - lo:
-                    raise IntegrityError(f"chunk {k} of {cid} is missing or has the wrong size")
-                parts.append(piece)
-            i = j
-        return parts
-
-    def _read_chunks(
-        self, base: str, cs: int, size: int, ranges: list[tuple[int, int, int]], *, atomic: bool
-    ) -> list[Any]:
-        """The byte ranges (chunk, lo, hi) of chunks under ``base``, then the
-        meta's upload token, read in one MULTI when ``atomic``: the chunks read
-        are those of the blob with that token (chunk keys are reused when the
-        same content is stored again, with any chunk size)."""
-        pipe = self._r.pipeline(transaction=atomic)
-        for k, lo, hi in ranges:
-            if lo == 0 and hi == min(cs, size - k * cs):
-                pipe.get(f"{base}chunk:{k}")
-            else:
-                pipe.getrange(f"{base}chunk:{k}", lo, hi - 1)
-        pipe.hget(base + "meta", Meta.UPLOAD)
-        return list(pipe.execute())
-
-    @staticmethod
-    def _layout_gone(cid: ContentId) -> LeaseExpired:
-        return LeaseExpired(
-            f"content {cid} is gone from the server (deleted, lost or stored again "
-            "since it was opened): its hold was lost",
-            content_id=cid,
-        )
-
-    def _chunk_lost(self, cid: ContentId, token: str, index: int) -> None:
-        current = self._r.hget(self._keys.meta(cid), Meta.UPLOAD)
-        if current is None or _s(current) != token:
-            raise self._layout_gone(cid)
-        raise IntegrityError(f"chunk {index} of {cid} is missing or has the wrong size")
-
     @storage_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         self._maintain()
@@ -1148,11 +906,13 @@ class RedisStorage(BlobStorage):
         want = min(cs, size)
         if first is None or len(first) != want:
             if size:
-                self._chunk_lost(cid, _s(res[4]), 0)
+                chunks.chunk_lost(self._r, self._keys, cid, _s(res[4]), 0)
             first = b""
         parts = [first]
         if n > 1:
-            parts += self._fetch_parts(cid, _s(res[4]), cs, size, cs, size - cs)
+            parts += chunks.fetch_parts(
+                self._r, self._keys, cid, _s(res[4]), cs, size, cs, size - cs
+            )
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
@@ -1170,7 +930,7 @@ class RedisStorage(BlobStorage):
             if self.policies.verify_reads:
                 hasher = new_hasher(cid.algorithm)
                 for off in range(0, size, cs):
-                    hasher.update(self._fetch(cid, token, cs, size, off, cs))
+                    hasher.update(chunks.fetch(self._r, self._keys, cid, token, cs, size, off, cs))
                 if hasher.digest() != cid.digest:
                     raise IntegrityError(f"data does not hash to {cid}")
         except BaseException:
@@ -1184,7 +944,7 @@ class RedisStorage(BlobStorage):
             storage = ref()
             if storage is None or storage._closed:
                 raise StorageError("the storage is closed")
-            return storage._fetch(cid, token, cs, size, offset, length)
+            return chunks.fetch(storage._r, storage._keys, cid, token, cs, size, offset, length)
 
         def release() -> None:
             storage = ref()
@@ -1436,8 +1196,3 @@ def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
     storage._touches = {}
     storage._active_tokens = set()
     storage._pending_releases = []
-
-
-def _memory_chunks(data: memoryview, size: int) -> Iterator[memoryview]:
-    for off in range(0, len(data), size):
-        yield data[off : off + size]

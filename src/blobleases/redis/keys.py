@@ -40,6 +40,7 @@ from typing import Any
 __all__ = [
     "LAYOUT_VERSION",
     "OLD_LAYOUT_KEYS",
+    "STAGE_TTL_MS",
     "End",
     "Keys",
     "Meta",
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 LAYOUT_VERSION = 2
+
+#: The TTL of staged chunks (an upload that dies leaves none for long).
+STAGE_TTL_MS = 3600 * 1000
 
 #: Global keys only layout 1 (blobleases before the layout key) wrote, by
 #: their name under ``P:{P}:``.
