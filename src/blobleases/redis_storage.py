@@ -50,7 +50,6 @@ from .errors import ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .liveness import (
     can_judge_pids,
-    is_alive,
     own_start_time,
     pid_namespace,
     process_start_time,
@@ -61,7 +60,7 @@ from .reader import BlobReader, RangeSource
 from .redis import chunks, eviction
 from .redis import repair as repair_module
 from .redis.client import storage_error_context, storage_errors, unsplit
-from .redis.heartbeat import Heartbeat, default_host_id
+from .redis.heartbeat import Heartbeat, default_host_id, is_dead, vouch
 from .redis.keys import (
     LAYOUT_VERSION,
     STAGE_TTL_MS,
@@ -350,36 +349,12 @@ class RedisStorage(BlobStorage):
             weakref.finalize(self, heartbeat.stop.set)
 
     def _vouch(self, pid: int) -> float:
-        """Record a local pid as alive (its heartbeat kept by this handle);
-        returns its start time (0.0 if unknown; the pid may be dead)."""
-        hb = self._heartbeat
-        assert hb is not None
-        if pid == os.getpid():
-            return own_start_time()
-        if not can_judge_pids():
-            hb.adopt(pid, 0.0)  # cannot be looked up: vouched for while we live
-            return 0.0
-        start = process_start_time(pid)
-        if start is None:
-            return 0.0
-        hb.adopt(pid, start)
-        return start
+        """Record a local pid as alive (see heartbeat.vouch)."""
+        assert self._heartbeat is not None
+        return vouch(self._heartbeat, pid)
 
     def _is_dead(self, owner: str, start: float, heartbeat: bool) -> bool:
-        host, _, pid_text = owner.rpartition("/")
-        try:
-            pid = int(pid_text)
-        except ValueError:
-            return True
-        if host == self._local:
-            if pid == os.getpid():
-                return False
-            if can_judge_pids() and not is_alive(pid, start or None):
-                return True
-            hb = self._heartbeat
-            if hb is not None and hb.vouches(pid):
-                return False
-        return not heartbeat
+        return is_dead(owner, start, heartbeat, self._local, self._heartbeat)
 
     # -- maintenance -----------------------------------------------------------
 
@@ -460,10 +435,9 @@ class RedisStorage(BlobStorage):
         return leases, readers, count
 
     def _heartbeats(self, owners: list[str]) -> dict[str, bool]:
-        found: dict[str, bool] = {}
+        """Whether each owner's heartbeat key exists."""
         res = self._each(owners, lambda p, o: p.exists(self._hb_key(o)))
-        found.update({o: bool(x) for o, x in zip(owners, res, strict=True)})
-        return found
+        return {o: bool(x) for o, x in zip(owners, res, strict=True)}
 
     def _terminate(self, owner: str) -> tuple[int, int]:
         """End every non-detached lease and reader hold of ``owner``."""
