@@ -580,7 +580,11 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, lid, expires_at, detached)
             self._pipe_ev(pipe, "hold", keys[:2], [str(lid), value, time.time()])
 
-        res = eviction.run_past_eviction(self, cid, build, -1)[-1]
+        try:
+            res = eviction.run_past_eviction(self, cid, build, -1)[-1]
+        except StorageError:  # waited too long for an eviction: no lease
+            self._undo_intent(cid, lid, expires_at, detached)
+            raise
         status, size, was_unref = (int(x) for x in res[:3])
         if status == 0:
             self._undo_intent(cid, lid, expires_at, detached)
@@ -806,7 +810,11 @@ class RedisStorage(BlobStorage):
             self._intent(pipe, cid, new, None, False)
             self._pipe_ev(pipe, "take_over", keys, [str(old), str(new), value, time.time()])
 
-        res = eviction.run_past_eviction(self, cid, build, -1)[-1]
+        try:
+            res = eviction.run_past_eviction(self, cid, build, -1)[-1]
+        except StorageError:  # waited too long for an eviction: no lease
+            self._undo_intent(cid, new, None, False)
+            raise
         status, size, was_unref, ended = (int(x) for x in res[:4])
         if status == 0:
             self._undo_intent(cid, new, None, False)
@@ -855,7 +863,13 @@ class RedisStorage(BlobStorage):
             if with_first_chunk:
                 pipe.get(self._keys.chunk(cid, 0))
 
-        replies = eviction.run_past_eviction(self, cid, build, -2 if with_first_chunk else -1)
+        try:
+            replies = eviction.run_past_eviction(self, cid, build, -2 if with_first_chunk else -1)
+        except StorageError:  # waited too long for an eviction: no hold
+            if hold_id:
+                with contextlib.suppress(redis.exceptions.RedisError):
+                    self._r.srem(self._proc_key(owner), f"reader {cid} {hold_id}")
+            raise
         first = replies[-1] if with_first_chunk else None
         res = list(replies[-2] if with_first_chunk else replies[-1])
         status = int(res[0])
