@@ -901,7 +901,7 @@ class RedisStorage(BlobStorage):
             parts += chunks.fetch_parts(
                 self._r, self._keys, cid, _s(res[4]), cs, size, cs, size - cs
             )
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        data = chunks.joined(parts)
         if len(data) != size:
             raise IntegrityError(f"{cid} has {len(data)} bytes stored, not {size}")
         if self.policies.verify_reads:
@@ -918,7 +918,10 @@ class RedisStorage(BlobStorage):
             if self.policies.verify_reads:
                 hasher = new_hasher(cid.algorithm)
                 for off in range(0, size, cs):
-                    hasher.update(chunks.fetch(self._r, self._keys, cid, token, cs, size, off, cs))
+                    for part in chunks.fetch_parts(
+                        self._r, self._keys, cid, token, cs, size, off, cs
+                    ):
+                        hasher.update(part)
                 if hasher.digest() != cid.digest:
                     raise IntegrityError(f"data does not hash to {cid}")
         except BaseException:
@@ -932,7 +935,10 @@ class RedisStorage(BlobStorage):
             storage = ref()
             if storage is None or storage._closed:
                 raise StorageError("the storage is closed")
-            return chunks.fetch(storage._r, storage._keys, cid, token, cs, size, offset, length)
+            parts = chunks.fetch_parts(
+                storage._r, storage._keys, cid, token, cs, size, offset, length
+            )
+            return chunks.joined(parts)
 
         def release() -> None:
             storage = ref()

@@ -21,27 +21,13 @@ from ..errors import IntegrityError, LeaseExpired
 from .keys import Keys, Meta
 from .keys import text as _s
 
-__all__ = ["chunk_lost", "fetch", "fetch_parts", "layout_gone", "memory_chunks"]
+__all__ = ["chunk_lost", "fetch_parts", "joined", "layout_gone", "memory_chunks"]
 
 _PIPE_BYTES = 16 << 20  # bytes fetched per pipelined batch of chunk reads
 
 
-def fetch(
-    client: Any,
-    keys: Keys,
-    cid: ContentId,
-    token: str,
-    cs: int,
-    size: int,
-    offset: int,
-    length: int,
-) -> bytes:
-    """Bytes [offset, offset+length) of the blob stored under upload
-    ``token``, fetching only the chunks that hold them. Never bytes of
-    another layout: LeaseExpired when that blob is gone (deleted, lost by
-    the server, or stored again since, with any chunk size),
-    IntegrityError when one of its chunks is missing or short."""
-    parts = fetch_parts(client, keys, cid, token, cs, size, offset, length)
+def joined(parts: list[bytes]) -> bytes:
+    """The parts as one bytes object (the part itself when there is one)."""
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -55,6 +41,11 @@ def fetch_parts(
     offset: int,
     length: int,
 ) -> list[bytes]:
+    """Bytes [offset, offset+length) of the blob stored under upload
+    ``token``, in parts, fetching only the chunks that hold them. Never
+    bytes of another layout: LeaseExpired when that blob is gone (deleted,
+    lost by the server, or stored again since, with any chunk size),
+    IntegrityError when one of its chunks is missing or short."""
     end = min(offset + length, size)
     if end <= offset:
         return [b""]
