@@ -315,7 +315,7 @@ def test_server_killed_mid_store_leaves_nothing_after_collect(
         assert not storage.contains(cid)
         staged = _keys_of(storage, cid)
         assert len(staged) == 5, "the AOF kept the five chunks staged before the kill"
-        assert all(b":c:" in key for key in staged)
+        assert all(b":staging:" in key for key in staged)
         report = storage.collect()
         assert report.rows_removed >= len(staged)
         assert _keys_of(storage, cid) == []
@@ -516,7 +516,7 @@ def test_keys_lost_by_redis_are_detected(redis_server: RedisServer) -> None:
         lid2 = LeaseId.new()
         cid2 = storage.store_bytes(metaless, lid2)
         storage.client.delete(storage._chunk_keys_for_tests(cid1)[1])
-        storage.client.delete(f"{storage.namespace}:{{{cid2}}}:m")
+        storage.client.delete(f"{storage.namespace}:{{{cid2}}}:meta")
         with pytest.raises(IntegrityError):
             storage.get_data(cid1, lid1)
         with storage.get_reader(cid1, lid1) as reader:

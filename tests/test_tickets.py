@@ -627,7 +627,7 @@ def test_redis_close_and_exit_free_expired_content(redis_server: Any) -> None:
     assert url is not None
     storage = RedisStorage(redis_server.url, namespace=namespace)
     lease = BlobManager(storage).store(b"expires" * 1000, ttl=0.2, detached=True)
-    meta = f"{namespace}:{{{lease.content_id}}}:m"
+    meta = f"{namespace}:{{{lease.content_id}}}:meta"
     (info,) = storage.iter_leases()
     expires_at = info.expires_at
     assert expires_at is not None
@@ -648,7 +648,7 @@ def test_redis_close_and_exit_free_expired_content(redis_server: Any) -> None:
         )
         assert out.returncode == 0, out.stderr
         cid = ContentId.parse(out.stdout.strip())
-        assert not raw.exists(f"{namespace}:{{{cid}}}:m")  # freed at the child's exit
+        assert not raw.exists(f"{namespace}:{{{cid}}}:meta")  # freed at the child's exit
     finally:
         raw.close()
     with RedisStorage(redis_server.url, namespace=namespace) as again:

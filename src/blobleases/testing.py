@@ -724,6 +724,54 @@ class BlobStorageTests:
         storage.lease_by_content(r, lr2)  # retained content is still a hit
         assert storage.get_data(r, lr2) == blob(2000, 55)
 
+    def test_store_full_evicts_nothing_while_a_victim_gains_readers(self) -> None:
+        # The new blob fits only if both a and b are evicted (k keeps a
+        # reader); another thread keeps opening readers on b. Each store
+        # either fits (a and b evicted) or raises StoreFull having evicted
+        # nothing: never a evicted and then StoreFull because b gained a
+        # reader meanwhile.
+        storage = self.open(max_bytes=10_000, on_full="evict")
+        k, lk = self.put(storage, blob(3000, 90))
+        a_data, b_data, new = blob(3000, 91), blob(3000, 92), blob(5000, 93)
+        a, b, n = (ContentId.for_bytes(x) for x in (a_data, b_data, new))
+        la, lb = LeaseId.new(), LeaseId.new()
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def read_b() -> None:
+            while not stop.is_set():
+                try:
+                    with storage.get_reader(b, lb) as reader:
+                        reader.read(1)
+                except LeaseExpired:
+                    pass  # evicted by a store that fit; stored again below
+                except BaseException as exc:  # pragma: no cover - reported below
+                    failures.append(exc)
+                    return
+
+        with storage.get_reader(k, lk):
+            thread = threading.Thread(target=read_b, daemon=True)
+            thread.start()
+            try:
+                for _ in range(150):
+                    storage.store(a, a_data, la)
+                    storage.store(b, b_data, lb)
+                    ln = LeaseId.new()
+                    try:
+                        storage.store(n, new, ln)
+                    except StoreFull:
+                        assert storage.contains(a), "a store that raised StoreFull evicted"
+                        assert storage.get_data(a, la) == a_data
+                        assert storage.contains(b) and not storage.contains(n)
+                        continue
+                    assert not storage.contains(a) and not storage.contains(b)
+                    storage.advise_lease_dropped(ln, n)
+            finally:
+                stop.set()
+                thread.join()
+        assert not failures, failures
+        assert storage.stats().bytes <= 10_000
+
     def test_retain_bytes_keeps_unreferenced_content(self) -> None:
         storage = self.open(retain_bytes=5000)
         a, la = self.put(storage, blob(2000, 70))

@@ -1,0 +1,154 @@
+"""This process's heartbeat on the server, and the id of this host.
+
+Each process keeps a key ``P:heartbeat:<owner>`` with a TTL
+(``heartbeat_ttl``), refreshed by a daemon thread every ``ttl / 5``; a
+process whose heartbeat lapsed is dead to every other client, which then
+reaps its leases and reader holds. A handle also keeps the heartbeats of
+local pids it vouched for (``advise_of_pid``) while they live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis.exceptions
+
+from ..liveness import can_judge_pids, is_alive, own_start_time, process_start_time
+
+__all__ = ["Heartbeat", "default_host_id", "is_dead", "vouch"]
+
+
+def default_host_id() -> str:
+    """A stable id of this machine: its hostname and the start of
+    ``/etc/machine-id`` (containers sharing an image keep distinct hostnames)."""
+    name = socket.gethostname() or "host"
+    machine = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                machine = f.read().strip()[:12]
+            break
+        except OSError:
+            continue
+    text = f"{name}.{machine}" if machine else name
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64]
+    return text or "host"
+
+
+class Heartbeat:
+    """A daemon thread refreshing this process's heartbeat key (and those of
+    local pids this handle vouches for) every ``ttl / 5`` seconds."""
+
+    def __init__(self, client: Any, key_of: Callable[[int], str], ttl: float) -> None:
+        self.client = client
+        self.key_of = key_of
+        self.ttl_ms = max(int(ttl * 1000), 1)
+        self.interval = ttl / 5
+        self.pid = os.getpid()
+        self.start = own_start_time()
+        self.adopted: dict[int, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.missing = True
+        self.beat()
+        self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        """Refresh the heartbeats. A server at maxmemory refuses SET but not
+        PEXPIRE, so there the heartbeats that exist are kept alive (and
+        ``missing`` says whether this process's own is absent)."""
+        with self.lock:
+            adopted = list(self.adopted.items())
+        pipe = self.client.pipeline(transaction=False)
+        keys = [self.key_of(self.pid)]
+        pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
+        for pid, start in adopted:
+            # where /proc shows another pid namespace, a vouched pid cannot be
+            # checked: its heartbeat lasts as long as this process's
+            if not can_judge_pids() or is_alive(pid, start):
+                keys.append(self.key_of(pid))
+                pipe.set(keys[-1], repr(start), px=self.ttl_ms)
+            else:
+                with self.lock:
+                    self.adopted.pop(pid, None)
+        replies = pipe.execute(raise_on_error=False)
+        refused = [
+            k
+            for k, r in zip(keys, replies, strict=True)
+            if isinstance(r, redis.exceptions.OutOfMemoryError)
+        ]
+        for reply in replies:
+            if isinstance(reply, Exception) and not isinstance(
+                reply, redis.exceptions.OutOfMemoryError
+            ):
+                raise reply
+        own_missing = False
+        if refused:
+            pipe = self.client.pipeline(transaction=False)
+            for key in refused:
+                pipe.pexpire(key, self.ttl_ms)
+            kept = pipe.execute()
+            own_missing = keys[0] in refused and not kept[0]
+        self.missing = own_missing
+
+    def adopt(self, pid: int, start: float) -> None:
+        with self.lock:
+            self.adopted[pid] = start
+        self.client.set(self.key_of(pid), repr(start), px=self.ttl_ms)
+
+    def disown(self, pid: int) -> None:
+        with self.lock:
+            self.adopted.pop(pid, None)
+
+    def vouches(self, pid: int) -> bool:
+        with self.lock:
+            return pid == self.pid or pid in self.adopted
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if os.getpid() != self.pid:
+                return
+            with contextlib.suppress(Exception):
+                self.beat()
+
+
+def vouch(hb: Heartbeat, pid: int) -> float:
+    """Record a local pid as alive (its heartbeat kept by ``hb``'s thread);
+    returns its start time (0.0 if unknown; the pid may be dead)."""
+    if pid == os.getpid():
+        return own_start_time()
+    if not can_judge_pids():
+        hb.adopt(pid, 0.0)  # cannot be looked up: vouched for while we live
+        return 0.0
+    start = process_start_time(pid)
+    if start is None:
+        return 0.0
+    hb.adopt(pid, start)
+    return start
+
+
+def is_dead(owner: str, start: float, heartbeat: bool, local: str, hb: Heartbeat | None) -> bool:
+    """Whether ``owner`` (``<host>/<pid>``) is dead: an owner of this host
+    and pid namespace (``local``) is judged by its pid and start time where
+    /proc shows them, and is alive while ``hb`` vouches for it; any other
+    owner is alive while its ``heartbeat`` key exists."""
+    host, _, pid_text = owner.rpartition("/")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if host == local:
+        if pid == os.getpid():
+            return False
+        if can_judge_pids() and not is_alive(pid, start or None):
+            return True
+        if hb is not None and hb.vouches(pid):
+            return False
+    return not heartbeat
