@@ -74,7 +74,7 @@ def test_wheel_carries_the_license(wheel: zipfile.ZipFile) -> None:
 def test_wheel_carries_the_package_data(wheel: zipfile.ZipFile) -> None:
     names = set(wheel.namelist())
     assert "blobleases/py.typed" in names
-    assert "blobleases/redis_storage.lua" in names
+    assert "blobleases/redis/scripts.lua" in names
     assert "blobleases/__init__.py" in names
 
 
