@@ -40,6 +40,7 @@ from functools import partial
 from typing import Any
 
 from .content_id import ContentId
+from .directory import DirectoryStorage
 from .errors import BlobLeaseError, LeaseExpired
 from .lease import BlobLease
 from .lease_id import LeaseId
@@ -181,6 +182,7 @@ class _PrivateStore:
             except BaseException:
                 self._unlock()
                 raise
+        storage._use_file_pool()
         storage.default_algorithm = (  # type: ignore[attr-defined]
             "blake3" if importlib.util.find_spec("blake3") is not None else "sha256"
         )
@@ -259,11 +261,15 @@ def _load_result(token: str, url: str, payload: bytes) -> Any:
     return loads(payload, storage=storage if storage is not None else storage_for_url(url))
 
 
-def _run_task(token: str, url: str, algorithm: str, min_size: int, payload: bytes) -> _Result:
+def _run_task(
+    token: str, url: str, algorithm: str, min_size: int, private: bool, payload: bytes
+) -> _Result:
     """The trampoline run in a worker."""
     storage = _CALLER_STORES.get(token)  # a forked worker has the caller's handle
     if storage is None:
         storage = storage_for_url(url)
+        if private and isinstance(storage, DirectoryStorage):
+            storage._use_file_pool()  # as the caller's handle of a private store
     try:
         fn, args, kwargs = loads(payload, storage=storage)
     except LeaseExpired:
@@ -404,7 +410,13 @@ class LeaseExecutor(ProcessPoolExecutor):
         transfers = _transfers(payload)
         try:
             future = super().submit(
-                _run_task, self._token, self._url, self._algorithm, self._min_size, payload
+                _run_task,
+                self._token,
+                self._url,
+                self._algorithm,
+                self._min_size,
+                self._cleanup.private is not None,
+                payload,
             )
         except BaseException:
             for cid, lid in transfers:
