@@ -2629,6 +2629,68 @@ class DirectoryStorage(BlobStorage):
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
                     self._settle(tx, key)
 
+    @_index_errors
+    def _take_over_reader(self, cid: ContentId, old: LeaseId, new: LeaseId) -> BlobReader | None:
+        """``take_over_lease(cid, old, new)`` and ``get_reader(cid, new)`` in
+        one transaction, for :func:`~blobleases.loads`: a reader whose hold
+        ends together with the lease ``new`` (one transaction again) when it
+        is closed and its views are gone. None if the content is absent
+        (``old`` is ended all the same). Not for read-only handles."""
+        key = str(cid)
+        if self._read_only:
+            self._refuse_read_only("take over a lease")
+        with self._lock:
+            tx = self._begin(expire=False)
+            tx.known = cid
+            try:
+                size, _new = self._hold(tx, key, new, None, False)
+                ended = tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(old))
+                ).rowcount
+                hold = None
+                if size is None:
+                    if ended:
+                        self._settle(tx, key)  # ``old`` had expired: free its content now
+                else:
+                    owner = self._owner if self._owner_recorded else self._own_owner(tx.db)
+                    hold = tx.db.execute(
+                        "INSERT INTO holds(cid, pid, start, owner) VALUES (?, ?, ?, ?)",
+                        (key, self._mypid, self._mystart, owner),
+                    ).lastrowid
+                    self._access[key] = tx.now
+            except BaseException as exc:
+                self._abort(tx, exc)
+            self._commit(tx)
+        if size is None:
+            return None
+        assert hold is not None
+        try:
+            source = self._map(cid, new, size)
+        except BaseException:
+            self._release_hold_and_lease(hold, key, str(new))
+            raise
+
+        def release() -> None:
+            self._release_hold_and_lease(hold, key, str(new))
+
+        return BlobReader(source, size, release)
+
+    @_frees
+    @_index_errors
+    def _release_hold_and_lease(self, hold: int, key: str, lid: str) -> None:
+        if self._deferred(self._release_hold_and_lease, hold, key, lid):
+            return
+        with self._lock:
+            if self._closed or self._db_pid != os.getpid():
+                return  # a closed store's holds and leases end when the process is reaped
+            with self._write(expire=False) as tx:
+                ended = tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount
+                ended += tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, lid)
+                ).rowcount
+                if ended:
+                    self._settle(tx, key)
+
     @_frees
     @_index_errors
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
