@@ -95,7 +95,6 @@ import mmap
 import os
 import re
 import resource
-import secrets
 import shutil
 import sqlite3
 import stat as stat_module
@@ -114,7 +113,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
-from . import ingest, policy_rules
+from . import file_pool, ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
@@ -902,6 +901,8 @@ class DirectoryStorage(BlobStorage):
         self._reserve_missing = False
         # one hashing thread per handle and process, started on first use
         self._hasher_pool: ThreadPoolExecutor | None = None
+        # Freed blob files kept for new blobs (file_pool), None: unlinked.
+        self._file_pool: file_pool.FilePool | None = None
         self._hasher_pid = 0
         self._hasher_busy = threading.Lock()
         try:
@@ -1468,9 +1469,28 @@ class DirectoryStorage(BlobStorage):
             writer.exit()
 
     def _unlink_blob(self, cid: ContentId) -> None:
-        """Unlink ``cid``'s file (FileNotFoundError if there is none)."""
+        """Unlink ``cid``'s file, or move it into this handle's file pool
+        (FileNotFoundError if there is none)."""
         name = cid.hex
+        pool = self._file_pool
+        if pool is not None:
+            token = self._owner_token()
+            if self._in_shard(
+                cid,
+                lambda shard: self._in_tmp(
+                    lambda tmp: file_pool.keep(pool, shard, name, tmp, token)
+                ),
+            ):
+                return
         self._in_shard(cid, lambda shard: os.unlink(name, dir_fd=shard))
+
+    def _use_file_pool(self, max_files: int = 16, max_bytes: int = 128 << 20) -> None:
+        """Keep up to ``max_files`` freed blob files (``max_bytes`` in all)
+        in ``tmp/`` and write new blobs into them (see :mod:`file_pool`):
+        for stores on tmpfs, where fresh pages cost more than the copy. The
+        pool's bytes are not content: ``stats()`` and ``max_bytes`` do not
+        count them."""
+        self._file_pool = file_pool.FilePool(max_files, max_bytes)
 
     def _writer(self) -> _WriterLock:
         """This process's writer lock of this store (shared by its handles)."""
@@ -1802,13 +1822,20 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot open {self._root!r}/owners", exc) from exc
 
     def _temp_name(self) -> str:
-        return f"{self._owner_token()}-{secrets.token_hex(8)}.tmp"
+        return f"{self._owner_token()}-{file_pool.temp_suffix()}.tmp"
 
-    def _open_temp(self) -> tuple[str, int]:
+    def _open_temp(self, size: int = 0) -> tuple[str, int]:
+        """A new temporary file for a blob of ``size`` bytes (0: unknown),
+        open for writing: a file from the pool if this handle has one."""
         if self._read_only:
             self._refuse_read_only("store")
         name = self._temp_name()
+        pool = self._file_pool
         try:
+            if pool is not None and size >= file_pool.POOL_MIN:
+                fd = self._in_tmp(lambda tmp: file_pool.claim(tmp, size, name))
+                if fd is not None:
+                    return name, fd
             return name, self._in_tmp(lambda tmp: os.open(name, _O_TMP, 0o600, dir_fd=tmp))
         except OSError as exc:
             raise _error(f"cannot create a temporary file in {self._root!r}/tmp", exc) from exc
@@ -1824,7 +1851,7 @@ class DirectoryStorage(BlobStorage):
         )
 
     def _write_temp(self, data: memoryview) -> str:
-        name, fd = self._open_temp()
+        name, fd = self._open_temp(data.nbytes)
         try:
             _write_all(fd, data)
             if self._safe:
@@ -2600,6 +2627,68 @@ class DirectoryStorage(BlobStorage):
                 return  # a closed store's holds end when the process is reaped
             with self._write() as tx:
                 if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
+                    self._settle(tx, key)
+
+    @_index_errors
+    def _take_over_reader(self, cid: ContentId, old: LeaseId, new: LeaseId) -> BlobReader | None:
+        """``take_over_lease(cid, old, new)`` and ``get_reader(cid, new)`` in
+        one transaction, for :func:`~blobleases.loads`: a reader whose hold
+        ends together with the lease ``new`` (one transaction again) when it
+        is closed and its views are gone. None if the content is absent
+        (``old`` is ended all the same). Not for read-only handles."""
+        key = str(cid)
+        if self._read_only:
+            self._refuse_read_only("take over a lease")
+        with self._lock:
+            tx = self._begin(expire=False)
+            tx.known = cid
+            try:
+                size, _new = self._hold(tx, key, new, None, False)
+                ended = tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(old))
+                ).rowcount
+                hold = None
+                if size is None:
+                    if ended:
+                        self._settle(tx, key)  # ``old`` had expired: free its content now
+                else:
+                    owner = self._owner if self._owner_recorded else self._own_owner(tx.db)
+                    hold = tx.db.execute(
+                        "INSERT INTO holds(cid, pid, start, owner) VALUES (?, ?, ?, ?)",
+                        (key, self._mypid, self._mystart, owner),
+                    ).lastrowid
+                    self._access[key] = tx.now
+            except BaseException as exc:
+                self._abort(tx, exc)
+            self._commit(tx)
+        if size is None:
+            return None
+        assert hold is not None
+        try:
+            source = self._map(cid, new, size)
+        except BaseException:
+            self._release_hold_and_lease(hold, key, str(new))
+            raise
+
+        def release() -> None:
+            self._release_hold_and_lease(hold, key, str(new))
+
+        return BlobReader(source, size, release)
+
+    @_frees
+    @_index_errors
+    def _release_hold_and_lease(self, hold: int, key: str, lid: str) -> None:
+        if self._deferred(self._release_hold_and_lease, hold, key, lid):
+            return
+        with self._lock:
+            if self._closed or self._db_pid != os.getpid():
+                return  # a closed store's holds and leases end when the process is reaped
+            with self._write(expire=False) as tx:
+                ended = tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount
+                ended += tx.db.execute(
+                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, lid)
+                ).rowcount
+                if ended:
                     self._settle(tx, key)
 
     @_frees

@@ -40,11 +40,11 @@ from functools import partial
 from typing import Any
 
 from .content_id import ContentId
+from .directory import DirectoryStorage
 from .errors import BlobLeaseError, LeaseExpired
 from .lease import BlobLease
 from .lease_id import LeaseId
-from .manager import BlobManager
-from .pickling import dumps, loads
+from .pickling import dump_payload, dumps, loads
 from .registry import storage_for_url
 from .storage import BlobStorage
 
@@ -181,6 +181,7 @@ class _PrivateStore:
             except BaseException:
                 self._unlock()
                 raise
+        storage._use_file_pool()
         storage.default_algorithm = (  # type: ignore[attr-defined]
             "blake3" if importlib.util.find_spec("blake3") is not None else "sha256"
         )
@@ -259,11 +260,15 @@ def _load_result(token: str, url: str, payload: bytes) -> Any:
     return loads(payload, storage=storage if storage is not None else storage_for_url(url))
 
 
-def _run_task(token: str, url: str, algorithm: str, min_size: int, payload: bytes) -> _Result:
+def _run_task(
+    token: str, url: str, algorithm: str, min_size: int, private: bool, payload: bytes
+) -> _Result:
     """The trampoline run in a worker."""
     storage = _CALLER_STORES.get(token)  # a forked worker has the caller's handle
     if storage is None:
         storage = storage_for_url(url)
+        if private and isinstance(storage, DirectoryStorage):
+            storage._use_file_pool()  # as the caller's handle of a private store
     try:
         fn, args, kwargs = loads(payload, storage=storage)
     except LeaseExpired:
@@ -389,12 +394,14 @@ class LeaseExecutor(ProcessPoolExecutor):
         if getattr(self, "_broken", False) or getattr(self, "_shutdown_thread", False):
             # what super().submit raises, before anything is stored
             return super().submit(fn, *args, **kwargs)
+        held: list[BlobLease] = []
         try:
-            payload = dumps(
+            payload = dump_payload(
                 (fn, args, kwargs),
                 storage=self._storage,
                 min_size=self._min_size,
                 algorithm=self._algorithm,
+                held=held,
             )
         except Exception as exc:
             # As ProcessPoolExecutor: a task that cannot be pickled fails its future.
@@ -404,29 +411,34 @@ class LeaseExecutor(ProcessPoolExecutor):
         transfers = _transfers(payload)
         try:
             future = super().submit(
-                _run_task, self._token, self._url, self._algorithm, self._min_size, payload
+                _run_task,
+                self._token,
+                self._url,
+                self._algorithm,
+                self._min_size,
+                self._cleanup.private is not None,
+                payload,
             )
         except BaseException:
             for cid, lid in transfers:
                 with contextlib.suppress(BlobLeaseError):
                     self._storage.advise_lease_dropped(LeaseId.parse(lid), ContentId.parse(cid))
+            for lease in held:
+                with contextlib.suppress(BlobLeaseError):
+                    lease.close()
             raise
         self._cleanup.thread = getattr(self, "_executor_manager_thread", None)
-        self._bridge(transfers)
+        self._bridge(held)
         if transfers:
             future.add_done_callback(partial(_end_transfers, self._storage, transfers))
         return future
 
-    def _bridge(self, transfers: list[tuple[str, str]]) -> None:
-        """Hold the blobs of the last task submitted until the next submit
-        has pickled its own: the same array passed to task after task (a
-        ``map`` over one array) is then a dedup hit every time, even when a
-        worker ends the previous task's hold before the next submit."""
-        manager = BlobManager(self._storage)
-        held: list[BlobLease] = []
-        for cid, _lid in transfers:
-            with contextlib.suppress(BlobLeaseError):
-                held.append(manager.get_by_content_id(cid))
+    def _bridge(self, held: list[BlobLease]) -> None:
+        """Hold the blobs of the last task submitted (``held``: the leases
+        its pickling took) until the next submit has pickled its own: the
+        same array passed to task after task (a ``map`` over one array) is
+        then a dedup hit every time, even when a worker ends the previous
+        task's hold before the next submit."""
         with self._bridge_lock:
             old, self._held = self._held, held
         for lease in old:

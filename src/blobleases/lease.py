@@ -174,13 +174,7 @@ class BlobLease:
         ttl = storage.policies.transfer_ttl
         expires_at = time.time() + ttl  # no later than the store's own expiry
         lid = self._lease_again(ttl, True)
-        if storage.shareable:
-            url, local = storage.url, None
-        else:
-            url, local = None, _local_store_id(storage)
-        return LeaseTicket(
-            str(self._content_id), url, self._size, str(lid), expires_at, os.getpid(), local
-        )
+        return ticket_for(storage, self._content_id, self._size, lid, expires_at)
 
     def _lease_again(self, ttl: float | None, detached: bool) -> LeaseId:
         """Take a new lease id on this content (LeaseExpired if this lease is
@@ -281,6 +275,19 @@ def _reinit_local_lock() -> None:
 
 
 os.register_at_fork(after_in_child=_reinit_local_lock)
+
+
+def ticket_for(
+    storage: BlobStorage, content_id: ContentId, size: int, transfer: LeaseId, expires_at: float
+) -> LeaseTicket:
+    """The ticket of ``transfer``, a detached transfer lease on ``content_id``
+    in ``storage`` that ends at ``expires_at`` (as :meth:`BlobLease.transfer`
+    makes)."""
+    if storage.shareable:
+        url, local = storage.url, None
+    else:
+        url, local = None, _local_store_id(storage)
+    return LeaseTicket(str(content_id), url, size, str(transfer), expires_at, os.getpid(), local)
 
 
 def _local_store_id(storage: BlobStorage) -> str:

@@ -26,6 +26,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,9 +34,8 @@ from typing import Any
 
 from .content_id import ContentId, check_algorithm
 from .errors import BlobLeaseError, ContentNotFound, LeaseExpired
-from .lease import BlobLease
+from .lease import BlobLease, ticket_for
 from .lease_id import LeaseId
-from .manager import BlobManager
 from .registry import get_storage
 from .storage import BlobStorage
 
@@ -156,6 +156,22 @@ def dumps(
     it names a ``default_algorithm``). If pickling fails, the transfer
     leases made so far are ended: nothing stays stored for this call.
     """
+    return dump_payload(obj, storage=storage, min_size=min_size, algorithm=algorithm)
+
+
+def dump_payload(
+    obj: Any,
+    *,
+    storage: BlobStorage | None,
+    min_size: int,
+    algorithm: str | None,
+    held: list[BlobLease] | None = None,
+) -> bytes:
+    """:func:`dumps`; with ``held``, also a lease on each blob stored,
+    appended to ``held`` for the caller to close (the executor keeps them
+    until its next submit). Each blob's transfer lease is then made from
+    that lease; without ``held`` the store itself takes the transfer lease
+    (one index write per blob)."""
     if storage is None:
         storage = get_storage()
     elif not isinstance(storage, BlobStorage):
@@ -165,18 +181,36 @@ def dumps(
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, not {min_size}")
     algo = _default_algorithm(storage) if algorithm is None else check_algorithm(algorithm)
-    manager = BlobManager(storage)
     blobs: list[tuple[str, str, bytes]] = []
     index: dict[ContentId, int] = {}
+    held_before = 0 if held is None else len(held)
+    ttl = storage.policies.transfer_ttl
 
     def store(raw: memoryview) -> int:
-        with _store_buffer(manager, storage, raw, algo) as lease:
-            known = index.get(lease.content_id)
+        lid = LeaseId.new()
+        if held is None:  # stored under its transfer lease at once
+            expires_at = time.time() + ttl  # no later than the lease's own expiry
+            cid = _store_buffer(storage, raw, algo, lid, ttl=ttl, detached=True)
+            known = index.get(cid)
             if known is not None:
+                storage.advise_lease_dropped(lid, cid)
                 return known
-            ticket = lease.transfer()
-        index[lease.content_id] = len(blobs)
-        blobs.append((str(lease.content_id), ticket.transfer_lease_id, pickle.dumps(ticket)))
+            ticket = ticket_for(storage, cid, raw.nbytes, lid, expires_at)
+        else:
+            cid = _store_buffer(storage, raw, algo, lid)
+            lease = BlobLease(storage, cid, lid, raw.nbytes)
+            known = index.get(cid)
+            if known is not None:
+                lease.close()
+                return known
+            try:
+                ticket = lease.transfer()
+            except BaseException:
+                lease.close()
+                raise
+            held.append(lease)
+        index[cid] = len(blobs)
+        blobs.append((str(cid), ticket.transfer_lease_id, pickle.dumps(ticket)))
         return len(blobs) - 1
 
     refs: list[int] = []
@@ -193,6 +227,10 @@ def dumps(
         # Nobody will load these tickets: end their transfer leases now.
         for cid_text, transfer_text, _ticket in blobs:
             storage.advise_lease_dropped(LeaseId.parse(transfer_text), ContentId.parse(cid_text))
+        if held is not None:
+            for lease in held[held_before:]:
+                lease.close()
+            del held[held_before:]
         raise
 
 
@@ -220,10 +258,17 @@ def _ends(raw: memoryview) -> bytes:
 
 
 def _store_buffer(
-    manager: BlobManager, storage: BlobStorage, raw: memoryview, algorithm: str
-) -> BlobLease:
-    """A lease on ``raw`` stored in ``storage``; a buffer sent again is
-    hashed first, and not written again if its content is present."""
+    storage: BlobStorage,
+    raw: memoryview,
+    algorithm: str,
+    lid: LeaseId,
+    *,
+    ttl: float | None = None,
+    detached: bool = False,
+) -> ContentId:
+    """Store ``raw`` in ``storage`` under the lease ``lid``; its id. A buffer
+    sent again is hashed first, and not written again if its content is
+    present."""
     # (the ends of the bytes too: a fresh buffer that reuses a freed
     # object's id is then rarely mistaken for a repeat)
     key = (id(raw.obj), raw.nbytes, algorithm, storage.url, _ends(raw))
@@ -231,18 +276,16 @@ def _store_buffer(
         hinted = key in _RECENT
     if hinted:
         cid = ContentId.for_bytes(raw, algorithm)
-        lid = LeaseId.new()
-        storage.store(cid, raw, lid)  # present: a dedup hit, nothing written
-        lease = BlobLease(storage, cid, lid, raw.nbytes)
+        # present: a dedup hit, nothing written
+        storage.store(cid, raw, lid, ttl=ttl, detached=detached)
     else:
-        lease = manager.store(raw, algorithm=algorithm)
-        cid = lease.content_id
+        cid = storage.store_bytes(raw, lid, algorithm=algorithm, ttl=ttl, detached=detached)
     with _RECENT_LOCK:
         _RECENT[key] = cid
         _RECENT.move_to_end(key)
         while len(_RECENT) > _RECENT_MAX:
             _RECENT.popitem(last=False)
-    return lease
+    return cid
 
 
 def loads(payload: bytes, *, storage: BlobStorage | None = None) -> Any:
@@ -266,14 +309,15 @@ def loads(payload: bytes, *, storage: BlobStorage | None = None) -> Any:
         raise ValueError("payload is not a pickle made by blobleases.dumps") from exc
     if tag != _TAG or version != _VERSION:
         raise ValueError(f"payload is not a pickle made by blobleases.dumps ({tag!r} {version!r})")
-    leases = [_lease(entry, storage) for entry in blobs]
+    views: list[memoryview] = []
     try:
-        views = [_view(lease) for lease in leases]
+        for entry in blobs:
+            views.append(_load_view(entry, storage))
     except BaseException:
-        for lease in leases:
-            lease.close()
+        for view in views:  # their exporters go now: so do their holds
+            view.release()
+        views.clear()
         raise
-    del leases
 
     return _Loader(inner, views, refs).load()
 
@@ -288,6 +332,37 @@ class _Loader(pickle.Unpickler):
         if tag != _PID:
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
         return _shaped(self._views[number], fmt, tuple(shape))
+
+
+def _load_view(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> memoryview:
+    """A view of a payload's blob that keeps a lease and a reader hold on it
+    (LeaseExpired if gone). A DirectoryStorage takes over the transfer
+    lease and opens the reader in one index transaction, and ends the two
+    in one."""
+    fast = None
+    if storage is not None and not getattr(storage, "read_only", True):
+        fast = getattr(storage, "_take_over_reader", None)
+    if fast is None:
+        lease = _lease(entry, storage)
+        try:
+            return _view(lease)
+        except BaseException:
+            lease.close()
+            raise
+    cid_text, transfer_text, _ticket = entry
+    reader = fast(ContentId.parse(cid_text), LeaseId.parse(transfer_text), LeaseId.new())
+    if reader is None:
+        raise LeaseExpired(_gone(cid_text))
+    with reader:
+        view: memoryview = reader.getbuffer()
+    return view
+
+
+def _gone(cid_text: str) -> str:
+    return (
+        f"content {cid_text} of the payload is gone (its ticket expired, or the content "
+        "was freed or evicted)"
+    )
 
 
 def _lease(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> BlobLease:
@@ -305,16 +380,15 @@ def _lease(entry: tuple[str, str, bytes], storage: BlobStorage | None) -> BlobLe
                     LeaseId.parse(transfer_text), ContentId.parse(cid_text)
                 )
             return lease
+        # Like loading the ticket: a new lease takes over the transfer lease.
         cid = ContentId.parse(cid_text)
-        lease = BlobManager(storage).get_by_content_id(cid)
-        # Like loading the ticket: the transfer lease has done its job.
-        storage.advise_lease_dropped(LeaseId.parse(transfer_text), cid)
-        return lease
+        lid = LeaseId.new()
+        size = storage.take_over_lease(cid, LeaseId.parse(transfer_text), lid)
+        if size is None:
+            raise ContentNotFound(cid)
+        return BlobLease(storage, cid, lid, size)
     except ContentNotFound as exc:
-        raise LeaseExpired(
-            f"content {cid_text} of the payload is gone (its ticket expired, or the content "
-            "was freed or evicted)"
-        ) from exc
+        raise LeaseExpired(_gone(cid_text)) from exc
 
 
 def _view(lease: BlobLease) -> memoryview:

@@ -30,7 +30,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
 from .errors import IntegrityError
@@ -187,18 +187,31 @@ def _bytes_exporter(data: bytes) -> memoryview:
     return memoryview(exporter).cast("B").toreadonly()
 
 
-def _split_lines(data: bytes) -> list[bytes]:
-    """``data`` cut after every newline (b"\\n" only, as files do); the last
-    line may lack one."""
-    cut = data.rfind(b"\n") + 1
-    whole = data if cut == len(data) else data[:cut]
-    if b"\r" in whole:  # bytes.splitlines also splits at \r
-        lines = [part + b"\n" for part in whole.split(b"\n")[:-1]]
-    else:
-        lines = whole.splitlines(keepends=True)
-    if cut < len(data):
-        lines.append(data[cut:])
-    return lines
+def _closed_next() -> bytes:
+    """A closed reader's ``__next__``."""
+    raise ValueError("I/O operation on closed blob reader")
+
+
+def _line_blocks(ref: weakref.ref[BlobReader]) -> Iterator[io.BytesIO]:
+    """The lines of a reader's successive blocks (BytesIO), from its position
+    at each step, until the end of the blob. The reader is held weakly: its
+    ``__next__`` (a chain over this generator) must not keep it alive."""
+    while True:
+        reader = ref()
+        if reader is None:
+            return
+        block = reader._next_block()
+        if block is None:
+            # A chain ends for good at its end: the next call starts a new
+            # one, from wherever the reader is then (after a seek, say).
+            reader.__next__ = _line_stream(ref)  # type: ignore[method-assign]
+            return
+        del reader
+        yield block
+
+
+def _line_stream(ref: weakref.ref[BlobReader]) -> Callable[[], bytes]:
+    return itertools.chain.from_iterable(_line_blocks(ref)).__next__
 
 
 def _supports_weakref(obj: object) -> bool:
@@ -223,6 +236,12 @@ class BlobReader(io.BufferedIOBase):
     garbage-collected) and every view from :meth:`getbuffer` is released.
     """
 
+    # Line iteration runs in C: ``__next__`` is a slot holding the
+    # ``__next__`` of an itertools.chain over successive blocks of whole
+    # lines, each a BytesIO (a slot is read without running Python code,
+    # and ``iter(reader)`` stays the reader itself, as for files).
+    __slots__ = ("__next__",)
+
     def __init__(
         self, source: ReaderSource, size: int, release: Callable[[], None] | None = None
     ) -> None:
@@ -232,12 +251,13 @@ class BlobReader(io.BufferedIOBase):
         self._pos = 0
         self._lock = threading.Lock()
         self._hold = _Hold(release)
-        # Lines split ahead by iteration, last first. While there are some,
-        # _pos is where they end: the position is _pos minus their length
-        # (line iteration then costs a list pop, no position update), and
-        # _ends[k] is the length of _lines[:k], computed when tell() asks.
-        self._lines: list[bytes] = []
-        self._ends: list[int] | None = None
+        # The whole lines of the block read last for lines (from _base to
+        # _pos), as a BytesIO sharing its bytes (None when there is none):
+        # line reads take its lines (C code), and the position is _base
+        # plus its position.
+        self._lines: io.BytesIO | None = None
+        self._base = 0
+        self.__next__ = _line_stream(weakref.ref(self))  # type: ignore[method-assign]
         # A range reader's cached block: its bytes and where they start.
         self._block = b""
         self._block_start = 0
@@ -281,20 +301,17 @@ class BlobReader(io.BufferedIOBase):
         if self.closed:
             self._closed_error()
         lines = self._lines
-        if not lines:
-            return self._pos
-        ends = self._ends
-        if ends is None or len(ends) <= len(lines):
-            # Pops only shorten _lines: a table made now stays right.
-            ends = self._ends = [0, *itertools.accumulate(map(len, lines))]
-        return self._pos - ends[len(lines)]
+        return self._pos if lines is None else self._base + lines.tell()
 
     def _settle(self) -> None:
-        """Drop the lines split ahead, making _pos the position."""
-        if self._lines:
-            self._pos = self.tell()
-            self._lines = []
-            self._ends = None
+        """Drop the lines split ahead, making _pos the position. Their
+        BytesIO is moved to its end: a line iteration holding it goes on
+        from the position."""
+        lines = self._lines
+        if lines is not None:
+            self._pos = self._base + lines.tell()
+            lines.seek(0, io.SEEK_END)
+            self._lines = None
 
     def seek(self, offset: Any, whence: Any = io.SEEK_SET) -> int:
         if self.closed:
@@ -407,10 +424,13 @@ class BlobReader(io.BufferedIOBase):
             self._closed_error()
         limit = -1 if size is None else operator.index(size)
         if limit < 0:
-            try:
-                return self._lines.pop()
-            except IndexError:
-                return self._next_line()
+            lines = self._lines
+            if lines is not None:
+                line = lines.readline()
+                if line:
+                    return line
+            lines = self._next_block()
+            return b"" if lines is None else lines.readline()
         self._settle()
         start = self._pos
         end = self._find_newline(start, start + self._count(limit))
@@ -418,23 +438,15 @@ class BlobReader(io.BufferedIOBase):
         self._pos = start + len(line)
         return line
 
-    def __next__(self) -> bytes:
-        try:
-            return self._lines.pop()
-        except IndexError:
-            line = self._next_line()
-        if not line:
-            raise StopIteration
-        return line
-
-    def _next_line(self) -> bytes:
-        """Split the whole lines of the next block (at least one line) into
-        ``_lines``, last first, and pop the first (b"" at the end)."""
+    def _next_block(self) -> io.BytesIO | None:
+        """The whole lines of the next block (at least one line) as
+        ``_lines`` (None at the end)."""
         if self.closed:
             self._closed_error()
+        self._settle()
         start = self._pos
         if start >= self._size:
-            return b""
+            return None
         end = min(start + _BLOCK, self._size)
         block = self._bytes(start, end, ahead=True)
         if end < self._size:  # split whole lines only
@@ -443,12 +455,10 @@ class BlobReader(io.BufferedIOBase):
                 block = self._bytes(start, self._find_newline(start, self._size), ahead=True)
             elif cut < len(block):
                 block = block[:cut]
-        lines = _split_lines(block)
-        lines.reverse()
+        self._base = start
         self._pos = start + len(block)
-        self._ends = None
-        self._lines = lines
-        return lines.pop()
+        lines = self._lines = io.BytesIO(block)
+        return lines
 
     def __iter__(self) -> BlobReader:
         if self.closed:
@@ -469,11 +479,13 @@ class BlobReader(io.BufferedIOBase):
                 lines.append(line)
                 total += len(line)
             return lines
-        pending, self._lines, self._ends = self._lines[::-1], [], None
+        block = self._lines
+        pending = block.readlines() if block is not None else []
+        self._settle()
         start = self._pos  # where the pending lines end
-        rest = self._bytes(start, max(start, self._size))
-        self._pos = start + len(rest)
-        return pending + _split_lines(rest) if pending else _split_lines(rest)
+        rest = io.BytesIO(self._bytes(start, max(start, self._size))).readlines()
+        self._pos = max(start, self._size)
+        return pending + rest if pending else rest
 
     def getbuffer(self) -> memoryview:
         """The whole blob as a read-only memoryview: zero-copy where the
@@ -523,8 +535,8 @@ class BlobReader(io.BufferedIOBase):
             if self.closed:
                 return
             super().close()
-            self._lines = []
-            self._ends = None
+            self._lines = None
+            self.__next__ = _closed_next  # type: ignore[method-assign]
             self._block = b""
             view, self._view = self._view, None
             self._whole = None
