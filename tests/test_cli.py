@@ -40,6 +40,7 @@ COMMANDS = [
     "verify",
     "stats",
     "demo",
+    "why",
 ]
 ABSENT_CID = "sha256-" + "0" * 64
 

@@ -1054,3 +1054,7 @@ def _handle(exc: Exception) -> int:
         return _report(exc, _one_line(exc))
     hint = "" if _state.debug else " (rerun with --debug for the traceback)"
     return _report(exc, f"internal error: {type(exc).__name__}: {_one_line(exc)}{hint}")
+
+
+# why, top and metrics (SPEC section 9) register themselves on ``app``.
+from . import cli_ops  # noqa: E402, F401

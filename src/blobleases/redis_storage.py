@@ -47,6 +47,7 @@ get LeaseExpired).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -78,7 +79,15 @@ from .liveness import (
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
 from .redis_protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["RedisStorage", "default_host_id"]
@@ -429,6 +438,7 @@ class RedisStorage(BlobStorage):
         self._k_doom = g + "doom"
         self._k_rsz = g + "rsz"
         self._k_retb = g + "retb"
+        self._k_evict = g + "evict"  # evictions: blobs (n) and bytes (b)
         self._k_dedup = g + "dedup"
         self._k_procs = g + "procs"
         self._k_exp = g + "exp"
@@ -839,6 +849,7 @@ class RedisStorage(BlobStorage):
 
     def _count_dedup(self) -> None:
         self._r.incr(self._k_dedup)
+        self._note("dedup_hits")
 
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
         """Reserve ``size`` bytes under ``max_bytes`` for an upload, evicting
@@ -892,12 +903,22 @@ class RedisStorage(BlobStorage):
         if status == 0:
             return False
         if victims:
-            freed = 0
+            freed = evicted = 0
             try:
                 for victim, mode in victims:
-                    freed += self._delete(victim, mode)
+                    n = self._delete(victim, mode)
+                    freed += n
+                    evicted += n > 0
             finally:
                 self._r.hdel(self._k_doom, *(victim for victim, _ in victims))
+                if evicted:
+                    self._run_pipe(
+                        lambda p: [
+                            p.hincrby(self._k_evict, "n", evicted),
+                            p.hincrby(self._k_evict, "b", freed),
+                        ]
+                    )
+                    self._note_evictions(evicted, freed)
             # A victim this store did not delete either was deleted by another
             # (its room is free) or gained a lease or reader (it stays).
             if freed < int(res[1]) and any(
@@ -1457,6 +1478,42 @@ class RedisStorage(BlobStorage):
         return out
 
     @_storage_errors
+    def _why(self, cid: ContentId) -> WhyReport:
+        """Leases and reader holds with the host (``<host id>.ns<pid
+        namespace>``) of their owner; lease times are not recorded here."""
+        self._maintain()
+        keys = self._ckeys(cid)
+        meta, leases, holds, rank = self._run_pipe(
+            lambda p: [
+                p.hmget(keys[0], "s", "cr", "a"),
+                p.hgetall(keys[1]),
+                p.hvals(keys[2]),
+                p.zscore(self._k_ret, str(cid)),
+            ]
+        )
+        if meta[0] is None:
+            raise ContentNotFound(cid)
+        now = time.time()
+        infos = []
+        for lid_text, value in leases.items():
+            exp, detached, owner = _parse_lease_value(value)
+            if exp is not None and exp <= now:
+                continue
+            lid = LeaseId.parse(_s(lid_text))
+            host = owner.rpartition("/")[0]
+            infos.append(
+                LeaseInfo(lid, cid, lid.pid, exp, detached, None, host, host == self._local)
+            )
+        infos.sort(key=lambda i: str(i.lease_id))
+        readers = []
+        for owner, count in sorted(collections.Counter(_s(v) for v in holds).items()):
+            host, _, pid_text = owner.rpartition("/")
+            pid = int(pid_text) if pid_text.isdigit() else None
+            readers.append(ReaderInfo(pid, count, host, host == self._local))
+        info = BlobInfo(cid, int(meta[0]), len(infos), len(holds), float(meta[1]), float(meta[2]))
+        return WhyReport(info, tuple(infos), tuple(readers), retained=rank is not None)
+
+    @_storage_errors
     def _stats(self) -> StorageStats:
         self._maintain()
         present = self._present()
@@ -1476,13 +1533,14 @@ class RedisStorage(BlobStorage):
                 continue
             leases += 1
             owners.add(_parse_lease_value(value)[2])
-        total, reserved, dedup, retb, nret = self._run_pipe(
+        total, reserved, dedup, retb, nret, evicted = self._run_pipe(
             lambda p: [
                 p.get(self._k_bytes),
                 p.get(self._k_resb),
                 p.get(self._k_dedup),
                 p.get(self._k_retb),
                 p.zcard(self._k_ret),
+                p.hmget(self._k_evict, "n", "b"),
             ]
         )
         return StorageStats(
@@ -1494,6 +1552,8 @@ class RedisStorage(BlobStorage):
             readers=readers,
             retained_blobs=int(nret),
             retained_bytes=int(retb or 0),
+            evictions=int(evicted[0] or 0),
+            evicted_bytes=int(evicted[1] or 0),
         )
 
     # -- collect and verify ----------------------------------------------------------
