@@ -41,6 +41,7 @@ COMMANDS = [
     "stats",
     "demo",
     "why",
+    "top",
 ]
 ABSENT_CID = "sha256-" + "0" * 64
 

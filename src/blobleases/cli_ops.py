@@ -5,7 +5,12 @@ stderr, exit 1)."""
 
 from __future__ import annotations
 
+import os
+import select
+import sys
+import termios
 import time
+import tty
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +21,7 @@ from .cli import (
     JsonOpt,
     StoreOpt,
     _content_id,
+    _one_line,
     _out,
     _plural,
     _print_json,
@@ -26,8 +32,10 @@ from .cli import (
     app,
     human_size,
 )
+from .errors import BlobLeaseError
 from .holders import ProcessFacts, process_facts
 from .reports import LeaseInfo, ReaderInfo, WhyReport
+from .storage import BlobStorage
 
 __all__ = ["duration", "why_json"]
 
@@ -202,3 +210,88 @@ def _state_json() -> bool:
     from . import cli
 
     return cli._state.json
+
+
+@app.command()
+def top(
+    interval: Annotated[
+        float,
+        typer.Option("--interval", metavar="SECONDS", min=0.1, help="Seconds between refreshes."),
+    ] = 1.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one snapshot and exit (even on a terminal).")
+    ] = False,
+    store: StoreOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """A live full-screen view of the store; q quits.
+
+    Refreshed every second: totals, leases and bytes held per process (name
+    and pid), the blobs held longest, and events as they happen (blobs
+    stored and freed, leases reaped or expired, evictions). Press q (or
+    Ctrl-C) to quit. When standard output is not a terminal, or with --once
+    or --json, prints one snapshot and exits.
+    """
+    from .top import TopState
+
+    _use(store, json_output)
+    storage = _storage()
+    state = TopState(storage.url)
+    state.refresh(storage)
+    if _state_json():
+        _print_json(state.to_json())
+        return
+    if once or not sys.stdout.isatty():
+        console = _out()
+        console.print(state.render())
+        return
+    _live_top(storage, state, interval)
+
+
+def _live_top(storage: BlobStorage, state: Any, interval: float) -> None:
+    """Redraw ``state`` every ``interval`` seconds on the alternate screen
+    until q is pressed; keys are read from stdin in cbreak mode (restored on
+    exit), so it works in any terminal, over ssh included."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(highlight=False)
+    fd: int | None = sys.stdin.fileno() if sys.stdin.isatty() else None
+    saved = termios.tcgetattr(fd) if fd is not None else None
+    footer = "q quits" if fd is not None else "Ctrl-C quits (standard input is not a terminal)"
+    try:
+        if fd is not None:
+            tty.setcbreak(fd)
+        with Live(console=console, screen=True, auto_refresh=False) as live:
+            while True:
+                rows = max(3, (console.size.height - 16) // 2)
+                live.update(state.render(rows=rows, footer=footer), refresh=True)
+                if _wait_for_quit(fd, interval):
+                    return
+                try:
+                    state.refresh(storage)
+                except (BlobLeaseError, OSError) as exc:
+                    state.error = _one_line(exc)
+    except KeyboardInterrupt:
+        return
+    finally:
+        if fd is not None and saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_quit(fd: int | None, seconds: float) -> bool:
+    """Wait ``seconds``; True as soon as q (or Q) is typed on ``fd``."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if fd is None:
+            time.sleep(left)
+            return False
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            typed = os.read(fd, 64)
+            if not typed:  # end of input: no more keys, keep refreshing
+                time.sleep(max(deadline - time.monotonic(), 0))
+                return False
+            if b"q" in typed.lower():
+                return True
+    return False
