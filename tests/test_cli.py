@@ -42,6 +42,7 @@ COMMANDS = [
     "demo",
     "why",
     "top",
+    "metrics",
 ]
 ABSENT_CID = "sha256-" + "0" * 64
 

@@ -5,10 +5,13 @@ stderr, exit 1)."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import signal
 import sys
 import termios
+import threading
 import time
 import tty
 from typing import Annotated, Any
@@ -18,6 +21,7 @@ from rich import box
 from rich.table import Table
 
 from .cli import (
+    CliError,
     JsonOpt,
     StoreOpt,
     _content_id,
@@ -295,3 +299,52 @@ def _wait_for_quit(fd: int | None, seconds: float) -> bool:
             if b"q" in typed.lower():
                 return True
     return False
+
+
+@app.command()
+def metrics(
+    port: Annotated[
+        int,
+        typer.Option("--port", metavar="N", min=0, max=65535, help="The port (0: any free port)."),
+    ] = 9464,
+    addr: Annotated[
+        str, typer.Option("--addr", metavar="ADDRESS", help="The address to listen on.")
+    ] = "127.0.0.1",
+    store: StoreOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Serve Prometheus metrics of the store on http://ADDRESS:N/metrics.
+
+    The store's figures as gauges (blobs, bytes, leases, readers, processes,
+    retained, dedup hits and evictions by any process). Prints the address
+    it serves on, then serves until interrupted (Ctrl-C or SIGTERM). Needs
+    the metrics extra: pip install 'blobleases[metrics]'.
+    """
+    _use(store, json_output)
+    try:
+        from .metrics import serve
+    except ImportError as exc:
+        raise CliError(_one_line(exc)) from exc
+    storage = _storage()
+    try:
+        server, _thread, bound = serve(storage, port, addr)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {addr}:{port}: {_one_line(exc)}") from exc
+    url = f"http://{addr}:{bound}/metrics"
+    if _state_json():
+        # one line: read by whoever started the server, while it serves
+        sys.stdout.write(json.dumps({"store": storage.url, "url": url, "port": bound}) + "\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.write(f"serving {url} (store {storage.url}); Ctrl-C stops\n")
+        sys.stdout.flush()
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
