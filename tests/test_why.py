@@ -235,3 +235,23 @@ def test_duration() -> None:
     assert duration(200) == "3m 20s"
     assert duration(7500) == "2h 5m"
     assert duration(90061) == "1d 1h"
+
+
+def test_the_default_why_is_built_from_stat_and_iter_leases() -> None:
+    """What a backend without its own ``_why`` reports (readers: one entry
+    of unknown pid; retained: present with no lease and no reader)."""
+    from blobleases import BlobStorage
+
+    storage = MemoryStorage(retain_bytes=1 << 20)
+    manager = BlobManager(storage)
+    lease = manager.store(b"default why")
+    other = manager.store(b"default why", ttl=600)
+    reader = lease.get_reader()
+    report = BlobStorage._why(storage, lease.content_id)
+    assert {i.lease_id for i in report.leases} == {lease.lease_id, other.lease_id}
+    assert report.readers == (ReaderInfo(None, 1),)
+    assert not report.retained and report.info.size == len(b"default why")
+    reader.close()
+    lease.close()
+    other.close()
+    assert BlobStorage._why(storage, lease.content_id).retained is True
