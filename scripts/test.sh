@@ -44,6 +44,14 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 
+# tests/test_top.py runs `blobleases top` in a real terminal: a tmux session.
+if ! command -v tmux >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq tmux >/dev/null
+fi
+
 "${PYTHONS[0]}" -m ruff check src tests benchmarks
 "${PYTHONS[0]}" -m mypy
 

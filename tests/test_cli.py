@@ -40,6 +40,9 @@ COMMANDS = [
     "verify",
     "stats",
     "demo",
+    "why",
+    "top",
+    "metrics",
 ]
 ABSENT_CID = "sha256-" + "0" * 64
 

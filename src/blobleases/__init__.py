@@ -31,7 +31,15 @@ from .pickling import dumps, loads
 from .policies import Policies
 from .reader import BlobReader
 from .registry import get_storage, register_storage, unregister_storage
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 from .storage import BlobStorage
 from .urls import open_storage, register_backend
 
@@ -63,6 +71,7 @@ __all__ = [
     "LeaseTicket",
     "MemoryStorage",
     "Policies",
+    "ReaderInfo",
     "RedisStorage",
     "StorageAlreadyInitialized",
     "StorageError",
@@ -70,6 +79,7 @@ __all__ = [
     "StorageStats",
     "StoreFull",
     "VerifyReport",
+    "WhyReport",
     "__version__",
     "dumps",
     "get_by_content_id",

@@ -1,7 +1,8 @@
 """The ``blobleases`` command line (SPEC section 5).
 
 ``blobleases [--store URL] [--json] [--debug] COMMAND``: put, get, cat, ls,
-stat, leases, drop, collect, verify, stats and demo. The store defaults to
+stat, leases, drop, collect, verify, stats and demo; why, top and metrics
+(SPEC section 9) are in :mod:`blobleases.cli_ops`. The store defaults to
 ``$BLOBLEASES_STORE``, else the user cache directory. A user mistake (an
 unknown or malformed id, a missing file, an unusable store) prints one line
 on stderr and exits 1; usage errors exit 2, as click does; ``--debug`` adds
@@ -92,6 +93,8 @@ Examples:
   blobleases ls --json              every blob, as JSON
   blobleases drop LEASE             end a lease; unreferenced content goes
   blobleases verify --repair        rehash every blob, remove broken ones
+  blobleases why CID                who holds a blob, and why it is kept
+  blobleases top                    a live view of the store (q quits)
   blobleases --store /data/blobs stats
 
 \b
@@ -1107,3 +1110,7 @@ def _handle(exc: Exception) -> int:
         return _report(exc, _one_line(exc))
     hint = "" if _state.debug else " (rerun with --debug for the traceback)"
     return _report(exc, f"internal error: {type(exc).__name__}: {_one_line(exc)}{hint}")
+
+
+# why, top and metrics (SPEC section 9) register themselves on ``app``.
+from . import cli_ops  # noqa: E402, F401

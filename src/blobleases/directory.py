@@ -91,6 +91,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import math
 import mmap
 import os
 import re
@@ -115,7 +116,13 @@ from urllib.parse import quote
 
 from . import file_pool, ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
-from .directory_index import check_schema, connect, create_schema, pid_owner
+from .directory_index import (
+    check_schema,
+    connect,
+    create_schema,
+    has_lease_created,
+    pid_owner,
+)
 from .errors import (
     BlobLeaseError,
     ContentNotFound,
@@ -125,6 +132,7 @@ from .errors import (
     StorageError,
     StoreFull,
 )
+from .holders import scope_host
 from .lease_id import LeaseId
 from .liveness import (
     START_TIME_TOLERANCE,
@@ -142,7 +150,15 @@ from .liveness import (
     same_start,
 )
 from .reader import BlobReader
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 from .storage import BlobStorage, FileSource
 
 __all__ = ["DirectoryStorage", "default_root"]
@@ -219,20 +235,20 @@ _SQL_HELD_ONLY = (
     "SELECT 1 FROM leases WHERE cid = ? AND lid = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
 _SQL_INSERT_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner) "
-    "SELECT :cid, :lid, :pid, :start, :expires, :detached, :owner FROM content c "
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner, created) "
+    "SELECT :cid, :lid, :pid, :start, :expires, :detached, :owner, :now FROM content c "
     "WHERE c.cid = :cid AND ("
     "c.retained IS NOT NULL "
     "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)) "
     "ON CONFLICT(cid, lid) DO UPDATE SET pid = excluded.pid, start = excluded.start, "
-    "expires_at = excluded.expires_at, detached = excluded.detached, owner = excluded.owner "
-    "WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
+    "expires_at = excluded.expires_at, detached = excluded.detached, owner = excluded.owner, "
+    "created = excluded.created WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
 )
 # The first lease of content just added in the same transaction.
 _SQL_INSERT_FIRST_LEASE = (
-    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner, created) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_ADD_OWNER = "INSERT OR IGNORE INTO owners(owner, pid, start, scope) VALUES (?, ?, ?, ?)"
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
@@ -1965,7 +1981,8 @@ class DirectoryStorage(BlobStorage):
         lkey = str(lid)
         if first:
             db.execute(
-                _SQL_INSERT_FIRST_LEASE, (key, lkey, pid, start, expires, int(detached), owner)
+                _SQL_INSERT_FIRST_LEASE,
+                (key, lkey, pid, start, expires, int(detached), owner, tx.now),
             )
             inserted = 1
         else:
@@ -1998,6 +2015,7 @@ class DirectoryStorage(BlobStorage):
 
     def _count_dedup(self, db: sqlite3.Connection) -> None:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
+        self._note("dedup_hits")
 
     def _settle(self, tx: _Tx, key: str) -> None:
         """Content left with no lease and no reader is retained or deleted."""
@@ -2106,8 +2124,14 @@ class DirectoryStorage(BlobStorage):
             raise StoreFull(
                 policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
             )
-        for key in victims:
-            self._delete(tx, key)
+        freed = sum(self._delete(tx, key) for key in victims)
+        for name, n in (("evictions", len(victims)), ("evicted_bytes", freed)):
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                (name, n),
+            )
+        self._note_evictions(len(victims), freed)
 
     def _end_leases(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
         """Delete the leases matching ``where`` and settle their content."""
@@ -2801,6 +2825,65 @@ class DirectoryStorage(BlobStorage):
         return out
 
     @_index_errors
+    def _why(self, cid: ContentId) -> WhyReport:
+        """One read transaction: the content row, its unexpired leases (with
+        ``created`` where the row has it) and its holds grouped by process;
+        host and locality from the scope of each owner."""
+        key = str(cid)
+        with self._lock:
+            db = self._read_op(flush=True)
+            now = time.time()
+            created = "l.created" if has_lease_created(db) else "NULL"
+            began = not db.in_transaction
+            if began:
+                db.execute("BEGIN")
+            try:
+                content = db.execute(
+                    "SELECT size, created, last_access, retained FROM content WHERE cid = ?",
+                    (key,),
+                ).fetchone()
+                leases = db.execute(
+                    f"SELECT l.lid, l.expires_at, l.detached, l.owner, {created}, o.scope "
+                    "FROM leases l LEFT JOIN owners o ON o.owner = l.owner WHERE l.cid = ? "
+                    "AND (l.expires_at IS NULL OR l.expires_at > ?)",
+                    (key, now),
+                ).fetchall()
+                holds = db.execute(
+                    "SELECT h.pid, h.owner, o.scope, count(*) FROM holds h "
+                    "LEFT JOIN owners o ON o.owner = h.owner WHERE h.cid = ? "
+                    "GROUP BY h.pid, h.owner ORDER BY h.pid",
+                    (key,),
+                ).fetchall()
+            finally:
+                if began:
+                    db.execute("COMMIT")
+        if content is None:
+            raise ContentNotFound(cid)
+        size, blob_created, last_access, retained = content
+
+        def where(owner: str, scope: str | None) -> tuple[str | None, bool]:
+            if scope is None and owner.startswith("pid:"):
+                scope = owner.split(":", 3)[3]
+            return scope_host(scope, self._scope)
+
+        infos = []
+        for lkey, expires_at, detached, owner, lease_created, scope in leases:
+            lid = LeaseId.parse(lkey)
+            host, local = where(owner, scope)
+            infos.append(
+                LeaseInfo(lid, cid, lid.pid, expires_at, bool(detached), lease_created, host, local)
+            )
+        infos.sort(key=lambda i: (i.created_at or math.inf, str(i.lease_id)))
+        readers = []
+        for pid, owner, scope, count in holds:
+            host, local = where(owner, scope)
+            readers.append(ReaderInfo(int(pid), int(count), host, local))
+        info = BlobInfo(
+            cid, int(size), len(infos), sum(r.count for r in readers), blob_created, last_access
+        )
+        return WhyReport(info, tuple(infos), tuple(readers), retained=retained is not None)
+
+    @_index_errors
     def _stats(self) -> StorageStats:
         with self._lock:
             db = self._read_op()
@@ -2819,6 +2902,11 @@ class DirectoryStorage(BlobStorage):
                 (now,),
             ).fetchall()
             hits = db.execute("SELECT value FROM meta WHERE key = 'dedup_hits'").fetchone()
+            evicted = dict(
+                db.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('evictions', 'evicted_bytes')"
+                ).fetchall()
+            )
         # Detached leases of exited processes still count as leases, but only
         # live processes count as processes.
         live = sum(1 for (owner,) in owners if self._owner_seems_alive(owner))
@@ -2831,6 +2919,8 @@ class DirectoryStorage(BlobStorage):
             readers=int(readers),
             retained_blobs=int(retained_blobs),
             retained_bytes=int(retained_bytes),
+            evictions=int(evicted.get("evictions", 0)),
+            evicted_bytes=int(evicted.get("evicted_bytes", 0)),
         )
 
     def _owner_seems_alive(self, owner: str) -> bool:

@@ -6,8 +6,10 @@ One database file (WAL mode) beside the blob files holds these tables:
   created, last access, and ``retained``: NULL while referenced, else the
   order in which it became unreferenced, for the retention LRU);
 * ``leases``: one row per held lease (content id, lease id, expiry,
-  detached, its ``owner``, and for people the pid of the lease id and that
-  process's start time);
+  detached, its ``owner``, and for people the pid of the lease id, that
+  process's start time and when the lease was taken, ``created``: NULL in
+  rows written by a blobleases older than the column, which an open for
+  writing adds to an older store of the same schema version);
 * ``holds``: one row per open reader (content id, ``owner``, pid, start);
 * ``owners``: one row per owner of a non-detached lease or a hold (and some
   that were: rows go when a reap finds the owner dead), keyed by ``owner``,
@@ -45,7 +47,14 @@ from __future__ import annotations
 import sqlite3
 from urllib.parse import quote
 
-__all__ = ["SCHEMA_VERSION", "check_schema", "connect", "create_schema", "pid_owner"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "check_schema",
+    "connect",
+    "create_schema",
+    "has_lease_created",
+    "pid_owner",
+]
 
 SCHEMA_VERSION = 2
 _MAX_BUSY_SECONDS = 2_000_000.0  # SQLite's busy timeout is an int of milliseconds
@@ -71,6 +80,7 @@ CREATE TABLE IF NOT EXISTS leases(
     expires_at REAL,
     detached INTEGER NOT NULL,
     owner TEXT NOT NULL,
+    created REAL,
     PRIMARY KEY (cid, lid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS leases_expiry ON leases(expires_at) WHERE expires_at IS NOT NULL;
@@ -225,6 +235,12 @@ DROP TABLE processes_v1;
 """
 
 
+def has_lease_created(db: sqlite3.Connection) -> bool:
+    """Whether the ``leases`` table has its ``created`` column (a store made
+    by an older blobleases gains it when next opened writable)."""
+    return any(row[1] == "created" for row in db.execute("PRAGMA table_info(leases)"))
+
+
 def pid_owner(pid: int, start: float, scope: str) -> str:
     """The owner text of leases taken for ``pid`` (started at ``start``) by
     a process of ``scope`` (as the migration writes it, too)."""
@@ -252,6 +268,8 @@ def create_schema(db: sqlite3.Connection, scope: str) -> None:
         if migrate:
             _run_script(db, _MIGRATE_FROM_1)
         _run_script(db, _SCHEMA)
+        if not has_lease_created(db):
+            db.execute("ALTER TABLE leases ADD COLUMN created REAL")
         if migrate:
             _run_script(db, _MIGRATE_FROM_1_ROWS, {"scope": scope})
         if version < SCHEMA_VERSION:

@@ -11,7 +11,7 @@ import itertools
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,15 @@ from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import is_alive, own_start_time, process_start_time, same_start
 from .reader import BlobReader, BufferSource
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["MemoryStorage"]
@@ -90,6 +98,7 @@ class MemoryStorage(BlobStorage):
         self._pids: dict[int, float | None] = {os.getpid(): own_start_time()}
         self._bytes = 0
         self._dedup_hits = 0
+        self._evictions = self._evicted_bytes = 0
         self._closed = False
         self._next_reap = time.monotonic() + self.policies.reap_interval
         self._stamp = time.time()  # the last-access time recorded now
@@ -300,8 +309,10 @@ class MemoryStorage(BlobStorage):
             raise StoreFull(
                 policy_rules.over_limit_message(size, limit, self._bytes, self.policies.on_full)
             )
-        for cid in victims:
-            self._delete(cid)
+        freed = sum(self._delete(cid) for cid in victims)
+        self._evictions += len(victims)
+        self._evicted_bytes += freed
+        self._note_evictions(len(victims), freed)
 
     def _leased_blob(self, cid: ContentId, lid: LeaseId) -> _Blob:
         self._maintain()
@@ -335,6 +346,7 @@ class MemoryStorage(BlobStorage):
                 if lid in blob:
                     return
                 self._dedup_hits += 1
+                self._note("dedup_hits")
                 self._hold(cid, lid, ttl, detached, blob)
                 return
         if not hashed:
@@ -347,6 +359,7 @@ class MemoryStorage(BlobStorage):
             blob = self._blobs.get(cid)
             if blob is not None:
                 self._dedup_hits += 1
+                self._note("dedup_hits")
                 self._hold(cid, lid, ttl, detached, blob)
                 return
             self._make_room(len(copy))
@@ -460,6 +473,25 @@ class MemoryStorage(BlobStorage):
                 for lid, lease in blob.items()
             ]
 
+    def _why(self, cid: ContentId) -> WhyReport:
+        """Readers per process from the hold table; lease times are not
+        recorded here (leases without a ttl share one record)."""
+        with self._lock:
+            self._maintain()
+            blob = self._blobs.get(cid)
+            if blob is None:
+                raise ContentNotFound(cid)
+            info = BlobInfo(cid, blob.size, len(blob), blob.readers, blob.created, blob.last_access)
+            leases = [
+                LeaseInfo(lid, cid, lid.pid, lease.expires_at, lease.detached)
+                for lid, lease in blob.items()
+            ]
+            per_pid = Counter(pid for hcid, pid in self._readers.values() if hcid == cid)
+            retained = cid in self._retained
+        leases.sort(key=lambda i: str(i.lease_id))
+        readers = tuple(ReaderInfo(pid, n) for pid, n in sorted(per_pid.items()))
+        return WhyReport(info, tuple(leases), readers, retained)
+
     def _collect(self) -> CollectReport:
         with self._lock:
             self._check_open()
@@ -508,6 +540,8 @@ class MemoryStorage(BlobStorage):
                 readers=len(self._readers),
                 retained_blobs=len(self._retained),
                 retained_bytes=self._retained_bytes,
+                evictions=self._evictions,
+                evicted_bytes=self._evicted_bytes,
             )
 
     def _close(self) -> None:

@@ -31,6 +31,7 @@ The parts live in :mod:`blobleases.redis`: key names (``keys``), the Lua
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -73,7 +74,15 @@ from .redis.keys import (
 from .redis.keys import text as _s
 from .redis.protocol import BULK_READ_SIZE, command_packer, connection_class, parser_class
 from .redis.scripts import Scripts
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 from .storage import BlobStorage, FileSource, check_hash
 
 __all__ = ["RedisStorage", "default_host_id"]
@@ -597,6 +606,7 @@ class RedisStorage(BlobStorage):
 
     def _count_dedup(self) -> None:
         self._r.incr(self._keys.dedup_hits)
+        self._note("dedup_hits")
 
     def _make_room(self, cid: ContentId, size: int, token: str) -> bool:
         return eviction.make_room(self, cid, size, token)
@@ -1081,6 +1091,42 @@ class RedisStorage(BlobStorage):
         return out
 
     @storage_errors
+    def _why(self, cid: ContentId) -> WhyReport:
+        """Leases and reader holds with the host (``<host id>.ns<pid
+        namespace>``) of their owner; lease times are not recorded here."""
+        self._maintain()
+        keys = self._ckeys(cid)
+        meta, leases, holds, rank = self._run_pipe(
+            lambda p: [
+                p.hmget(keys[0], Meta.SIZE, Meta.CREATED, Meta.LAST_ACCESS),
+                p.hgetall(keys[1]),
+                p.hvals(keys[2]),
+                p.zscore(self._keys.retained, str(cid)),
+            ]
+        )
+        if meta[0] is None:
+            raise ContentNotFound(cid)
+        now = time.time()
+        infos = []
+        for lid_text, value in leases.items():
+            exp, detached, owner = parse_lease_value(value)
+            if exp is not None and exp <= now:
+                continue
+            lid = LeaseId.parse(_s(lid_text))
+            host = owner.rpartition("/")[0]
+            infos.append(
+                LeaseInfo(lid, cid, lid.pid, exp, detached, None, host, host == self._local)
+            )
+        infos.sort(key=lambda i: str(i.lease_id))
+        readers = []
+        for owner, count in sorted(collections.Counter(_s(v) for v in holds).items()):
+            host, _, pid_text = owner.rpartition("/")
+            pid = int(pid_text) if pid_text.isdigit() else None
+            readers.append(ReaderInfo(pid, count, host, host == self._local))
+        info = BlobInfo(cid, int(meta[0]), len(infos), len(holds), float(meta[1]), float(meta[2]))
+        return WhyReport(info, tuple(infos), tuple(readers), retained=rank is not None)
+
+    @storage_errors
     def _stats(self) -> StorageStats:
         self._maintain()
         present = self._present()
@@ -1100,13 +1146,14 @@ class RedisStorage(BlobStorage):
                 continue
             leases += 1
             owners.add(parse_lease_value(value)[2])
-        total, reserved, dedup, retb, nret = self._run_pipe(
+        total, reserved, dedup, retb, nret, evicted = self._run_pipe(
             lambda p: [
                 p.get(self._keys.total_bytes),
                 p.get(self._keys.reserved_bytes),
                 p.get(self._keys.dedup_hits),
                 p.get(self._keys.retained_bytes),
                 p.zcard(self._keys.retained),
+                p.hmget(self._keys.evictions, "blobs", "bytes"),
             ]
         )
         return StorageStats(
@@ -1118,6 +1165,8 @@ class RedisStorage(BlobStorage):
             readers=readers,
             retained_blobs=int(nret),
             retained_bytes=int(retb or 0),
+            evictions=int(evicted[0] or 0),
+            evicted_bytes=int(evicted[1] or 0),
         )
 
     # -- collect and verify (blobleases.redis.repair) ---------------------------------

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from .content_id import ContentId
 from .lease_id import LeaseId
 
-__all__ = ["BlobInfo", "CollectReport", "LeaseInfo", "StorageStats", "VerifyReport"]
+__all__ = [
+    "BlobInfo",
+    "CollectReport",
+    "LeaseInfo",
+    "ReaderInfo",
+    "StorageStats",
+    "VerifyReport",
+    "WhyReport",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +32,50 @@ class BlobInfo:
 
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
-    """One held lease. ``expires_at`` is None for a lease without a ttl."""
+    """One held lease. ``expires_at`` is None for a lease without a ttl.
+
+    ``created_at``: when the lease was taken (None where the backend does
+    not record it). ``host``: the machine (and pid namespace) whose pid
+    ``pid`` is, where the backend knows it. ``local``: whether ``pid`` is a
+    pid of this machine and pid namespace, so it can be looked up here.
+    """
 
     lease_id: LeaseId
     content_id: ContentId
     pid: int
     expires_at: float | None
     detached: bool = False
+    created_at: float | None = None
+    host: str | None = None
+    local: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderInfo:
+    """The open readers of one process on one blob. ``pid`` is None where
+    the backend counts readers but does not know whose they are."""
+
+    pid: int | None
+    count: int
+    host: str | None = None
+    local: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WhyReport:
+    """Why one blob is present: every lease and open reader holding it, and
+    whether retention alone keeps it (``retained``: present, unreferenced,
+    kept as cache under ``retain_bytes``)."""
+
+    info: BlobInfo
+    leases: tuple[LeaseInfo, ...]
+    readers: tuple[ReaderInfo, ...]
+    retained: bool
+
+    @property
+    def content_id(self) -> ContentId:
+        """The blob's id."""
+        return self.info.content_id
 
 
 @dataclass(slots=True)
@@ -109,3 +154,7 @@ class StorageStats:
     readers: int = 0
     retained_blobs: int = 0
     retained_bytes: int = 0
+    #: Blobs (and their bytes) evicted to make room under ``max_bytes``, by
+    #: any process, since the store was made (where the backend counts them).
+    evictions: int = 0
+    evicted_bytes: int = 0

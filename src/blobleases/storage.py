@@ -11,20 +11,32 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 from collections.abc import Iterator
 from types import TracebackType
 from typing import IO, Any
 
 from .content_id import ContentId, as_buffer, check_algorithm
-from .errors import ContentNotFound, IntegrityError, LeaseExpired, StorageError
+from .errors import BlobLeaseError, ContentNotFound, IntegrityError, LeaseExpired, StorageError
 from .lease_id import LeaseId, check_pid
 from .policies import Policies, check_detached, check_ttl
 from .reader import BlobReader
-from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
+from .reports import (
+    BlobInfo,
+    CollectReport,
+    LeaseInfo,
+    ReaderInfo,
+    StorageStats,
+    VerifyReport,
+    WhyReport,
+)
 
 __all__ = ["BlobStorage", "FileSource", "SourceNotFound"]
 
 FileSource = str | os.PathLike[str] | IO[bytes]
+
+#: Guards every handle's operation counts (see BlobStorage.operation_counts).
+_COUNTS_LOCK = threading.Lock()
 
 
 def _content_id(value: object, name: str = "content_id") -> ContentId:
@@ -101,7 +113,13 @@ class BlobStorage(abc.ABC):
         """
         cid = _content_id(content_id)
         view = as_buffer(data)
-        self._store(cid, view, _lease_id(lease_id), check_ttl(ttl), check_detached(detached), False)
+        lid, ttl_s, det = _lease_id(lease_id), check_ttl(ttl), check_detached(detached)
+        try:
+            self._store(cid, view, lid, ttl_s, det, False)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
+        self._note("stores")
 
     def lease_by_content(
         self,
@@ -121,25 +139,42 @@ class BlobStorage(abc.ABC):
         ):
             content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
             ttl, detached = check_ttl(ttl), check_detached(detached)
-        self._lease_by_content(content_id, lease_id, ttl, detached)
+        try:
+            self._lease_by_content(content_id, lease_id, ttl, detached)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def get_data(self, content_id: ContentId, lease_id: LeaseId) -> bytes:
         """The whole blob. LeaseExpired if the lease is not held; IntegrityError
         if the stored size is wrong (or, with ``verify_reads``, the hash)."""
         if type(content_id) is not ContentId or type(lease_id) is not LeaseId:
             content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
-        return self._get_data(content_id, lease_id)
+        try:
+            return self._get_data(content_id, lease_id)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def get_reader(self, content_id: ContentId, lease_id: LeaseId) -> BlobReader:
         """A reader over the blob that holds it until closed (same errors as get_data)."""
-        return self._get_reader(_content_id(content_id), _lease_id(lease_id))
+        cid, lid = _content_id(content_id), _lease_id(lease_id)
+        try:
+            return self._get_reader(cid, lid)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def advise_lease_dropped(self, lease_id: LeaseId, content_id: ContentId) -> None:
         """End the lease; a no-op if it is not held. Unreferenced content is
         deleted at once unless retention keeps it."""
         if type(content_id) is not ContentId or type(lease_id) is not LeaseId:
             content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
-        self._advise_lease_dropped(lease_id, content_id)
+        try:
+            self._advise_lease_dropped(lease_id, content_id)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def advise_of_pid(self, pid: int) -> None:
         """Record ``pid`` as alive with its start time (a dead pid is a no-op)."""
@@ -165,7 +200,11 @@ class BlobStorage(abc.ABC):
         old, new = _lease_id(from_lease_id, "from_lease_id"), _lease_id(to_lease_id, "to_lease_id")
         if old == new:
             raise ValueError(f"to_lease_id must differ from from_lease_id ({old})")
-        return self._take_over_lease(cid, old, new)
+        try:
+            return self._take_over_lease(cid, old, new)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def store_bytes(
         self,
@@ -180,7 +219,14 @@ class BlobStorage(abc.ABC):
         view = as_buffer(data)
         lid = _lease_id(lease_id)
         ttl_s, det = check_ttl(ttl), check_detached(detached)
-        return self._store_unhashed(view, lid, check_algorithm(algorithm), ttl_s, det)
+        alg = check_algorithm(algorithm)
+        try:
+            cid = self._store_unhashed(view, lid, alg, ttl_s, det)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
+        self._note("stores")
+        return cid
 
     def store_file(
         self,
@@ -193,13 +239,19 @@ class BlobStorage(abc.ABC):
     ) -> ContentId:
         """Store a file (a path or binary file object) streamed in constant
         memory, hashed while copying; hold ``lease_id`` and return its id."""
-        cid, _size = self._store_file(
+        args = (
             _file_source(source),
             _lease_id(lease_id),
             check_algorithm(algorithm),
             check_ttl(ttl),
             check_detached(detached),
         )
+        try:
+            cid, _size = self._store_file(*args)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
+        self._note("stores")
         return cid
 
     def contains(self, content_id: ContentId) -> bool:
@@ -218,21 +270,74 @@ class BlobStorage(abc.ABC):
         """Every held lease (a snapshot; expired leases are not listed)."""
         return iter(self._iter_leases())
 
+    def why(self, content_id: ContentId) -> WhyReport:
+        """Every holder of one blob: its leases (with when they were taken and
+        by which host where the backend records it), its open readers per
+        process where the backend knows whose they are, and whether only
+        retention keeps it. ContentNotFound if absent. A snapshot: it takes
+        no lease and changes nothing."""
+        return self._why(_content_id(content_id))
+
     def collect(self) -> CollectReport:
         """Reap dead processes' and expired leases, delete unreferenced content
         beyond retention, and report what was freed."""
-        return self._collect()
+        try:
+            report = self._collect()
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
+        self._note_collect(report)
+        return report
 
     def verify(self, repair: bool = False) -> VerifyReport:
         """Rehash every blob and report corrupted, missing and orphaned data;
         with ``repair`` remove it (its leases then get LeaseExpired)."""
         if not isinstance(repair, bool):
             raise TypeError(f"repair must be a bool, not {type(repair).__name__}")
-        return self._verify(repair)
+        try:
+            return self._verify(repair)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def stats(self) -> StorageStats:
         """Totals: blobs, bytes, leases, live processes, dedup hits."""
         return self._stats()
+
+    def operation_counts(self) -> dict[str, int]:
+        """What this handle has done since it was made (a snapshot, for
+        :mod:`blobleases.metrics`): ``stores`` (calls of store, store_bytes
+        and store_file that succeeded), ``dedup_hits`` (stores that found
+        their content present), ``evictions`` and ``evicted_bytes`` (content
+        it evicted to make room), ``leases_reaped``, ``readers_reaped``,
+        ``processes_reaped``, ``blobs_freed`` and ``bytes_freed`` (by its
+        ``collect`` calls), and ``errors:<Kind>``: each BlobLeaseError its
+        methods raised, by class name. Counts of no event yet are absent."""
+        with _COUNTS_LOCK:
+            return dict(self.__dict__.get("_op_counts", {}))
+
+    def _note(self, event: str, n: int = 1) -> None:
+        """Count ``n`` of ``event`` done by this handle (see operation_counts);
+        backends call it for ``dedup_hits``, ``evictions`` and ``evicted_bytes``."""
+        with _COUNTS_LOCK:
+            counts = self.__dict__.setdefault("_op_counts", {})
+            counts[event] = counts.get(event, 0) + n
+
+    def _note_evictions(self, blobs: int, nbytes: int) -> None:
+        """Count blobs this handle evicted (a backend's ``_make_room``)."""
+        if blobs:
+            self._note("evictions", blobs)
+            self._note("evicted_bytes", nbytes)
+
+    def _note_error(self, exc: BlobLeaseError) -> None:
+        self._note(f"errors:{type(exc).__name__}")
+
+    def _note_collect(self, report: CollectReport) -> None:
+        for name in ("leases_reaped", "readers_reaped", "processes_reaped", "bytes_freed"):
+            if getattr(report, name):
+                self._note(name, getattr(report, name))
+        if report.blobs_deleted:
+            self._note("blobs_freed", report.blobs_deleted)
 
     def close(self) -> None:
         """Release this handle's resources. Idempotent. Leases held by this
@@ -368,6 +473,17 @@ class BlobStorage(abc.ABC):
     def _iter_leases(self) -> list[LeaseInfo]:
         """Guarantee: a snapshot of held, unexpired leases."""
 
+    def _why(self, cid: ContentId) -> WhyReport:
+        """Guarantee: the blob's facts, its held unexpired leases and its
+        reader holds, or ContentNotFound. This default builds it from
+        ``_stat`` and ``_iter_leases`` (readers as one entry of unknown
+        pid); a backend that knows more (lease times, hosts, readers per
+        process) overrides it."""
+        info = self._stat(cid)
+        held = tuple(sorted((i for i in self._iter_leases() if i.content_id == cid), key=_by_age))
+        readers = (ReaderInfo(None, info.reader_count),) if info.reader_count else ()
+        return WhyReport(info, held, readers, retained=not held and not info.reader_count)
+
     @abc.abstractmethod
     def _collect(self) -> CollectReport:
         """Guarantee: reaps leases and holds of dead processes and expired
@@ -386,6 +502,11 @@ class BlobStorage(abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None:
         """Guarantee: idempotent; afterwards operations raise StorageError."""
+
+
+def _by_age(info: LeaseInfo) -> tuple[float, str]:
+    """Oldest lease first (leases of unknown age last), then by lease id."""
+    return (info.created_at if info.created_at is not None else float("inf"), str(info.lease_id))
 
 
 def check_hash(cid: ContentId, data: Any) -> None:

@@ -137,7 +137,25 @@ def make_room(storage: RedisStorage, cid: ContentId, size: int, token: str) -> b
         with contextlib.suppress(redis.exceptions.RedisError):
             unclaim(storage, victims, token)
         raise
-    kept = [victim for victim, _ in victims if not storage._delete(victim, "claimed", claim=token)]
+    kept: list[str] = []
+    evicted = freed = 0
+    try:
+        for victim, _ in victims:
+            n = storage._delete(victim, "claimed", claim=token)
+            if n:
+                evicted += 1
+                freed += n
+            else:
+                kept.append(victim)
+    finally:
+        if evicted:
+            storage._run_pipe(
+                lambda p: [
+                    p.hincrby(storage._keys.evictions, "blobs", evicted),
+                    p.hincrby(storage._keys.evictions, "bytes", freed),
+                ]
+            )
+            storage._note_evictions(evicted, freed)
     # A victim not deleted here was deleted by another client (its room
     # is free) or outlived this store's claim (it stays).
     if any(storage._r.exists(storage._keys.meta(victim)) for victim in kept):

@@ -22,7 +22,7 @@ Global (``P:{P}:...``):
 * ``retained``: sorted set of unreferenced content kept by ``retain_bytes``
   (score: when it became unreferenced), ``retained_sizes`` (hash),
   ``retained_bytes`` (their total);
-* ``dedup_hits``; ``processes``: hash owner -> process start time;
+* ``dedup_hits``; ``evictions`` (hash: blobs, bytes evicted in all); ``processes``: hash owner -> process start time;
   ``expiries``: sorted set ``"<cid> <lease id>"`` -> expires_at.
 
 Per process (owner ``<host id>.ns<pid namespace inode>/<pid>``):
@@ -113,6 +113,7 @@ class Keys:
         self.retained_sizes = g + "retained_sizes"
         self.retained_bytes = g + "retained_bytes"
         self.dedup_hits = g + "dedup_hits"
+        self.evictions = g + "evictions"  # hash: blobs, bytes evicted in all
         self.processes = g + "processes"
         self.expiries = g + "expiries"
         self.old_layout = [g + name for name in OLD_LAYOUT_KEYS]
