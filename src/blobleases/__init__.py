@@ -44,12 +44,15 @@ from .storage import BlobStorage
 from .urls import open_storage, register_backend
 
 if TYPE_CHECKING:
+    from .aio import AsyncBlobLease, AsyncBlobManager
     from .directory import DirectoryStorage
     from .redis_storage import RedisStorage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncBlobLease",
+    "AsyncBlobManager",
     "BlobInfo",
     "BlobLease",
     "BlobLeaseError",
@@ -97,6 +100,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # DirectoryStorage and RedisStorage load on first use: RedisStorage needs
     # the optional redis extra, and neither is needed to import the package.
+    # The asyncio handles load on first use too (importing asyncio takes time).
+    if name in ("AsyncBlobManager", "AsyncBlobLease"):
+        from . import aio
+
+        return getattr(aio, name)
     if name == "DirectoryStorage":
         from .directory import DirectoryStorage
 

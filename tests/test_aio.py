@@ -1,0 +1,527 @@
+"""AsyncBlobManager and AsyncBlobLease on every backend: the handles' surface
+and errors, that every storage call (finalizers included) runs in the
+manager's pool and never on the event loop's thread, and the loop's longest
+stall while 8 coroutines store and read 16 MiB blobs (printed, not asserted:
+the machine's load decides it)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import os
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blobleases
+from blobleases import (
+    AsyncBlobLease,
+    AsyncBlobManager,
+    BlobLease,
+    BlobStorage,
+    ContentId,
+    ContentNotFound,
+    DirectoryStorage,
+    InvalidContentId,
+    LeaseExpired,
+    LeaseTicket,
+    MemoryStorage,
+    StorageError,
+    StorageNotInitialized,
+    register_storage,
+)
+from blobleases.aio import DEFAULT_MAX_WORKERS, AsyncBlobReader
+from blobleases.urls import open_storage
+
+BACKENDS = ["memory", "directory", "shm", "redis"]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _make(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStorage:
+    if kind == "memory":
+        return MemoryStorage()
+    if kind == "directory":
+        return DirectoryStorage.temporary()
+    if kind == "shm":
+        if not os.path.isdir("/dev/shm"):
+            _unavailable("no /dev/shm on this machine")
+        return open_storage(f"shm://test-aio-{uuid.uuid4().hex[:12]}")
+    from blobleases.redis_storage import RedisStorage
+
+    server = request.getfixturevalue("redis_server")
+    return RedisStorage(server.url, namespace=f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStorage]:
+    kind = request.param
+    made = _make(kind, request, tmp_path)
+    try:
+        yield made
+    finally:
+        root = getattr(made, "root", None)
+        made.close()
+        if kind == "shm" and root is not None:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    async def wrapped() -> Any:
+        return await main()
+
+    return asyncio.run(wrapped())
+
+
+def _held(storage: BlobStorage) -> set[str]:
+    return {str(info.lease_id) for info in storage.iter_leases()}
+
+
+def _pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("blobleases-aio")]
+
+
+# -- the surface -------------------------------------------------------------
+
+
+def test_names_are_exported() -> None:
+    assert "AsyncBlobManager" in blobleases.__all__ and "AsyncBlobLease" in blobleases.__all__
+    assert blobleases.AsyncBlobManager is AsyncBlobManager
+    assert blobleases.AsyncBlobLease is AsyncBlobLease
+
+
+def test_store_get_clone_close(storage: BlobStorage) -> None:
+    async def main() -> None:
+        async with AsyncBlobManager(storage) as manager:
+            lease = await manager.store(b"async bytes")
+            assert isinstance(lease, AsyncBlobLease)
+            assert lease.content_id == ContentId.for_bytes(b"async bytes")
+            assert lease.size == 11 and lease.lease_id.pid == os.getpid()
+            assert lease.storage is storage and not lease.closed and not lease.detached
+            assert await lease.get_data() == b"async bytes"
+            assert _held(storage) == {str(lease.lease_id)}
+
+            clone = await lease.clone()
+            assert clone.lease_id != lease.lease_id and clone.content_id == lease.content_id
+            await lease.close()
+            await lease.close()  # exactly once: later calls do nothing
+            assert lease.closed
+            assert _held(storage) == {str(clone.lease_id)}
+            with pytest.raises(LeaseExpired, match=f"lease {lease.lease_id} .* is closed"):
+                await lease.get_data()
+            for use in (lease.get_reader, lease.clone, lease.transfer):
+                with pytest.raises(LeaseExpired):
+                    await use()
+            with pytest.raises(LeaseExpired):
+                pickle.dumps(lease)
+            assert await clone.get_data() == b"async bytes"  # independent of the original
+
+            async with clone as same:
+                assert same is clone
+            assert clone.closed and _held(storage) == set()
+            assert not storage.contains(lease.content_id)
+
+    run(main)
+
+
+def test_get_by_content_id_and_store_file(storage: BlobStorage, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncBlobManager(storage) as manager:
+            path = tmp_path / "source.bin"
+            path.write_bytes(b"from a file" * 1000)
+            from_path = await manager.store_file(path)
+            assert from_path.size == 11000
+            assert from_path.content_id == ContentId.for_bytes(path.read_bytes())
+            with path.open("rb") as f:
+                f.seek(5)
+                from_file = await manager.store_file(f)
+            assert await from_file.get_data() == path.read_bytes()[5:]
+
+            again = await manager.get_by_content_id(str(from_path.content_id))
+            by_id = await manager.get_by_content_id(from_path.content_id, ttl=60)
+            assert await again.get_data() == await by_id.get_data() == path.read_bytes()
+            assert again.size == 11000
+            for lease in (from_path, from_file, again, by_id):
+                await lease.close()
+
+            absent = ContentId.for_bytes(b"never stored")
+            with pytest.raises(ContentNotFound) as info:
+                await manager.get_by_content_id(absent)
+            assert info.value.content_id == absent
+            with pytest.raises(InvalidContentId, match="sha256-nope"):
+                await manager.get_by_content_id("sha256-nope")
+
+    run(main)
+
+
+def test_reader(storage: BlobStorage) -> None:
+    data = bytes(range(256)) * 64 + b"\nlast line\n"
+
+    async def main() -> None:
+        async with AsyncBlobManager(storage) as manager:
+            lease = await manager.store(data)
+            reader = await lease.get_reader()
+            assert isinstance(reader, AsyncBlobReader) and reader.size == len(data)
+            assert await reader.read(10) == data[:10] and reader.tell() == 10
+            assert await reader.seek(-11, io.SEEK_END) == len(data) - 11
+            assert await reader.readline() == b"\n"
+            assert await reader.readline() == b"last line\n"
+            assert await reader.read() == b""
+            await reader.seek(3)
+            buffer = bytearray(5)
+            assert await reader.readinto(buffer) == 5 and bytes(buffer) == data[3:8]
+            assert await reader.read1(2) == data[8:10]
+            with pytest.raises(OSError):
+                await reader.seek(-1)
+            with pytest.raises(TypeError, match="send its lease"):
+                pickle.dumps(reader)
+
+            await lease.close()  # the reader holds the bytes by itself
+            assert storage.contains(lease.content_id)
+            await reader.seek(0)
+            assert await reader.read() == data
+            async with reader:
+                pass
+            assert reader.closed and not storage.contains(lease.content_id)
+            await reader.close()  # exactly once
+            with pytest.raises(ValueError, match="closed"):
+                await reader.read()
+            with pytest.raises(ValueError, match="closed"):
+                reader.tell()
+
+    run(main)
+
+
+def test_transfer_and_pickling(storage: BlobStorage) -> None:
+    async def main() -> None:
+        async with AsyncBlobManager(storage) as manager:
+            lease = await manager.store(b"handed over")
+            ticket = await lease.transfer()
+            assert isinstance(ticket, LeaseTicket)
+            assert ticket.content_id == str(lease.content_id)
+            pickled = pickle.dumps(lease)
+            await lease.close()
+            # Both load as BlobLeases (in this process: memory:// loads here too).
+            for loaded in (ticket.load(), pickle.loads(pickled)):
+                assert isinstance(loaded, BlobLease)
+                assert loaded.get_data() == b"handed over"
+                loaded.close()
+
+    run(main)
+
+
+def test_detached_and_ttl(storage: BlobStorage) -> None:
+    async def main() -> None:
+        async with AsyncBlobManager(storage) as manager:
+            detached = await manager.store(b"detached", detached=True)
+            assert detached.detached
+            lid = str(detached.lease_id)
+            del detached
+            gc.collect()  # a detached lease ends only on close()
+            assert lid in _held(storage)
+            again = await manager.get_by_content_id(ContentId.for_bytes(b"detached"))
+            await again.close()
+            assert lid in _held(storage)
+            storage.advise_lease_dropped(blobleases.LeaseId.parse(lid), again.content_id)
+
+            with_ttl = await manager.store(b"ttl", ttl=60)
+            [info] = [i for i in storage.iter_leases() if i.lease_id == with_ttl.lease_id]
+            assert info.expires_at is not None
+            await with_ttl.close()
+
+    run(main)
+
+
+def test_bad_arguments_name_themselves() -> None:
+    with pytest.raises(TypeError, match="storage must be a BlobStorage"):
+        AsyncBlobManager("memory://")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_workers must be an int"):
+        AsyncBlobManager(MemoryStorage(), max_workers="2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_workers must be >= 1, not 0"):
+        AsyncBlobManager(MemoryStorage(), max_workers=0)
+    assert AsyncBlobManager(MemoryStorage()).max_workers == DEFAULT_MAX_WORKERS
+
+    async def main() -> None:
+        storage = MemoryStorage()
+        async with AsyncBlobManager(storage, max_workers=2) as manager:
+            with pytest.raises(TypeError, match="data must be bytes-like, not str"):
+                await manager.store("text")
+            with pytest.raises(ValueError, match="ttl"):
+                await manager.store(b"x", ttl=-1)
+            with pytest.raises(ValueError, match="algorithm"):
+                await manager.store(b"x", algorithm="md5")
+            with pytest.raises(FileNotFoundError):
+                await manager.store_file("/nonexistent/blobleases-aio")
+            with pytest.raises(TypeError, match="content_id"):
+                await manager.get_by_content_id(42)  # type: ignore[arg-type]
+            assert _held(storage) == set()  # nothing half-done
+
+    run(main)
+
+
+def test_registered_storage_is_looked_up_per_call() -> None:
+    async def main() -> None:
+        manager = AsyncBlobManager()
+        with pytest.raises(StorageNotInitialized):
+            await manager.store(b"x")
+        storage = MemoryStorage()
+        register_storage(storage)
+        lease = await manager.store(b"registered")
+        assert manager.storage is storage and lease.storage is storage
+        await manager.aclose()
+
+    run(main)
+
+
+# -- lifetime: garbage collection, cancellation, aclose -----------------------
+
+
+def test_garbage_collection_ends_leases_and_readers(storage: BlobStorage) -> None:
+    async def main() -> None:
+        manager = AsyncBlobManager(storage)
+        lease = await manager.store(b"collected")
+        reader = await (await manager.store(b"read then collected")).get_reader()
+        reader_cid = ContentId.for_bytes(b"read then collected")
+        assert storage.contains(reader_cid)
+        del lease, reader
+        gc.collect()
+        # aclose waits for the drops the finalizers handed to the pool.
+        await manager.aclose()
+        assert _held(storage) == set()
+        assert not storage.contains(ContentId.for_bytes(b"collected"))
+        assert not storage.contains(reader_cid)
+
+    run(main)
+
+
+def test_aclose_ends_open_handles(storage: BlobStorage) -> None:
+    async def main() -> None:
+        before = set(_pool_threads())
+        manager = AsyncBlobManager(storage, max_workers=2)
+        lease = await manager.store(b"open at aclose")
+        reader = await lease.get_reader()
+        detached = await manager.store(b"detached at aclose", detached=True)
+        assert set(_pool_threads()) - before
+        await manager.aclose()
+        await manager.aclose()  # idempotent
+        assert manager.closed
+        assert _held(storage) == {str(detached.lease_id)}  # detached leases stay
+        assert not storage.contains(lease.content_id)  # the reader's hold ended too
+        assert lease.closed and reader.closed and detached.closed
+        with pytest.raises(LeaseExpired, match="its AsyncBlobManager was closed"):
+            await lease.get_data()
+        with pytest.raises(ValueError, match="closed"):
+            await reader.read()
+        with pytest.raises(StorageError, match="AsyncBlobManager is closed"):
+            await manager.store(b"after aclose")
+        await lease.close()  # still fine
+        # aclose returns once the pool's threads have ended
+        assert not [t for t in set(_pool_threads()) - before if "join" not in t.name]
+        storage.advise_lease_dropped(detached.lease_id, detached.content_id)
+
+    run(main)
+
+
+class _Gated(MemoryStorage):
+    """A MemoryStorage whose stores wait for ``gate`` (in the worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def _store_unhashed(self, *args: Any) -> ContentId:
+        self.entered.set()
+        self.gate.wait(60)
+        return super()._store_unhashed(*args)
+
+
+def test_cancelled_store_ends_its_lease() -> None:
+    storage = _Gated()
+
+    async def main() -> None:
+        manager = AsyncBlobManager(storage)
+        task = asyncio.create_task(manager.store(b"cancelled"))
+        while not storage.entered.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        storage.gate.set()
+        deadline = time.monotonic() + 60  # a hang guard, not a timing check
+        while storage.stats().leases or storage.stats().blobs:
+            assert time.monotonic() < deadline, "the cancelled store's lease was never ended"
+            gc.collect()
+            await asyncio.sleep(0.01)
+        await manager.aclose()
+
+    run(main)
+
+
+def test_aclose_while_a_store_runs_ends_what_it_made() -> None:
+    storage = _Gated()
+
+    async def main() -> None:
+        manager = AsyncBlobManager(storage)
+        task = asyncio.create_task(manager.store(b"stored during aclose"))
+        while not storage.entered.is_set():
+            await asyncio.sleep(0.001)
+        closing = asyncio.create_task(manager.aclose())
+        await asyncio.sleep(0)
+        storage.gate.set()
+        await closing
+        with pytest.raises(StorageError, match="closed while this call ran"):
+            await task
+        assert storage.stats().leases == 0 and storage.stats().blobs == 0
+
+    run(main)
+
+
+# -- the mechanism: storage calls never run on the loop's thread ---------------
+
+_RECORDED = (
+    "_store",
+    "_store_unhashed",
+    "_store_file",
+    "_lease_by_content",
+    "_take_over_lease",
+    "_get_data",
+    "_get_reader",
+    "_advise_lease_dropped",
+)
+
+
+def _record_threads(storage: BlobStorage) -> list[tuple[str, int, str]]:
+    """Wrap the storage's backend methods (and its readers' close) on this
+    instance so that each call records (name, thread id, thread name)."""
+    calls: list[tuple[str, int, str]] = []
+
+    def note(name: str) -> None:
+        thread = threading.current_thread()
+        calls.append((name, threading.get_ident(), thread.name))
+
+    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            note(name)
+            result = method(*args, **kwargs)
+            if name == "_get_reader":
+                close = result.close
+
+                def recorded_close() -> None:
+                    note("reader.close")
+                    close()
+
+                result.close = recorded_close
+            return result
+
+        return recorded
+
+    for name in _RECORDED:
+        setattr(storage, name, wrap(name, getattr(storage, name)))
+    return calls
+
+
+def test_storage_calls_never_run_on_the_loop_thread(storage: BlobStorage, tmp_path: Path) -> None:
+    calls = _record_threads(storage)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"file bytes")
+
+    async def main() -> tuple[int, LeaseTicket]:
+        loop_thread = threading.get_ident()
+        manager = AsyncBlobManager(storage, max_workers=2)
+        lease = await manager.store(b"recorded")
+        await lease.get_data()
+        clone = await lease.clone()
+        again = await manager.get_by_content_id(lease.content_id)
+        filed = await manager.store_file(path)
+        reader = await lease.get_reader()
+        await reader.read()
+        await reader.close()
+        collected_reader = await lease.get_reader()
+        ticket = await lease.transfer()
+        async with again:
+            pass
+        await lease.close()
+        del clone, collected_reader  # collected on the loop thread
+        gc.collect()
+        await manager.aclose()  # waits for the finalizers' calls; ends `filed`
+        assert filed.closed
+        return loop_thread, ticket
+
+    loop_thread, ticket = run(main)
+    names = {name for name, _, _ in calls}
+    assert {"_get_data", "_get_reader", "_lease_by_content", "_advise_lease_dropped"} <= names
+    assert "reader.close" in names
+    on_loop = [(name, tname) for name, ident, tname in calls if ident == loop_thread]
+    assert not on_loop, f"storage calls ran on the event loop's thread: {on_loop}"
+    assert all(tname.startswith("blobleases-aio") for _, _, tname in calls), calls
+    ticket.load().close()  # a BlobLease, here: ends the transfer lease
+    assert _held(storage) == set()
+
+
+# -- the loop's longest stall --------------------------------------------------
+
+
+def test_loop_stall_while_8_coroutines_store_and_read_16_mib(
+    storage: BlobStorage, record_property: Callable[[str, object], None]
+) -> None:
+    size = 16 << 20
+    blobs = [bytes([n]) * 64 + os.urandom(size - 64) for n in range(8)]
+
+    async def main() -> tuple[float, float, int, int, bool]:
+        results: list[tuple[bytes, bytes, bytes]] = []
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async def work(data: bytes) -> None:
+            async with await manager.store(data) as lease:
+                whole = await lease.get_data()
+                async with await lease.get_reader() as reader:
+                    read = await reader.read()
+            results.append((data, whole, read))  # compared after the ticker stops
+
+        async with AsyncBlobManager(storage) as manager:
+            ticking = asyncio.create_task(ticker())
+            # The same ticker with nothing else running: what the machine's
+            # load alone costs, printed beside the figure.
+            await asyncio.sleep(0.2)
+            idle, gaps[:] = max(gaps), []
+            await asyncio.gather(*(work(data) for data in blobs))
+            stop.set()
+            await ticking
+        # (returns no bytes: the task's repr would show them)
+        same = all(data == whole == read for data, whole, read in results)
+        return max(gaps), idle, len(gaps), len(results), same
+
+    stall, idle, ticks, done, same = run(main)
+    assert done == 8 and same
+    assert _held(storage) == set()
+    kind = type(storage).__name__
+    url = storage.url.split("?")[0]
+    print(
+        f"\nlongest event-loop stall ({kind} {url}): {stall * 1e3:.2f} ms over {ticks} ticks "
+        f"(1 ms sleeps; {idle * 1e3:.2f} ms idle, before the work)"
+    )
+    record_property("max_loop_stall_ms", round(stall * 1e3, 2))
+    record_property("max_idle_loop_gap_ms", round(idle * 1e3, 2))
