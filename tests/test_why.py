@@ -19,10 +19,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from blobleases import BlobManager, DirectoryStorage, MemoryStorage, open_storage
+from blobleases import BlobManager, ContentId, DirectoryStorage, MemoryStorage, open_storage
 from blobleases.cli_ops import duration
 from blobleases.reports import ReaderInfo
 from test_cli import assert_user_error, cli, ok, ok_json
@@ -100,13 +101,11 @@ def test_why_lists_every_holder_with_every_field(
         assert e["process"]["name"].startswith("python")
         assert ids["marker"] in e["process"]["cmdline"]
         assert e["readers"] == 1  # the child's open reader
+        assert before <= e["created_at"] <= after
+        assert 0 <= e["age"] <= after - before
         if redis:
-            # leases on Redis record no time: the age is unknown
-            assert e["created_at"] is None and e["age"] is None
             assert e["host"].startswith(socket.gethostname().replace(" ", "_")[:8])
         else:
-            assert before <= e["created_at"] <= after
-            assert 0 <= e["age"] <= after - before
             assert e["host"] == socket.gethostname()
     assert by_id[ids["plain"]]["detached"] is False
     assert by_id[ids["plain"]]["expires_at"] is None and by_id[ids["plain"]]["ttl_left"] is None
@@ -119,6 +118,7 @@ def test_why_lists_every_holder_with_every_field(
     put = by_id[put_id]
     assert put["detached"] is True and put["alive"] is False and put["process"] is None
     assert put["readers"] == 0 and put["pid"] != proc.pid
+    assert put["created_at"] <= before and put["age"] >= 0
     [reader] = result["readers"]
     assert reader["pid"] == proc.pid and reader["count"] == 1 and reader["alive"] is True
     assert ids["marker"] in reader["process"]["cmdline"]
@@ -255,3 +255,44 @@ def test_the_default_why_is_built_from_stat_and_iter_leases() -> None:
     lease.close()
     other.close()
     assert BlobStorage._why(storage, lease.content_id).retained is True
+
+
+KILLED = r"""
+import json, sys
+from blobleases import BlobManager, open_storage
+manager = BlobManager(open_storage(sys.argv[1]))
+plain = manager.store(b"taken before the 4th field")
+detached = manager.store(b"taken before the 4th field", detached=True)
+print(json.dumps([str(plain.content_id), str(plain.lease_id), str(detached.lease_id)]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_redis_why_and_reaping_read_lease_values_without_the_taken_time(
+    redis_server: Any,
+) -> None:
+    """Lease values stored before the time a lease was taken was recorded
+    (three fields): ``why`` reports their age as unknown, and the scripts
+    still reap such a lease of a dead process and keep a detached one."""
+    url = f"{redis_server.url}?namespace=why-old-{uuid.uuid4().hex[:12]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    cid_text, plain, detached = json.loads(proc.stdout.readline())
+    with open_storage(url) as storage:
+        leases_key = storage._ckeys(cid_text)[1]  # type: ignore[attr-defined]
+        for lid in (plain, detached):
+            value = storage._r.hget(leases_key, lid).decode()  # type: ignore[attr-defined]
+            assert value.count("|") == 3
+            storage._r.hset(leases_key, lid, value.rpartition("|")[0])  # type: ignore[attr-defined]
+        report = storage.why(ContentId.parse(cid_text))
+        assert {str(i.lease_id): i.created_at for i in report.leases} == {
+            plain: None,
+            detached: None,
+        }
+        proc.kill()
+        proc.wait()
+        assert storage.collect().leases_reaped == 1
+        [left] = storage.why(ContentId.parse(cid_text)).leases
+        assert str(left.lease_id) == detached and left.detached and left.created_at is None

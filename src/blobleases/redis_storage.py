@@ -68,6 +68,7 @@ from .redis.keys import (
     End,
     Keys,
     Meta,
+    lease_taken_at,
     lease_value,
     parse_lease_value,
 )
@@ -582,7 +583,7 @@ class RedisStorage(BlobStorage):
         0 absent, 1 already held, 2 newly held (a retained blob is referenced again)."""
         expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
-        value = lease_value(expires_at, detached, owner)
+        value = lease_value(expires_at, detached, owner, time.time())
         keys = self._ckeys(cid)
 
         def build(pipe: Any) -> None:
@@ -662,7 +663,6 @@ class RedisStorage(BlobStorage):
         n = -(-size // self._chunk) if size else 0
         expires_at = policy_rules.expires_at(ttl, time.time())
         owner = self._owner(lid.pid)
-        value = lease_value(expires_at, detached, owner)
         with self._lock:
             self._active_tokens.add(token)
         reserved = committed = indexed = False
@@ -685,6 +685,7 @@ class RedisStorage(BlobStorage):
                 if last is not None:
                     pipe.set(prefix + str(n - 1), last, px=STAGE_TTL_MS)
                 self._intent(pipe, cid, lid, expires_at, detached)
+                value = lease_value(expires_at, detached, owner, now)
                 self._pipe_ev(
                     pipe,
                     "commit",
@@ -813,7 +814,7 @@ class RedisStorage(BlobStorage):
     @storage_errors
     def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
         self._maintain()
-        value = lease_value(None, False, self._owner(new.pid))
+        value = lease_value(None, False, self._owner(new.pid), time.time())
         keys = self._ckeys(cid)
 
         def build(pipe: Any) -> None:
@@ -1092,8 +1093,9 @@ class RedisStorage(BlobStorage):
 
     @storage_errors
     def _why(self, cid: ContentId) -> WhyReport:
-        """Leases and reader holds with the host (``<host id>.ns<pid
-        namespace>``) of their owner; lease times are not recorded here."""
+        """Leases (with when they were taken; None for leases stored before
+        that was recorded) and reader holds, with the host (``<host id>.ns<pid
+        namespace>``) of their owner."""
         self._maintain()
         keys = self._ckeys(cid)
         meta, leases, holds, rank = self._run_pipe(
@@ -1115,7 +1117,16 @@ class RedisStorage(BlobStorage):
             lid = LeaseId.parse(_s(lid_text))
             host = owner.rpartition("/")[0]
             infos.append(
-                LeaseInfo(lid, cid, lid.pid, exp, detached, None, host, host == self._local)
+                LeaseInfo(
+                    lid,
+                    cid,
+                    lid.pid,
+                    exp,
+                    detached,
+                    lease_taken_at(value),
+                    host,
+                    host == self._local,
+                )
             )
         infos.sort(key=lambda i: str(i.lease_id))
         readers = []

@@ -7,7 +7,8 @@ shared by the global bookkeeping. Layout version 2 (:data:`LAYOUT_VERSION`):
 Per content (``P:{cid}:...``):
 
 * ``meta``: hash with the fields of :class:`Meta`;
-* ``leases``: hash lease id -> lease value (:func:`lease_value`);
+* ``leases``: hash lease id -> lease value (:func:`lease_value`: expiry,
+  detached, owner, when taken);
 * ``readers``: hash reader hold id -> owner;
 * ``chunk:<i>``: the blob's chunks; ``staging:<upload>:<i>``: chunks being
   uploaded (with a TTL), renamed into place by the commit script.
@@ -44,6 +45,7 @@ __all__ = [
     "End",
     "Keys",
     "Meta",
+    "lease_taken_at",
     "lease_value",
     "parse_lease_value",
     "text",
@@ -87,15 +89,25 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def lease_value(expires_at: float | None, detached: bool, owner: str) -> str:
-    """A lease's value: ``"<expires_at or empty>|<1 if detached else 0>|<owner>"``."""
+def lease_value(expires_at: float | None, detached: bool, owner: str, taken_at: float) -> str:
+    """A lease's value: ``"<expires_at or empty>|<1 if detached else 0>|<owner>|<taken_at>"``.
+
+    Owners never contain ``|`` (host ids are checked). Values written before
+    ``taken_at`` was recorded have only the first three fields."""
     exp = "" if expires_at is None else repr(expires_at)
-    return f"{exp}|{'1' if detached else '0'}|{owner}"
+    return f"{exp}|{'1' if detached else '0'}|{owner}|{taken_at!r}"
 
 
 def parse_lease_value(value: Any) -> tuple[float | None, bool, str]:
-    exp, det, owner = text(value).split("|", 2)
+    """(expires_at, detached, owner) of a lease value (of three or four fields)."""
+    exp, det, owner = text(value).split("|", 3)[:3]
     return (float(exp) if exp else None), det == "1", owner
+
+
+def lease_taken_at(value: Any) -> float | None:
+    """When the lease was taken, or None for a value written without it."""
+    fields = text(value).split("|", 3)
+    return float(fields[3]) if len(fields) == 4 and fields[3] else None
 
 
 class Keys:

@@ -7,7 +7,8 @@
 --
 -- Key, meta field and value names are those of blobleases/redis/keys.py
 -- (store layout 2). A lease value is
--- "<expires_at or empty>|<1 if detached else 0>|<owner>".
+-- "<expires_at or empty>|<1 if detached else 0>|<owner>|<taken at>" (values
+-- written before the 4th field have 3; owners never contain '|').
 --
 -- Where a script decides a rule of SPEC section 3 it mirrors the Python
 -- function of blobleases/policy_rules.py named in its comment (Memory and
@@ -20,7 +21,7 @@
 -- that add leases or blobs are not flagged.
 
 local function lease_parts(v)
-  local e, d, o = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
+  local e, d, o = string.match(v, '^([^|]*)|([^|]*)|([^|]*)')
   return e, d, o
 end
 
