@@ -44,6 +44,15 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 
+# The Postgres tests start their own PostgreSQL cluster (initdb, pg_ctl) on
+# loopback; Debian installs the binaries under /usr/lib/postgresql/*/bin.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+
 "${PYTHONS[0]}" -m ruff check src tests benchmarks
 "${PYTHONS[0]}" -m mypy
 
