@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import pytest
 
-from pg_servers import PostgresServer, S3Server, ServerUnavailable
+from pg_servers import ACCESS_KEY, SECRET_KEY, PostgresServer, S3Server, ServerUnavailable
 
-__all__ = ["BUCKET", "postgres_server", "s3_server", "unavailable"]
+__all__ = ["BUCKET", "postgres_server", "s3_environment", "s3_server", "unavailable"]
 
 #: The bucket the S3 fixture creates.
 BUCKET = "blobleases-test"
@@ -26,6 +27,23 @@ def unavailable(what: str, reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is required in CI: {reason}", pytrace=False)
     pytest.skip(f"{what} unavailable: {reason}")
+
+
+@contextmanager
+def s3_environment() -> Iterator[None]:
+    """The AWS environment variables that give the S3 fixture's key pair
+    (inherited by child processes started inside the block)."""
+    names = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -450,5 +450,3 @@ def open_tier(url: str, *, timeout: float = 30.0, durable: bool = False) -> Blob
     if "://" in url and not url.startswith("file://"):
         raise ValueError(f"blobs {url!r}: expected s3://bucket/prefix or a directory path")
     return DirectoryTier(url, durable=durable)
-
-
