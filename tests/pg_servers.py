@@ -128,7 +128,8 @@ def _unprivileged_user() -> tuple[int, int] | None:
 class PostgresServer:
     """A PostgreSQL cluster in a private temporary directory, listening on
     127.0.0.1:``port`` and a unix socket in that directory; trust auth for
-    the superuser ``postgres``, durability off (tests only)."""
+    the superuser ``postgres``; no fsync (survives a server crash, not power
+    loss: tests only)."""
 
     def __init__(self) -> None:
         self.bindir = ensure_postgres_binaries()
@@ -189,7 +190,7 @@ class PostgresServer:
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c fsync=off -c full_page_writes=off "
             "-c max_connections=200 -c shared_buffers=32MB"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
@@ -351,7 +352,8 @@ class S3Server:
         )
 
     def create_bucket(self, name: str) -> None:
-        """Create ``name`` (retried while the fresh server elects its volumes)."""
+        """Create ``name`` (retried while the fresh server elects its volumes;
+        also how to wait, after a restart, until the server takes writes)."""
         client: object = self.client()
         deadline = time.monotonic() + 60
         while True:
