@@ -180,3 +180,20 @@ def test_orphaned_object_is_reported_and_collected(s3_storage: PostgresStorage) 
     assert s3_storage.collect().files_removed == 1
     assert tier.size_of(tier.key(cid)) is None
     assert not s3_storage.verify()
+
+
+def test_a_postgres_server_that_does_not_answer_is_a_storage_error(
+    own_postgres: PostgresServer, s3_server: S3Server
+) -> None:
+    with s3_environment(), _open(own_postgres.dsn, s3_server, lock_timeout=1) as storage:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"while it answers", lid)
+        own_postgres.pause()  # SIGSTOP: connections stay open, nothing answers
+        try:
+            with pytest.raises(StorageError, match="did not answer|no connection|connect"):
+                storage.get_data(cid, lid)
+            with pytest.raises(StorageError):
+                storage.lease_by_content(cid, LeaseId.new())
+        finally:
+            own_postgres.resume()
+        assert storage.get_data(cid, lid) == b"while it answers"

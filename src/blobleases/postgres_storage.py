@@ -62,6 +62,7 @@ import hashlib
 import math
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -245,35 +246,107 @@ class _Heartbeat:
                 self.beat()
 
 
+class _Watch:
+    """One connection's deadline: past it, the watchdog shuts its socket
+    down, so a statement waiting on a server that does not answer fails."""
+
+    __slots__ = ("conn", "deadline", "killed", "seconds")
+
+    def __init__(self, conn: Any, seconds: float) -> None:
+        self.conn = conn
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.killed = False
+
+    def rearm(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def kill(self) -> None:
+        self.killed = True
+        with contextlib.suppress(Exception):
+            fd = self.conn.pgconn.socket
+            # a duplicate of the descriptor: shutdown() acts on the socket
+            # itself, close() only on the duplicate
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread per process that ends statements (and commits)
+    the server leaves unanswered past their deadline: PostgreSQL bounds
+    its own lock waits by ``lock_timeout``, a stopped or unplugged server
+    bounds nothing, and libpq has no client-side statement timeout."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[int, _Watch] = {}
+        self.pid = -1
+
+    def arm(self, conn: Any, seconds: float) -> _Watch:
+        watch = _Watch(conn, seconds)
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid = os.getpid()
+                self.entries = {}
+                threading.Thread(
+                    target=self._run, name="blobleases-pg-watchdog", daemon=True
+                ).start()
+            self.entries[id(watch)] = watch
+        return watch
+
+    def disarm(self, watch: _Watch) -> None:
+        with self.lock:
+            self.entries.pop(id(watch), None)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while os.getpid() == pid:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self.lock:
+                due = [w for w in self.entries.values() if w.deadline < now and not w.killed]
+            for watch in due:
+                watch.kill()
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=lambda: setattr(_WATCHDOG, "lock", threading.Lock()))
+
+
 class _Tx:
     """One transaction's cursor, its start time and what to do after it
     commits (object deletions)."""
 
-    __slots__ = ("cur", "deleted", "doomed", "freed", "now")
+    __slots__ = ("cur", "deleted", "doomed", "freed", "now", "watch")
 
-    def __init__(self, cur: Any) -> None:
+    def __init__(self, cur: Any, watch: _Watch) -> None:
         self.cur = cur
+        self.watch = watch
         self.now = time.time()
         self.doomed: list[tuple[str, str]] = []  # (cid text, deleting token)
         self.deleted = 0
         self.freed = 0
 
     def one(self, query: str, params: Any = None) -> Any:
+        self.watch.rearm()
         self.cur.execute(query, params)
         return self.cur.fetchone()
 
     def all(self, query: str, params: Any = None) -> list[Any]:
+        self.watch.rearm()
         self.cur.execute(query, params)
         return list(self.cur.fetchall())
 
     def rows(self, query: str, params: Any = None) -> list[Any]:
         """The rows of a query that returns some, else ``[rowcount]``."""
+        self.watch.rearm()
         self.cur.execute(query, params)
         if self.cur.description is None:
             return [int(self.cur.rowcount)]
         return list(self.cur.fetchall())
 
     def run(self, query: Any, params: Any = None) -> int:
+        self.watch.rearm()
         self.cur.execute(query, params)
         return int(self.cur.rowcount)
 
@@ -339,6 +412,9 @@ class PostgresStorage(BlobStorage):
         self._dsn = dsn
         self._pool_size = pool_size
         self._timeout = float(self.policies.lock_timeout)
+        # a statement's server-side lock wait ends at lock_timeout; past this
+        # the server is taken for one that does not answer
+        self._answer_timeout = self._timeout + 0.5
         self._tier: BlobTier = open_tier(
             blobs, timeout=max(self._timeout, 1.0), durable=self.policies.durability == "safe"
         )
@@ -433,6 +509,15 @@ class PostgresStorage(BlobStorage):
         if self.policies.durability == "safe":
             conn.execute("SET synchronous_commit = on")
 
+    def _check_connection(self, conn: Any) -> None:
+        """The pool's check of an idle connection before it is handed out,
+        under the watchdog (a server that does not answer fails it)."""
+        watch = _WATCHDOG.arm(conn, self._answer_timeout)
+        try:
+            conn.execute("SELECT 1")
+        finally:
+            _WATCHDOG.disarm(watch)
+
     def _pool(self) -> Any:
         """This process's connection pool (a forked child opens its own)."""
         if self._pool_pid == os.getpid() and self._pool_obj is not None:
@@ -448,7 +533,7 @@ class PostgresStorage(BlobStorage):
                     max_size=self._pool_size,
                     open=False,
                     configure=self._configure,
-                    check=ConnectionPool.check_connection,
+                    check=self._check_connection,
                     timeout=max(self._timeout, 1.0),
                     kwargs={
                         "autocommit": True,
@@ -487,15 +572,27 @@ class PostgresStorage(BlobStorage):
         server broke the connection or chose it as a deadlock victim), then
         the object deletions it scheduled."""
         for attempt in range(attempts):
+            watch: _Watch | None = None
             try:
-                with self._pool().connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    tx = _Tx(cur)
-                    result = work(tx)
+                with self._pool().connection() as conn:
+                    watch = _WATCHDOG.arm(conn, self._answer_timeout)
+                    try:
+                        with conn.transaction(), conn.cursor() as cur:
+                            tx = _Tx(cur, watch)
+                            result = work(tx)
+                            watch.rearm()  # for the commit
+                    finally:
+                        _WATCHDOG.disarm(watch)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == attempts - 1:
                     raise
                 continue
             except psycopg.OperationalError as exc:
+                if watch is not None and watch.killed:
+                    raise StorageError(
+                        f"PostgreSQL at {self._safe_dsn()} did not answer within "
+                        f"lock_timeout={self._timeout}s"
+                    ) from exc
                 if attempt == attempts - 1 or isinstance(
                     exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
                 ):
