@@ -13,7 +13,7 @@ key may be written or deleted. Every tier guarantees:
   returns False then, having written nothing;
 * :meth:`BlobTier.read_range` returns exactly the bytes asked for, or
   raises :class:`ObjectMissing` (no object) / :class:`ObjectShort` (fewer
-  bytes than asked);
+  bytes than asked); with ``exact=False``, those up to the object's end;
 * every other failure is a :class:`~blobleases.errors.StorageError`.
 
 The S3 client is obstore: on the local SeaweedFS it moved 16 MiB PUT+GET
@@ -66,7 +66,7 @@ class BlobTier(Protocol):
 
     def put(self, key: str, parts: Iterable[Any], size: int) -> bool: ...
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes: ...
+    def read_range(self, key: str, offset: int, length: int, *, exact: bool = True) -> bytes: ...
 
     def iter_object(self, key: str, size: int) -> Iterator[bytes]: ...
 
@@ -225,7 +225,7 @@ class S3Tier:
         except Exception as exc:
             raise self._fail("upload", key, exc) from exc
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes:
+    def read_range(self, key: str, offset: int, length: int, *, exact: bool = True) -> bytes:
         if length <= 0:
             return b""
         try:
@@ -236,7 +236,7 @@ class S3Tier:
                 raise ObjectShort(f"s3://{self.bucket}/{key} is shorter than expected") from exc
             raise self._fail("ranged read", key, exc) from exc
         data = bytes(got)
-        if len(data) != length:
+        if exact and len(data) != length:
             raise ObjectShort(
                 f"s3://{self.bucket}/{key}: {len(data)} bytes at offset {offset}, not {length}"
             )
@@ -370,7 +370,7 @@ class DirectoryTier:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes:
+    def read_range(self, key: str, offset: int, length: int, *, exact: bool = True) -> bytes:
         if length <= 0:
             return b""
         try:
@@ -385,7 +385,7 @@ class DirectoryTier:
             raise StorageError(f"cannot read {self._path(key)!r}: {exc.strerror}") from exc
         finally:
             os.close(fd)
-        if len(data) != length:
+        if exact and len(data) != length:
             raise ObjectShort(f"{self._path(key)}: {len(data)} bytes at {offset}, not {length}")
         return data
 

@@ -162,6 +162,50 @@ INSERT INTO meta(key, value) VALUES ('dedup_hits', 0), ('schema_version', 1)
     ON CONFLICT (key) DO NOTHING;
 """
 
+#: Ends one lease under the content's advisory lock and row lock (each
+#: statement of a PL/pgSQL function sees what committed before it): 0 not
+#: held, 1 ended and the content still referenced, 2 ended and left
+#: unreferenced (the caller settles it).
+_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION drop_lease(
+    p_cid text, p_lid text, p_key bigint, p_now double precision
+) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_key);
+    PERFORM 1 FROM content WHERE cid = p_cid FOR UPDATE;
+    DELETE FROM leases WHERE cid = p_cid AND lid = p_lid;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    IF EXISTS (SELECT 1 FROM leases WHERE cid = p_cid
+               AND (expires_at IS NULL OR expires_at > p_now))
+       OR EXISTS (SELECT 1 FROM holds WHERE cid = p_cid) THEN
+        RETURN 1;
+    END IF;
+    RETURN 2;
+END
+$$
+"""
+
+#: Holds a lease in one statement (see PostgresStorage._acquire): (size or
+#: NULL if absent, 1 if the lease is new).
+_SQL_ACQUIRE = """
+WITH c AS (SELECT size, retained FROM content WHERE cid = %(cid)s FOR SHARE),
+ins AS (
+    INSERT INTO leases(cid, lid, pid, expires_at, detached, owner)
+    SELECT %(cid)s, %(lid)s, %(pid)s, %(exp)s, %(det)s, %(owner)s FROM c
+    ON CONFLICT (cid, lid) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+        detached = EXCLUDED.detached, owner = EXCLUDED.owner
+    WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= %(now)s
+    RETURNING 1
+),
+un AS (
+    UPDATE content SET retained = NULL
+    WHERE cid = %(cid)s AND retained IS NOT NULL AND EXISTS (SELECT 1 FROM c)
+)
+SELECT (SELECT size FROM c), (SELECT count(*) FROM ins)
+"""
+
 _NOW = "extract(epoch from clock_timestamp())"
 _HELD = "(expires_at IS NULL OR expires_at > %(now)s)"
 
@@ -533,7 +577,6 @@ class PostgresStorage(BlobStorage):
                     max_size=self._pool_size,
                     open=False,
                     configure=self._configure,
-                    check=self._check_connection,
                     timeout=max(self._timeout, 1.0),
                     kwargs={
                         "autocommit": True,
@@ -567,20 +610,26 @@ class PostgresStorage(BlobStorage):
         netloc = parts.netloc.rsplit("@", 1)[1]
         return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
-    def _tx(self, work: Callable[[_Tx], _R], *, attempts: int = 3) -> _R:
+    def _tx(self, work: Callable[[_Tx], _R], *, attempts: int = 3, single: bool = False) -> _R:
         """Run ``work`` in one transaction (retried from the start when the
         server broke the connection or chose it as a deadlock victim), then
-        the object deletions it scheduled."""
+        the object deletions it scheduled. ``single``: ``work`` runs one
+        statement, which is its own transaction (autocommit)."""
         for attempt in range(attempts):
             watch: _Watch | None = None
             try:
                 with self._pool().connection() as conn:
                     watch = _WATCHDOG.arm(conn, self._answer_timeout)
                     try:
-                        with conn.transaction(), conn.cursor() as cur:
-                            tx = _Tx(cur, watch)
-                            result = work(tx)
-                            watch.rearm()  # for the commit
+                        if single:
+                            with conn.cursor() as cur:
+                                tx = _Tx(cur, watch)
+                                result = work(tx)
+                        else:
+                            with conn.transaction(), conn.cursor() as cur:
+                                tx = _Tx(cur, watch)
+                                result = work(tx)
+                                watch.rearm()  # for the commit
                     finally:
                         _WATCHDOG.disarm(watch)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
@@ -606,7 +655,7 @@ class PostgresStorage(BlobStorage):
 
     def _exec(self, query: str, params: Any = None) -> list[Any]:
         """One statement outside a transaction (autocommit); its rows."""
-        return self._tx(lambda tx: tx.rows(query, params))
+        return self._tx(lambda tx: tx.rows(query, params), single=True)
 
     def _create_schema(self) -> None:
         def work(tx: _Tx) -> None:
@@ -617,6 +666,7 @@ class PostgresStorage(BlobStorage):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     tx.run(statement)
+            tx.run(_FUNCTIONS)
             row = tx.one("SELECT value FROM meta WHERE key = 'schema_version'")
             if row is not None and int(row[0]) > _SCHEMA_VERSION:
                 raise StorageError(
@@ -873,7 +923,11 @@ class PostgresStorage(BlobStorage):
 
     def _settle(self, tx: _Tx, cid_text: str) -> None:
         """Content (locked) left with no held lease and no reader is
-        retained or deleted."""
+        retained or deleted. Its row is locked first (FOR UPDATE), so a
+        lease taken meanwhile by :meth:`_acquire` (which locks it FOR SHARE)
+        is seen by the check below, or waits and then finds it gone."""
+        if tx.one("SELECT 1 FROM content WHERE cid = %s FOR UPDATE", (cid_text,)) is None:
+            return
         row = tx.one(
             "SELECT c.size, c.retained, EXISTS (SELECT 1 FROM leases l WHERE l.cid = c.cid "
             "AND (l.expires_at IS NULL OR l.expires_at > %(now)s)) "
@@ -909,8 +963,14 @@ class PostgresStorage(BlobStorage):
             )
         ]
         for cid_text in policy_rules.over_retain_budget(total, budget, rows):
-            if self._try_lock(tx, cid_text):
+            if self._try_lock(tx, cid_text) and self._still_retained(tx, cid_text):
                 self._delete(tx, cid_text)
+
+    def _still_retained(self, tx: _Tx, cid_text: str) -> bool:
+        """Lock the row of retained content; False if a lease took it back
+        meanwhile (so it must not be deleted as unreferenced)."""
+        row = tx.one("SELECT retained FROM content WHERE cid = %s FOR UPDATE", (cid_text,))
+        return row is not None and row[0] is not None
 
     def _delete(self, tx: _Tx, cid_text: str) -> int:
         """Delete the content (locked) with its leases and holds; its object
@@ -1028,7 +1088,17 @@ class PostgresStorage(BlobStorage):
                 policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
             )
         if not plan_only:
+            was_retained = {c for c, _ in retained}
             for cid_text in victims:
+                if (
+                    cid_text in was_retained
+                    and self.policies.on_full != "evict"
+                    and not self._still_retained(tx, cid_text)
+                ):
+                    raise StoreFull(
+                        f"storing {size} bytes: retained content chosen for eviction was "
+                        f"leased again meanwhile (max_bytes={limit})"
+                    )
                 self._delete(tx, cid_text)
 
     # -- the backend methods ---------------------------------------------------------
@@ -1250,11 +1320,15 @@ class PostgresStorage(BlobStorage):
         self._maintain()
         cid_text = str(cid)
 
-        def work(tx: _Tx) -> int | None:
-            self._lock_content(tx, cid_text, shared=True)
-            return self._hold(tx, cid_text, lid, ttl, detached)[0]
+        if detached or lid.pid == os.getpid():
+            size = self._acquire(cid_text, lid, ttl, detached)
+        else:
 
-        size = self._tx(work)
+            def work(tx: _Tx) -> int | None:
+                self._lock_content(tx, cid_text, shared=True)
+                return self._hold(tx, cid_text, lid, ttl, detached)[0]
+
+            size = self._tx(work)
         if size is None:
             raise ContentNotFound(cid)
         self._touch(cid_text)
@@ -1284,6 +1358,34 @@ class PostgresStorage(BlobStorage):
             self._touch(cid_text)
         return size
 
+    def _acquire(
+        self, cid_text: str, lid: LeaseId, ttl: float | None, detached: bool
+    ) -> int | None:
+        """Hold a lease of this process (or a detached one) in one statement,
+        its own transaction: the content row is locked FOR SHARE, so a
+        concurrent :meth:`_settle` (FOR UPDATE first) either sees this lease
+        or runs first, and then this statement finds the row gone (None) or
+        retained (taken back)."""
+        now = time.time()
+        expires = policy_rules.expires_at(ttl, now)
+        rows = self._exec(
+            _SQL_ACQUIRE,
+            {
+                "cid": cid_text,
+                "lid": str(lid),
+                "pid": lid.pid,
+                "exp": expires,
+                "det": detached,
+                "owner": self._owner(lid.pid),
+                "now": now,
+            },
+        )
+        size, new = rows[0]
+        if size is not None and new and expires is not None:
+            with self._lock:
+                self._next_expiry = min(self._next_expiry, expires)
+        return None if size is None else int(size)
+
     def _held_size(self, tx: _Tx, cid_text: str, lid: LeaseId) -> int | None:
         row = tx.one(
             "SELECT c.size FROM content c JOIN leases l ON l.cid = c.cid "
@@ -1293,29 +1395,36 @@ class PostgresStorage(BlobStorage):
         return None if row is None else int(row[0])
 
     def _read_all(self, cid: ContentId, size: int) -> bytes:
+        """The whole object, which must have ``size`` bytes (one request: a
+        byte past the end is asked for too, so a longer object shows)."""
         key = self._tier.key(cid)
         try:
-            data = self._tier.read_range(key, 0, size) if size else b""
-            if size == 0 and self._tier.size_of(key) is None:
-                raise ObjectMissing(f"{key} is missing")
+            if size == 0:
+                found = self._tier.size_of(key)
+                if found is None:
+                    raise ObjectMissing(f"{key} is missing")
+                data = b"" if found == 0 else b"?" * min(found, 1)
+            else:
+                data = self._tier.read_range(key, 0, size + 1, exact=False)
         except ObjectMissing as exc:
             raise IntegrityError(f"the bytes of {cid} are gone from the blob tier: {exc}") from exc
         except ObjectShort as exc:
             raise IntegrityError(f"the bytes of {cid} in the blob tier are short: {exc}") from exc
+        if len(data) != size:
+            raise IntegrityError(
+                f"{cid} has {'more' if len(data) > size else len(data)} bytes in the blob "
+                f"tier, not {size}"
+            )
         return data
 
     @_storage_errors
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         self._maintain()
         cid_text = str(cid)
-        size = self._tx(lambda tx: self._held_size(tx, cid_text, lid))
+        size = self._tx(lambda tx: self._held_size(tx, cid_text, lid), single=True)
         if size is None:
             raise self._lease_expired(cid, lid)
         data = self._read_all(cid, size)
-        if len(data) != size or (
-            size and self._tier.size_of(self._tier.key(cid)) not in (size, None)
-        ):
-            raise IntegrityError(f"{cid} has the wrong size in the blob tier (index: {size})")
         if self.policies.verify_reads:
             check_hash(cid, data)
         self._touch(cid_text)
@@ -1404,12 +1513,19 @@ class PostgresStorage(BlobStorage):
         self._maintain()
         cid_text = str(cid)
 
-        def work(tx: _Tx) -> None:
-            self._lock_content(tx, cid_text)
-            if tx.run("DELETE FROM leases WHERE cid = %s AND lid = %s", (cid_text, str(lid))):
+        # One call in the common case: the function ends the lease under the
+        # content's lock and says whether the content is left unreferenced.
+        state = self._exec(
+            "SELECT drop_lease(%s, %s, %s, %s)",
+            (cid_text, str(lid), _lock_key(self._namespace, cid_text), time.time()),
+        )[0][0]
+        if state == 2:
+
+            def work(tx: _Tx) -> None:
+                self._lock_content(tx, cid_text)
                 self._settle(tx, cid_text)
 
-        self._tx(work)
+            self._tx(work)
 
     @_storage_errors
     def _advise_of_pid(self, pid: int) -> None:
