@@ -217,7 +217,7 @@ class S3Tier:
                 _rechunk(parts, MULTIPART_PART),
                 use_multipart=True,
                 chunk_size=MULTIPART_PART,
-                max_concurrency=4,
+                max_concurrency=2,
             )
             return True
         except StorageError:
@@ -289,16 +289,19 @@ def _duration(seconds: float) -> Any:
 
 
 def _rechunk(parts: Iterable[Any], size: int) -> Iterator[bytes]:
-    """The bytes of ``parts`` in pieces of ``size`` (the last shorter), so
-    memory stays bounded by a few parts whatever the source gives."""
-    pending = bytearray()
+    """The bytes of ``parts`` in pieces of about ``size`` (at least ``size``
+    but the last), so memory stays bounded by a few parts whatever the
+    source gives."""
+    pending: list[bytes] = []
+    held = 0
     for part in parts:
-        pending += part
-        while len(pending) >= size:
-            yield bytes(pending[:size])
-            del pending[:size]
+        pending.append(bytes(part))
+        held += len(pending[-1])
+        if held >= size:
+            yield b"".join(pending)
+            pending, held = [], 0
     if pending:
-        yield bytes(pending)
+        yield b"".join(pending)
 
 
 class DirectoryTier:
