@@ -1,7 +1,7 @@
 """Rows 17: PostgresStorage against raw clients on the same servers.
 
 17a: store+get of a 16 MiB blob through PostgresStorage with the S3 tier
-vs a raw obstore PUT+GET of the same bytes on the same SeaweedFS; 17b: lease
+vs a raw boto3 PUT+GET of the same bytes on the same SeaweedFS; 17b: lease
 acquire+drop pairs vs a raw psycopg INSERT transaction and DELETE
 transaction on the same PostgreSQL. The servers are those the test suite
 starts (tests/pg_servers.py), on loopback.
@@ -55,7 +55,7 @@ def postgres_rows(ctx: Context) -> None:
     store_row = ctx.row(
         f"17a store+get {size_text(size)}, PostgresStorage (S3 tier), store+get_data",
         "MiB/s",
-        "obstore PUT+GET, same SeaweedFS",
+        "boto3 PUT+GET, same SeaweedFS",
         Target(">=", 0.8),
     )
     lease_row = ctx.row(
@@ -65,9 +65,9 @@ def postgres_rows(ctx: Context) -> None:
         Target(">=", 0.7),
     )
     try:
-        import obstore
+        import boto3
         import psycopg
-        from obstore.store import S3Store
+        from botocore.config import Config
 
         from blobleases.postgres_storage import PostgresStorage
     except ImportError as exc:
@@ -80,12 +80,11 @@ def postgres_rows(ctx: Context) -> None:
         storage = PostgresStorage(
             pg.dsn, blobs=f"s3://bench/{namespace}?endpoint={s3.endpoint}", namespace=namespace
         )
-        raw_s3 = S3Store(
-            "bench",
-            endpoint=s3.endpoint,
-            region="us-east-1",
-            virtual_hosted_style_request=False,
-            client_options={"allow_http": True},
+        raw_s3 = boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
         )
         mgr = BlobManager(storage)
         seeds = itertools.count()
@@ -115,12 +114,13 @@ def postgres_rows(ctx: Context) -> None:
             def run() -> None:
                 for b in blobs:
                     key = f"raw/{next(seeds)}"
-                    obstore.put(raw_s3, key, b, use_multipart=len(b) > 8 * MiB)
-                    bytes(obstore.get(raw_s3, key).bytes())
+                    raw_s3.put_object(Bucket="bench", Key=key, Body=b)
+                    raw_s3.get_object(Bucket="bench", Key=key)["Body"].read()
                     keys.append(key)
 
             per = per_op(len(blobs), run)
-            obstore.delete(raw_s3, keys)
+            for key in keys:
+                raw_s3.delete_object(Bucket="bench", Key=key)
             return per
 
         c, r = interleave(ctx.sizes.reps, [candidate, raw])

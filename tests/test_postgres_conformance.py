@@ -31,9 +31,7 @@ def _rewrite(storage: BlobStorage, cid: ContentId, data: bytes) -> None:
         Path(path).write_bytes(data)
     else:
         assert isinstance(tier, S3Tier)
-        import obstore
-
-        obstore.put(tier._client(), key, data)
+        tier._client().put_object(Bucket=tier.bucket, Key=key, Body=data)
 
 
 def _stored(storage: BlobStorage, cid: ContentId) -> bytes:

@@ -9,6 +9,7 @@ on loopback, so the hosts differ by host id, which is what the store sees.)
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -120,3 +121,38 @@ def test_killed_host_is_reaped_after_its_heartbeat(hosts: tuple[str, str, str]) 
             if host.process.poll() is None:
                 host.kill()
         observer.close()
+
+
+def test_forked_child_uses_its_own_connections(hosts: tuple[str, str, str]) -> None:
+    dsn, blobs, namespace = hosts
+    storage = PostgresStorage(dsn, blobs=blobs, namespace=namespace)
+    try:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"across fork", lid)
+        backends_before = _backend_pids(storage)
+        pid = os.fork()
+        if pid == 0:  # the child: works, then exits the normal way (finalizers run)
+            code = 1
+            try:
+                child_lid = LeaseId.new()
+                storage.lease_by_content(cid, child_lid)
+                ok = storage.get_data(cid, child_lid) == b"across fork"
+                code = 0 if ok and not (_backend_pids(storage) & backends_before) else 2
+                storage.advise_lease_dropped(child_lid, cid)
+                storage.close()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the parent's pooled connections were neither used nor closed by the child
+        assert storage.get_data(cid, lid) == b"across fork"
+        assert _backend_pids(storage) <= backends_before | _backend_pids(storage)
+        assert storage.stat(cid).lease_count == 1
+    finally:
+        storage.close()
+
+
+def _backend_pids(storage: PostgresStorage) -> set[int]:
+    """The server pids of the connections this process's pool holds."""
+    return {int(r[0]) for r in storage._exec("SELECT pg_backend_pid()")}
