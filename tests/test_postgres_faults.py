@@ -97,7 +97,7 @@ def test_s3_stopped_mid_upload_leaves_nothing(
     data = bytes(range(256)) * ((3 * MULTIPART_PART) // 256)  # a multipart upload
     cid = ContentId.for_bytes(data)
     with s3_environment():
-        storage = _open(postgres_server.dsn, own_s3, lock_timeout=2)
+        storage = _open(postgres_server.dsn, own_s3, lock_timeout=1)
     source = _StopsServer(data, own_s3, after=MULTIPART_PART + 1)
     try:
         source.seek(0)

@@ -35,7 +35,7 @@ def _factory(kind: str) -> BlobStorage:
 
 
 _SETTINGS = settings(
-    max_examples=10,
+    max_examples=6,
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -75,7 +75,7 @@ def test_sigkill_torture_loses_nothing_and_leaks_nothing(
             for k in range(0, 8, 2):
                 lid = LeaseId.new()
                 mine.append((storage.store_bytes(datas[k], lid), lid, k))
-            for round_ in range(3):
+            for round_ in range(2):
                 workers = [
                     subprocess.Popen(
                         [

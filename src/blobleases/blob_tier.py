@@ -140,7 +140,7 @@ class S3Tier:
         self._boto3 = boto3
         self._config = botocore.config.Config(
             s3={"addressing_style": "path"} if self.endpoint else {},
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=min(timeout, 10.0),
             read_timeout=timeout,
             max_pool_connections=16,
