@@ -113,6 +113,9 @@ _BATCH = 200
 _SCHEMA_VERSION = 1
 #: Pools inherited across fork: kept referenced, never closed, in the child.
 _INHERITED: list[Any] = []
+#: (namespace, content id) of the object deletions this process is making now.
+_IN_FLIGHT: set[tuple[str, str]] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key text PRIMARY KEY, value double precision NOT NULL);
@@ -617,6 +620,7 @@ class PostgresStorage(BlobStorage):
         statement, which is its own transaction (autocommit)."""
         for attempt in range(attempts):
             watch: _Watch | None = None
+            tx: _Tx | None = None
             try:
                 with self._pool().connection() as conn:
                     watch = _WATCHDOG.arm(conn, self._answer_timeout)
@@ -632,6 +636,23 @@ class PostgresStorage(BlobStorage):
                                 watch.rearm()  # for the commit
                     finally:
                         _WATCHDOG.disarm(watch)
+            except BaseException as exc:
+                if tx is not None and tx.doomed:  # rolled back: nothing to delete
+                    with _IN_FLIGHT_LOCK:
+                        for cid_text, _token in tx.doomed:
+                            _IN_FLIGHT.discard((self._namespace, cid_text))
+                if not isinstance(exc, psycopg.Error):
+                    raise
+                retry: psycopg.Error | None = exc
+            else:
+                retry = None
+            if retry is None:
+                assert tx is not None
+                for cid_text, token in tx.doomed:
+                    self._finish_delete(cid_text, token)
+                return result
+            try:
+                raise retry
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == attempts - 1:
                     raise
@@ -648,9 +669,6 @@ class PostgresStorage(BlobStorage):
                     raise
                 time.sleep(0.05 * (attempt + 1))
                 continue
-            for cid_text, token in tx.doomed:
-                self._finish_delete(cid_text, token)
-            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _exec(self, query: str, params: Any = None) -> list[Any]:
@@ -999,15 +1017,23 @@ class PostgresStorage(BlobStorage):
         )
         if inserted:
             tx.doomed.append((cid_text, token))
+            # in flight from now on (before the commit), so no other thread of
+            # this process takes the row for a failed deletion's leftover
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT.add((self._namespace, cid_text))
 
     def _finish_delete(self, cid_text: str, token: str) -> None:
         """After the commit: delete the object, then its ``deleting`` row (if
         the tier fails, the row stays and collect() finishes the job)."""
+        mark = (self._namespace, cid_text)
         try:
             self._tier.delete(self._tier.key(ContentId.parse(cid_text)))
             self._exec("DELETE FROM deleting WHERE cid = %s AND token = %s", (cid_text, token))
         except (StorageError, psycopg.Error):
             pass
+        finally:
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT.discard(mark)
 
     def _hold(
         self, tx: _Tx, cid_text: str, lid: LeaseId, ttl: float | None, detached: bool
@@ -1168,7 +1194,13 @@ class PostgresStorage(BlobStorage):
                     self._active_uploads.add(token)
                 return token
             assert deleter is not None
-            if deleter != self._owner(os.getpid()) and self._judge([deleter]):
+            if deleter == self._owner(os.getpid()):
+                with _IN_FLIGHT_LOCK:
+                    # a deletion of this process that failed (its row stayed)
+                    stale = (self._namespace, cid_text) not in _IN_FLIGHT
+            else:
+                stale = bool(self._judge([deleter]))
+            if stale:
                 self._finish_stale_deletion(cid_text)
                 continue
             if time.monotonic() > deadline:
