@@ -123,6 +123,8 @@ def test_killed_host_is_reaped_after_its_heartbeat(hosts: tuple[str, str, str]) 
         observer.close()
 
 
+# The heartbeat and watchdog threads are running: forking is what is tested.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_forked_child_uses_its_own_connections(hosts: tuple[str, str, str]) -> None:
     dsn, blobs, namespace = hosts
     storage = PostgresStorage(dsn, blobs=blobs, namespace=namespace)
