@@ -43,6 +43,7 @@ from benchmarks.rows_handoff import fanout_rows, handoff_rows, ray_rows
 from benchmarks.rows_latency import latency_rows
 from benchmarks.rows_lifecycle import reap_rows, scale_rows
 from benchmarks.rows_local import get_rows, lease_rows, small_rows, store_rows
+from benchmarks.rows_postgres import postgres_rows
 from benchmarks.rows_redis import redis_rows
 
 __all__ = ["GROUPS", "main"]
@@ -65,6 +66,8 @@ GROUPS: list[Group] = [
     ("11", "latency", latency_rows),
     # issue 13's rows 11-15, numbered 12-16 here
     ("12", "executor", executor_rows),
+    # issue 15: PostgresStorage
+    ("17", "postgres", postgres_rows),
 ]
 
 #: Issue 4 (acceptance 6) targets, checked on rows of issue 7: (row prefix, on, op, threshold).

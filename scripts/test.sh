@@ -35,21 +35,23 @@ for python in "${PYTHONS[@]}"; do
     "$python" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 done
 
-# The Redis tests start their own redis-server processes on loopback; the
-# binary comes from Debian's package when the machine does not have it.
+# Debian packages of the servers and tools the tests start themselves, each
+# installed only when the machine lacks it: redis-server (tests/redis_servers.py),
+# tmux (tests/test_top.py runs `blobleases top` in a real terminal) and
+# PostgreSQL (tests/pg_servers.py: initdb and pg_ctl, on loopback).
+missing=()
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+    missing+=(redis-server redis-tools)
 fi
-
-# tests/test_top.py runs `blobleases top` in a real terminal: a tmux session.
-if ! command -v tmux >/dev/null 2>&1; then
+if ! command -v tmux >/dev/null 2>&1; then missing+=(tmux); fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    missing+=(postgresql)
+fi
+if [ "${#missing[@]}" != 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq tmux >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 "${PYTHONS[0]}" -m ruff check src tests benchmarks

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from blobleases import registry
+from pg_fixtures import postgres_server, s3_server  # noqa: F401 (session fixtures)
 from redis_fixtures import redis_cluster, redis_server  # noqa: F401 (session fixtures)
 
 

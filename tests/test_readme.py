@@ -14,7 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
 #: Blocks that name hosts this machine does not have, and why they cannot run.
-NEEDS_HOSTS = {"cache.internal": "the Redis example connects to servers named cache.internal"}
+NEEDS_HOSTS = {
+    "cache.internal": "the Redis example connects to servers named cache.internal",
+    "db.internal": "the PostgreSQL example connects to servers named db.internal",
+}
 
 
 def test_readme_has_python_blocks() -> None:

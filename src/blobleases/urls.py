@@ -210,6 +210,12 @@ def _open_redis(url: str, /, *, create: bool, **policies: Any) -> BlobStorage:
     return RedisStorage(url, **policies)
 
 
+def _open_postgres(url: str, /, *, create: bool, **policies: Any) -> BlobStorage:
+    from .postgres_storage import open_postgres
+
+    return open_postgres(url, create=create, **policies)
+
+
 _BUILT_IN: dict[str, BackendFactory] = {
     "memory": _open_memory,
     "temp": _open_temp,
@@ -220,5 +226,7 @@ _BUILT_IN: dict[str, BackendFactory] = {
     "rediss": _open_redis,
     "redis+cluster": _open_redis,
     "unix": _open_redis,
+    "postgresql": _open_postgres,
+    "postgres": _open_postgres,
 }
 _backends.update(_BUILT_IN)

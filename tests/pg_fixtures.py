@@ -1,0 +1,73 @@
+"""Session fixtures: one PostgreSQL server and one SeaweedFS S3 server,
+started on first use and stopped at the end of the session.
+
+When ``CI`` is set and a server cannot be installed or started, the tests
+that need it fail; elsewhere they skip, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import pytest
+
+from pg_servers import ACCESS_KEY, SECRET_KEY, PostgresServer, S3Server, ServerUnavailable
+
+__all__ = ["BUCKET", "postgres_server", "s3_environment", "s3_server", "unavailable"]
+
+#: The bucket the S3 fixture creates.
+BUCKET = "blobleases-test"
+
+
+def unavailable(what: str, reason: str) -> NoReturn:
+    """Fail under CI, skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI: {reason}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {reason}")
+
+
+@contextmanager
+def s3_environment() -> Iterator[None]:
+    """The AWS environment variables that give the S3 fixture's key pair
+    (inherited by child processes started inside the block)."""
+    names = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback (durability off)."""
+    try:
+        server = PostgresServer()
+    except ServerUnavailable as exc:
+        unavailable("PostgreSQL", str(exc))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """SeaweedFS with S3 on loopback and the bucket ``BUCKET``."""
+    try:
+        server = S3Server()
+        server.create_bucket(BUCKET)
+    except ServerUnavailable as exc:
+        unavailable("SeaweedFS (weed server -s3)", str(exc))
+    try:
+        yield server
+    finally:
+        server.close()
