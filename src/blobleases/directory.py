@@ -114,7 +114,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
-from . import ingest, policy_rules
+from . import forksafe, ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import check_schema, connect, create_schema, pid_owner
 from .errors import (
@@ -283,38 +283,14 @@ _SMALL_STORE = 16 << 10
 # delete the WAL under the child). So every storage's lock is taken before
 # fork (no thread is inside SQLite at the fork), and the child closes the
 # inherited connection at once (releasing nothing of the parent's: fcntl
-# locks belong to the parent process) before it opens its own.
-_INSTANCES: weakref.WeakSet[DirectoryStorage] = weakref.WeakSet()
-_FORK_HELD: list[DirectoryStorage] = []
+# locks belong to the parent process) before it opens its own
+# (blobleases.forksafe does both).
 # Inherited connections whose close failed in the child: kept, never used.
 _INHERITED: list[sqlite3.Connection] = []
 
 
-def _before_fork() -> None:
-    held = list(_INSTANCES)
-    for storage in held:
-        storage._lock.acquire()
-    _FORK_HELD[:] = held
-
-
-def _after_fork_in_parent() -> None:
-    held, _FORK_HELD[:] = list(_FORK_HELD), []
-    for storage in held:
-        storage._lock.release()
-
-
-def _after_fork_in_child() -> None:
-    _WriterLock.forget_inherited()
-    held, _FORK_HELD[:] = list(_FORK_HELD), []
-    for storage in held:
-        storage._after_fork()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
+def _fork_lock(storage: DirectoryStorage) -> threading.RLock:
+    return storage._lock
 
 
 def _finish_at_exit(ref: weakref.ref[DirectoryStorage]) -> None:
@@ -773,6 +749,9 @@ class _WriterLock:
                 self._cond.notify_all()
 
 
+forksafe.on_child(_WriterLock.forget_inherited)
+
+
 @dataclass(slots=True)
 class _Tx:
     """One write transaction: its connection, its clock, and what it deleted."""
@@ -920,7 +899,7 @@ class DirectoryStorage(BlobStorage):
         except BaseException:
             self._close_fds()
             raise
-        _INSTANCES.add(self)
+        forksafe.register(self, lock=_fork_lock, child=DirectoryStorage._after_fork)
         # At exit, after the leases made on this handle (finalizers run
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, weakref.ref(self))

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import ingest, policy_rules
+from . import forksafe, ingest, policy_rules
 from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
@@ -64,6 +64,10 @@ class _Blob(dict[LeaseId, _Lease]):
         self.readers = 0
 
 
+def _fork_lock(storage: MemoryStorage) -> threading.RLock:
+    return storage._lock
+
+
 class MemoryStorage(BlobStorage):
     """Blobs held in this process (threads share it; other processes do not).
 
@@ -95,7 +99,7 @@ class MemoryStorage(BlobStorage):
         self._stamp = time.time()  # the last-access time recorded now
         # Access order only decides evictions, which need a max_bytes.
         self._track_order = self.policies.max_bytes is not None
-        os.register_at_fork(after_in_child=self._after_fork)
+        forksafe.register(self, lock=_fork_lock, child=MemoryStorage._after_fork)
 
     def _after_fork(self) -> None:
         self._lock = threading.RLock()
