@@ -39,6 +39,12 @@ def _lease_id(value: object, name: str = "lease_id") -> LeaseId:
     return value
 
 
+def _lease_args(
+    content_id: object, lease_id: object, ttl: object, detached: object
+) -> tuple[ContentId, LeaseId, float | None, bool]:
+    return _content_id(content_id), _lease_id(lease_id), check_ttl(ttl), check_detached(detached)
+
+
 class SourceNotFound(StorageError, FileNotFoundError):
     """The file given to ``store_file`` does not exist or is not a regular file."""
 
@@ -119,8 +125,7 @@ class BlobStorage(abc.ABC):
             or ttl is not None
             or detached is not False
         ):
-            content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
-            ttl, detached = check_ttl(ttl), check_detached(detached)
+            content_id, lease_id, ttl, detached = _lease_args(content_id, lease_id, ttl, detached)
         self._lease_by_content(content_id, lease_id, ttl, detached)
 
     def get_data(self, content_id: ContentId, lease_id: LeaseId) -> bytes:
@@ -150,6 +155,25 @@ class BlobStorage(abc.ABC):
         self._advise_pid_terminated(check_pid(pid))
 
     # -- extensions -------------------------------------------------------
+
+    def lease_with_size(
+        self,
+        content_id: ContentId,
+        lease_id: LeaseId,
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> int:
+        """As :meth:`lease_by_content`, and return the blob's size in bytes
+        (what a lease handle needs, with no second look-up)."""
+        if (
+            type(content_id) is not ContentId
+            or type(lease_id) is not LeaseId
+            or ttl is not None
+            or detached is not False
+        ):
+            content_id, lease_id, ttl, detached = _lease_args(content_id, lease_id, ttl, detached)
+        return self._lease_by_content(content_id, lease_id, ttl, detached)
 
     def take_over_lease(
         self, content_id: ContentId, from_lease_id: LeaseId, to_lease_id: LeaseId
@@ -193,14 +217,28 @@ class BlobStorage(abc.ABC):
     ) -> ContentId:
         """Store a file (a path or binary file object) streamed in constant
         memory, hashed while copying; hold ``lease_id`` and return its id."""
-        cid, _size = self._store_file(
+        cid, _size = self.store_file_with_size(
+            source, lease_id, algorithm, ttl=ttl, detached=detached
+        )
+        return cid
+
+    def store_file_with_size(
+        self,
+        source: FileSource,
+        lease_id: LeaseId,
+        algorithm: str = "sha256",
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> tuple[ContentId, int]:
+        """As :meth:`store_file`, and return the blob's size in bytes too."""
+        return self._store_file(
             _file_source(source),
             _lease_id(lease_id),
             check_algorithm(algorithm),
             check_ttl(ttl),
             check_detached(detached),
         )
-        return cid
 
     def contains(self, content_id: ContentId) -> bool:
         """Whether the content is present (leased, read or retained)."""

@@ -310,6 +310,29 @@ class BlobStorageTests:
         assert info.value.content_id == cid
         assert list(storage.iter_leases()) == []
 
+    def test_lease_with_size_and_store_file_with_size(
+        self, storage: BlobStorage, tmp_path: Any
+    ) -> None:
+        data = blob(70001, 71)
+        path = tmp_path / "sized.bin"
+        path.write_bytes(data)
+        lid = LeaseId.new()
+        cid, size = storage.store_file_with_size(path, lid)
+        assert (cid, size) == (ContentId.for_bytes(data), len(data))
+        lid2 = LeaseId.new()
+        assert storage.lease_with_size(cid, lid2, ttl=60.0) == len(data)
+        assert storage.lease_with_size(cid, lid2) == len(data)  # held already: a no-op
+        assert storage.stat(cid).lease_count == 2
+        with pytest.raises(ContentNotFound):
+            storage.lease_with_size(ContentId.for_bytes(b"absent"), LeaseId.new())
+        with pytest.raises(TypeError, match="content_id"):
+            storage.lease_with_size(str(cid), lid2)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="detached"):
+            storage.lease_with_size(cid, LeaseId.new(), detached=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="source"):
+            storage.store_file_with_size(12, LeaseId.new())  # type: ignore[arg-type]
+        assert storage.stat(cid).lease_count == 2
+
     # == Rule 3: reads need a held lease, never partial or wrong bytes ==============
 
     def test_get_data_without_lease_raises_lease_expired(self, storage: BlobStorage) -> None:
