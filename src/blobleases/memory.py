@@ -152,7 +152,12 @@ class MemoryStorage(BlobStorage):
         if self._retained and key in self._retained:
             del self._retained[key]
             self._retained_total -= blob.size
-        self._touch(key, blob)
+        now = time.time()  # (the access, as _touch records it: inlined)
+        if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:
+            self._stamp = now
+        blob.last_access = self._stamp
+        if self._track_order:
+            self._order.move_to_end(key)
         return blob.size
 
     def has_lease(self, key: ContentId, lid: LeaseId) -> bool:
