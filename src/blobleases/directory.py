@@ -142,7 +142,7 @@ from .liveness import (
     remove_dead_owner,
     same_start,
 )
-from .reader import BlobReader
+from .reader import BlobReader, BufferSource
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource
 
@@ -500,33 +500,19 @@ def _frees(
     return frees
 
 
-class _MmapSource:
+def _mmap_source(mapped: mmap.mmap | None) -> BufferSource:
     """A reader source over a read-only mmap of a blob file (or nothing, for
     an empty blob: empty files cannot be mapped)."""
+    if mapped is None:
+        return BufferSource(memoryview(b""))
 
-    def __init__(self, mapped: mmap.mmap | None) -> None:
-        self._mmap = mapped
-        self._view: memoryview | None = (
-            memoryview(mapped).toreadonly() if mapped is not None else memoryview(b"")
-        )
+    def unmap() -> None:
+        # A view the user still holds (getbuffer) keeps the mapping alive;
+        # it is unmapped when that view is garbage-collected.
+        with contextlib.suppress(BufferError):
+            mapped.close()
 
-    def buffer(self) -> memoryview | None:
-        return self._view
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        view = self._view
-        if view is None:
-            raise ValueError("I/O operation on closed blob reader")
-        return bytes(view[offset : offset + length])
-
-    def close(self) -> None:
-        mapped, self._mmap = self._mmap, None
-        self._view = None
-        if mapped is not None:
-            # A view the user still holds (getbuffer) keeps the mapping alive;
-            # it is unmapped when that view is garbage-collected.
-            with contextlib.suppress(BufferError):
-                mapped.close()
+    return BufferSource(memoryview(mapped), unmap)
 
 
 class _WriterLock:
@@ -2536,7 +2522,7 @@ class DirectoryStorage(BlobStorage):
 
         return BlobReader(source, size, release)
 
-    def _map(self, cid: ContentId, lid: LeaseId, size: int) -> _MmapSource:
+    def _map(self, cid: ContentId, lid: LeaseId, size: int) -> BufferSource:
         fd = self._open_blob(cid, lid, size)
         try:
             mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
@@ -2544,7 +2530,7 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot map the file of blob {cid}", exc) from exc
         finally:
             os.close(fd)
-        source = _MmapSource(mapped)
+        source = _mmap_source(mapped)
         try:
             self._engine.check_read(cid, source.buffer(), size, size)  # (fstat checked the size)
         except BaseException:
