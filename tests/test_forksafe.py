@@ -70,7 +70,9 @@ def test_fork_waits_for_a_thread_inside_the_lock_and_the_child_gets_a_fresh_lock
 
     def check() -> bool:
         # a fresh lock (the inherited one was held by no thread of the child)
-        return guarded.state == "consistent" and guarded.children == 1 and guarded.lock.acquire(False)
+        return (
+            guarded.state == "consistent" and guarded.children == 1 and guarded.lock.acquire(False)
+        )
 
     assert _in_child(check) == 0
     worker.join()
