@@ -114,7 +114,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import quote
 
-from . import file_pool, ingest, policy_rules
+from . import file_pool, forksafe, ingest, policy_rules
 from .content_id import ALGORITHMS, ContentId, new_hasher
 from .directory_index import (
     check_schema,
@@ -123,6 +123,7 @@ from .directory_index import (
     has_lease_created,
     pid_owner,
 )
+from .engine import Engine
 from .errors import (
     BlobLeaseError,
     ContentNotFound,
@@ -130,7 +131,6 @@ from .errors import (
     InvalidContentId,
     InvalidLeaseId,
     StorageError,
-    StoreFull,
 )
 from .holders import scope_host
 from .lease_id import LeaseId
@@ -149,7 +149,7 @@ from .liveness import (
     remove_dead_owner,
     same_start,
 )
-from .reader import BlobReader
+from .reader import BlobReader, BufferSource
 from .reports import (
     BlobInfo,
     CollectReport,
@@ -298,38 +298,14 @@ _SMALL_STORE = 16 << 10
 # delete the WAL under the child). So every storage's lock is taken before
 # fork (no thread is inside SQLite at the fork), and the child closes the
 # inherited connection at once (releasing nothing of the parent's: fcntl
-# locks belong to the parent process) before it opens its own.
-_INSTANCES: weakref.WeakSet[DirectoryStorage] = weakref.WeakSet()
-_FORK_HELD: list[DirectoryStorage] = []
+# locks belong to the parent process) before it opens its own
+# (blobleases.forksafe does both).
 # Inherited connections whose close failed in the child: kept, never used.
 _INHERITED: list[sqlite3.Connection] = []
 
 
-def _before_fork() -> None:
-    held = list(_INSTANCES)
-    for storage in held:
-        storage._lock.acquire()
-    _FORK_HELD[:] = held
-
-
-def _after_fork_in_parent() -> None:
-    held, _FORK_HELD[:] = list(_FORK_HELD), []
-    for storage in held:
-        storage._lock.release()
-
-
-def _after_fork_in_child() -> None:
-    _WriterLock.forget_inherited()
-    held, _FORK_HELD[:] = list(_FORK_HELD), []
-    for storage in held:
-        storage._after_fork()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
+def _fork_lock(storage: DirectoryStorage) -> threading.RLock:
+    return storage._lock
 
 
 def _finish_at_exit(ref: weakref.ref[DirectoryStorage]) -> None:
@@ -539,33 +515,19 @@ def _frees(
     return frees
 
 
-class _MmapSource:
+def _mmap_source(mapped: mmap.mmap | None) -> BufferSource:
     """A reader source over a read-only mmap of a blob file (or nothing, for
     an empty blob: empty files cannot be mapped)."""
+    if mapped is None:
+        return BufferSource(memoryview(b""))
 
-    def __init__(self, mapped: mmap.mmap | None) -> None:
-        self._mmap = mapped
-        self._view: memoryview | None = (
-            memoryview(mapped).toreadonly() if mapped is not None else memoryview(b"")
-        )
+    def unmap() -> None:
+        # A view the user still holds (getbuffer) keeps the mapping alive;
+        # it is unmapped when that view is garbage-collected.
+        with contextlib.suppress(BufferError):
+            mapped.close()
 
-    def buffer(self) -> memoryview | None:
-        return self._view
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        view = self._view
-        if view is None:
-            raise ValueError("I/O operation on closed blob reader")
-        return bytes(view[offset : offset + length])
-
-    def close(self) -> None:
-        mapped, self._mmap = self._mmap, None
-        self._view = None
-        if mapped is not None:
-            # A view the user still holds (getbuffer) keeps the mapping alive;
-            # it is unmapped when that view is garbage-collected.
-            with contextlib.suppress(BufferError):
-                mapped.close()
+    return BufferSource(memoryview(mapped), unmap)
 
 
 class _WriterLock:
@@ -788,6 +750,9 @@ class _WriterLock:
                 self._cond.notify_all()
 
 
+forksafe.on_child(_WriterLock.forget_inherited)
+
+
 @dataclass(slots=True)
 class _Tx:
     """One write transaction: its connection, its clock, and what it deleted."""
@@ -808,6 +773,74 @@ class _Tx:
 
 _MAX_ROOT_DEPTH = 256
 """The deepest store root accepted (os.makedirs recurses once per missing level)."""
+
+
+class _IndexRoom:
+    """The room verbs of :class:`blobleases.engine.RoomAdapter` over the
+    index, inside the write transaction ``tx`` (keys: content ids as text).
+    The lease lifecycle stays in SQL (bulk statements over many rows); the
+    retain-or-delete decision and the eviction plan are the engine's."""
+
+    __slots__ = ("db", "storage", "tx")
+
+    def __init__(self, storage: DirectoryStorage, tx: _Tx) -> None:
+        self.storage, self.tx, self.db = storage, tx, tx.db
+
+    def unreferenced_size(self, key: str) -> int | None:
+        if self.db.execute(_SQL_REFERENCED, {"cid": key, "now": self.tx.now}).fetchone()[0]:
+            return None
+        row = self.db.execute(_SQL_CONTENT, (key,)).fetchone()
+        return None if row is None or row[1] is not None else int(row[0])
+
+    def delete_if_unreferenced(self, key: str) -> None:
+        tx = self.tx
+        rows = self.db.execute(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now}).fetchall()
+        if rows:  # (one statement checks and deletes)
+            self.db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
+            tx.doomed.append(key)
+            tx.deleted += 1
+            tx.freed += int(rows[0][0])
+
+    def delete_content(self, key: str) -> int:
+        return self.storage._delete(self.tx, key)
+
+    def count_evictions(self, blobs: int, freed: int) -> None:
+        for name, n in (("evictions", blobs), ("evicted_bytes", freed)):
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                (name, n),
+            )
+        self.storage._note_evictions(blobs, freed)
+
+    def retain(self, key: str) -> None:
+        db = self.db
+        db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
+        seq = db.execute(
+            "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
+        ).fetchone()[0]
+        db.execute("UPDATE content SET retained = ? WHERE cid = ?", (seq, key))
+
+    def retained_bytes(self) -> int:
+        return int(
+            self.db.execute(
+                "SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL"
+            ).fetchone()[0]
+        )
+
+    def retained_oldest_first(self) -> Iterator[tuple[str, int]]:
+        return iter(self.db.execute(_SQL_RETAINED_IN_ORDER))
+
+    def evictable_oldest_first(self) -> Iterator[tuple[str, int, bool]]:
+        # Content with a reader (a hold) is never a candidate.
+        cursor = self.db.execute(
+            "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
+        )
+        return ((key, size, False) for key, size in cursor)
+
+    def total_bytes(self) -> int:
+        return int(self.db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0])
 
 
 def _check_root_path(root: str) -> str:
@@ -900,7 +933,9 @@ class DirectoryStorage(BlobStorage):
         self._access: dict[str, float] = {}
         self._sizes: dict[str, int] = {}  # content sizes never change: a safe cache
         self._access_flush_at = 0.0
-        self._next_reap = 0.0
+        self._engine: Engine[str] = Engine(self.policies, 0.0)
+        self._reaps = self._engine.reaps
+        self._reaps.next = 0.0  # the first operation reaps if no process has lately
         self._root_fd = -1
         self._tmp_fd = -1  # the current fd of _dirs["tmp"] (-1: none)
         self._writer_lock: _WriterLock | None = None
@@ -937,7 +972,7 @@ class DirectoryStorage(BlobStorage):
         except BaseException:
             self._close_fds()
             raise
-        _INSTANCES.add(self)
+        forksafe.register(self, lock=_fork_lock, child=DirectoryStorage._after_fork)
         # At exit, after the leases made on this handle (finalizers run
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, weakref.ref(self))
@@ -1086,7 +1121,7 @@ class DirectoryStorage(BlobStorage):
                     f"permissions): cannot {'rebuild its index' if rebuild else 'create a store'}"
                 )
             self._read_only = True
-            self._next_reap = float("inf")  # a read-only handle never reaps
+            self._reaps.never()  # a read-only handle never reaps
         return index
 
     def _connect_index(self) -> sqlite3.Connection:
@@ -1294,7 +1329,7 @@ class DirectoryStorage(BlobStorage):
         """Start an operation (lock held): the connection, after an automatic
         reap if one is due."""
         db = self._conn()
-        if time.time() >= self._next_reap:
+        if self._reaps.due(time.time()):
             self._auto_reap()
         return db
 
@@ -1319,7 +1354,7 @@ class DirectoryStorage(BlobStorage):
         db = self._conn()
         if self._read_only:
             self._refuse_read_only("change it")
-        if maintain and time.time() >= self._next_reap:
+        if maintain and self._reaps.due(time.time()):
             self._auto_reap()
         # _conn() checked that this process owns the connection: a writer
         # lock made by this process is ours too (no second getpid).
@@ -2019,31 +2054,7 @@ class DirectoryStorage(BlobStorage):
 
     def _settle(self, tx: _Tx, key: str) -> None:
         """Content left with no lease and no reader is retained or deleted."""
-        db = tx.db
-        if self.policies.retain_bytes <= 0:
-            # Nothing is retained: one statement checks and deletes.
-            rows = db.execute(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now}).fetchall()
-            if rows:
-                db.execute("DELETE FROM leases WHERE cid = ?", (key,))  # expired ones
-                tx.doomed.append(key)
-                tx.deleted += 1
-                tx.freed += int(rows[0][0])
-            return
-        if db.execute(_SQL_REFERENCED, {"cid": key, "now": tx.now}).fetchone()[0]:
-            return
-        row = db.execute(_SQL_CONTENT, (key,)).fetchone()
-        if row is None or row[1] is not None:
-            return
-        db.execute("DELETE FROM leases WHERE cid = ?", (key,))
-        size, retain = int(row[0]), self.policies.retain_bytes
-        if policy_rules.retains(size, retain):
-            seq = db.execute(
-                "SELECT coalesce(max(retained), 0) + 1 FROM content WHERE retained IS NOT NULL"
-            ).fetchone()[0]
-            db.execute("UPDATE content SET retained = ? WHERE cid = ?", (seq, key))
-            self._trim_retained(tx, retain)
-        else:
-            self._delete(tx, key)
+        self._engine.settle(_IndexRoom(self, tx), key)
 
     def _add_content(self, tx: _Tx, key: str, size: int) -> bool:
         """Add the row of new content ``key`` (making room for it under
@@ -2082,56 +2093,13 @@ class DirectoryStorage(BlobStorage):
         return size
 
     def _trim_retained(self, tx: _Tx, budget: int) -> None:
-        db = tx.db
-        total = db.execute(
-            "SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL"
-        ).fetchone()[0]
-        if total <= budget:
-            return
-        rows = db.execute(_SQL_RETAINED_IN_ORDER).fetchall()
-        for key in policy_rules.over_retain_budget(total, budget, rows):
-            self._delete(tx, key)
+        self._engine.trim_retained(_IndexRoom(self, tx), budget)
 
     def _make_room(self, tx: _Tx, size: int) -> None:
         """Evict per policy so ``size`` more bytes fit under ``max_bytes``
         (which must be set), or raise StoreFull having changed nothing."""
-        limit = self.policies.max_bytes
-        assert limit is not None
-        db = tx.db
-        self._flush_access(tx)
-        total = db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0]
-        if total + size <= limit:
-            return
-        if size > limit:
-            raise StoreFull(policy_rules.too_large_message(size, limit))
-
-        def leased() -> Iterator[tuple[str, int, bool]]:
-            # Content with a reader (a hold) is never a candidate.
-            cursor = db.execute(
-                "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
-                "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
-            )
-            for key, held in cursor:
-                yield key, held, False
-
-        victims = policy_rules.plan_eviction(
-            total + size - limit,
-            db.execute(_SQL_RETAINED_IN_ORDER),
-            leased(),
-            self.policies.on_full,
-        )
-        if victims is None:
-            raise StoreFull(
-                policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
-            )
-        freed = sum(self._delete(tx, key) for key in victims)
-        for name, n in (("evictions", len(victims)), ("evicted_bytes", freed)):
-            db.execute(
-                "INSERT INTO meta(key, value) VALUES (?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                (name, n),
-            )
-        self._note_evictions(len(victims), freed)
+        self._flush_access(tx)  # the LRU order as of now
+        self._engine.make_room(_IndexRoom(self, tx), size)
 
     def _end_leases(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
         """Delete the leases matching ``where`` and settle their content."""
@@ -2243,7 +2211,7 @@ class DirectoryStorage(BlobStorage):
                     )
         leases += self._expire(tx)
         db.execute("UPDATE meta SET value = ? WHERE key = 'last_reap'", (tx.now,))
-        self._next_reap = tx.now + self.policies.reap_interval
+        self._reaps.reaped(tx.now)
         return leases, holds, dead_owners
 
     @_frees
@@ -2251,12 +2219,8 @@ class DirectoryStorage(BlobStorage):
         """Reap if no process has in the last ``reap_interval`` seconds."""
         with self._write(maintain=False) as tx:
             last = tx.db.execute("SELECT value FROM meta WHERE key = 'last_reap'").fetchone()
-            last_reap = float(last[0]) if last else 0.0
-            interval = self.policies.reap_interval
-            if tx.now - last_reap >= interval or last_reap > tx.now + 1.0:
+            if self._reaps.due_after(float(last[0]) if last else 0.0, tx.now):
                 self._reap(tx)
-            else:
-                self._next_reap = last_reap + interval
 
     def _is_held(self, cid: ContentId, lid: LeaseId) -> bool:
         with self._lock:
@@ -2575,10 +2539,7 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot read the file of blob {cid}", exc) from exc
         finally:
             os.close(fd)
-        if len(data) != size:
-            raise IntegrityError(f"the file of blob {cid} is shorter than its {size} bytes")
-        if self.policies.verify_reads and not cid.matches(data):
-            raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
+        self._engine.check_read(cid, data, size, len(data))
         return data
 
     @_index_errors
@@ -2615,7 +2576,7 @@ class DirectoryStorage(BlobStorage):
 
         return BlobReader(source, size, release)
 
-    def _map(self, cid: ContentId, lid: LeaseId, size: int) -> _MmapSource:
+    def _map(self, cid: ContentId, lid: LeaseId, size: int) -> BufferSource:
         fd = self._open_blob(cid, lid, size)
         try:
             mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
@@ -2623,10 +2584,12 @@ class DirectoryStorage(BlobStorage):
             raise _error(f"cannot map the file of blob {cid}", exc) from exc
         finally:
             os.close(fd)
-        source = _MmapSource(mapped)
-        if self.policies.verify_reads and not cid.matches(source.buffer()):
+        source = _mmap_source(mapped)
+        try:
+            self._engine.check_read(cid, source.buffer(), size, size)  # (fstat checked the size)
+        except BaseException:
             source.close()
-            raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
+            raise
         return source
 
     def _deferred(self, work: Callable[..., None], *args: Any) -> bool:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .content_id import ContentId, as_buffer, check_algorithm
+from .content_id import ContentId, as_buffer
 from .lease import BlobLease
 from .lease_id import LeaseId
-from .policies import check_detached, check_ttl
 from .registry import get_storage
-from .storage import BlobStorage, FileSource, _file_source
+from .storage import BlobStorage, FileSource
 
 __all__ = ["BlobManager", "get_by_content_id", "store", "store_file"]
 
@@ -54,13 +53,7 @@ class BlobManager:
         """Store a file streamed in constant memory and return a lease on it."""
         storage = self.storage
         lid = LeaseId.new()
-        cid, size = storage._store_file(
-            _file_source(source),
-            lid,
-            check_algorithm(algorithm),
-            check_ttl(ttl),
-            check_detached(detached),
-        )
+        cid, size = storage.store_file_with_size(source, lid, algorithm, ttl=ttl, detached=detached)
         return BlobLease(storage, cid, lid, size, detached=detached)
 
     def get_by_content_id(
@@ -74,7 +67,7 @@ class BlobManager:
         cid = ContentId.coerce(content_id, "content_id")
         storage = self.storage
         lid = LeaseId.new()
-        size = storage._lease_by_content(cid, lid, check_ttl(ttl), check_detached(detached))
+        size = storage.lease_with_size(cid, lid, ttl=ttl, detached=detached)
         return BlobLease(storage, cid, lid, size, detached=detached)
 
 

@@ -1,7 +1,9 @@
 """MemoryStorage: blobs in this process's memory, safe from many threads.
 
-The reference backend: the simplest code that meets every guarantee of
-:class:`~blobleases.storage.BlobStorage`. Readers are zero-copy memoryviews.
+The reference backend, and an adapter only: its data structures and the
+verbs of :class:`blobleases.engine.Adapter` over them; every rule of SPEC
+sections 2 and 3 is :class:`blobleases.engine.Engine`'s, run under one lock
+(the transaction). Readers are zero-copy memoryviews.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import ingest, policy_rules
+from . import forksafe, ingest
 from .content_id import ContentId, new_hasher
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .engine import Engine
+from .errors import ContentNotFound, StorageError
 from .lease_id import LeaseId
-from .liveness import is_alive, own_start_time, process_start_time, same_start
+from .liveness import is_alive, own_start_time, process_start_time
 from .reader import BlobReader, BufferSource
 from .reports import (
     BlobInfo,
@@ -57,19 +61,21 @@ class _Blob(dict[LeaseId, _Lease]):
 
     The leases live in the blob's own record, not in a table of every lease:
     at a million blobs an acquire or drop then touches the blob's memory
-    only, instead of also probing a second million-entry table (more cache
-    and TLB misses per pair at scale; the lookup in ``_blobs`` remains).
+    only, instead of also probing a second million-entry table.
     """
 
     __slots__ = ("created", "data", "last_access", "readers", "size")
 
-    def __init__(self, data: bytes, size: int, created: float, last_access: float) -> None:
+    def __init__(self, data: bytes, size: int, created: float) -> None:
         super().__init__()
         self.data = data
         self.size = size
-        self.created = created
-        self.last_access = last_access
+        self.created = self.last_access = created
         self.readers = 0
+
+
+def _fork_lock(storage: MemoryStorage) -> threading.RLock:
+    return storage._lock
 
 
 class MemoryStorage(BlobStorage):
@@ -84,32 +90,33 @@ class MemoryStorage(BlobStorage):
     def __init__(self, **policies: Any) -> None:
         super().__init__(**policies)
         self._lock = threading.RLock()
+        self._engine: Engine[ContentId] = Engine(self.policies, time.monotonic())
+        self._reaps = self._engine.reaps
         self._blobs: dict[ContentId, _Blob] = {}
         # Non-detached leases by pid, for reaping. This process's own leases
         # are not indexed (it never reaps itself; terminating it scans).
-        self._by_pid: dict[int, set[tuple[LeaseId, ContentId]]] = {}
+        self._by_pid: dict[int, set[tuple[ContentId, LeaseId]]] = {}
         self._own_pid = os.getpid()
         self._readers: dict[int, tuple[ContentId, int]] = {}
         self._reader_ids = itertools.count(1)
         self._order: OrderedDict[ContentId, None] = OrderedDict()  # LRU: oldest first
         self._retained: OrderedDict[ContentId, None] = OrderedDict()
-        self._retained_bytes = 0
+        self._retained_total = 0
         self._expiries: list[tuple[float, str, LeaseId, ContentId]] = []
         self._pids: dict[int, float | None] = {os.getpid(): own_start_time()}
         self._bytes = 0
         self._dedup_hits = 0
         self._evictions = self._evicted_bytes = 0
         self._closed = False
-        self._next_reap = time.monotonic() + self.policies.reap_interval
         self._stamp = time.time()  # the last-access time recorded now
         # Access order only decides evictions, which need a max_bytes.
         self._track_order = self.policies.max_bytes is not None
-        os.register_at_fork(after_in_child=self._after_fork)
+        forksafe.register(self, lock=_fork_lock, child=MemoryStorage._after_fork)
 
     def _after_fork(self) -> None:
         self._lock = threading.RLock()
         parent, self._own_pid = self._own_pid, os.getpid()
-        inherited = self._own_leases(parent)
+        inherited = set(self._scan(parent))
         if inherited:
             self._by_pid[parent] = inherited
 
@@ -117,202 +124,198 @@ class MemoryStorage(BlobStorage):
     def url(self) -> str:
         return "memory://"
 
-    # -- internal helpers (call with the lock held) ---------------------------
+    # -- the adapter verbs (blobleases.engine.Adapter; called with the lock held) --
 
-    def _own_leases(self, pid: int) -> set[tuple[LeaseId, ContentId]]:
-        """Every non-detached lease of ``pid``, by scanning (``pid`` is not indexed)."""
-        return {
-            (lid, cid)
-            for cid, blob in self._blobs.items()
-            for lid, lease in blob.items()
-            if lid.pid == pid and not lease.detached
-        }
+    def add_content(self, key: ContentId, size: int, payload: Any) -> None:
+        self._stamp = now = time.time()
+        self._blobs[key] = _Blob(payload, size, now)
+        if self._track_order:
+            self._order[key] = None
+        self._bytes += size
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageError("the storage is closed")
-
-    def _maintain(self) -> None:
-        self._check_open()
-        if self._expiries and self._expiries[0][0] <= time.time():
-            self._expire()
-        if time.monotonic() >= self._next_reap:
-            self._reap_dead()
-
-    def _expire(self) -> int:
-        now = time.time()
-        ended = 0
-        while self._expiries and self._expiries[0][0] <= now:
-            expires_at, _, lid, cid = heapq.heappop(self._expiries)
-            blob = self._blobs.get(cid)
-            lease = None if blob is None else blob.get(lid)
-            if lease is not None and lease.expires_at == expires_at:
-                self._end_lease(lid, cid)
-                ended += 1
-        return ended
-
-    def _reap_dead(self) -> tuple[int, int, int]:
-        self._next_reap = time.monotonic() + self.policies.reap_interval
-        pids = set(self._by_pid) | {pid for _, pid in self._readers.values()}
-        pids.discard(self._own_pid)  # alive: it is running this
-        leases = readers = procs = 0
-        for pid in pids:
-            if is_alive(pid, self._pids.get(pid)):
-                continue
-            nl, nr = self._terminate(pid)
-            leases += nl
-            readers += nr
-            procs += 1
-            self._pids.pop(pid, None)
-        return leases, readers, procs
-
-    def _terminate(self, pid: int) -> tuple[int, int]:
-        own = pid == self._own_pid  # this process's leases are not indexed
-        keys = self._own_leases(pid) if own else self._by_pid.pop(pid, set())
-        for lid, cid in list(keys):
-            self._end_lease(lid, cid, unindex=False)
-        holds = [hid for hid, (_, hpid) in self._readers.items() if hpid == pid]
-        for hid in holds:
-            self._release_reader(hid)
-        return len(keys), len(holds)
-
-    def _note_pid(self, pid: int) -> None:
-        if pid not in self._pids:
-            self._pids[pid] = process_start_time(pid)
-
-    def _hold(
-        self,
-        cid: ContentId,
-        lid: LeaseId,
-        ttl: float | None,
-        detached: bool,
-        blob: _Blob,
-    ) -> None:
-        """Hold ``lid`` on ``cid`` (whose record is ``blob``); a no-op if held."""
+    def add_lease(
+        self, key: ContentId, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> int | None:
         # A hot path (every acquire): lookups are kept few and inlined.
-        if ttl is None:
+        blob = self._blobs.get(key)
+        if blob is None:
+            return None
+        if expires_at is None:
             held = len(blob)
             blob.setdefault(lid, _DETACHED if detached else _PLAIN)  # one hash of lid
             if len(blob) == held:
-                return
+                return blob.size
         else:
             if lid in blob:
-                return
-            expires_at = policy_rules.expires_at(ttl, time.time())
-            assert expires_at is not None
+                return blob.size
             blob[lid] = _Lease(expires_at, detached)
-            heapq.heappush(self._expiries, (expires_at, str(lid), lid, cid))
+            heapq.heappush(self._expiries, (expires_at, str(lid), lid, key))
         if not detached and lid.pid != self._own_pid:
             pid = lid.pid
             if pid not in self._pids:
-                self._note_pid(pid)
+                self._pids[pid] = process_start_time(pid)
             keys = self._by_pid.get(pid)
             if keys is None:
                 keys = self._by_pid[pid] = set()
-            keys.add((lid, cid))
-        if self._retained and cid in self._retained:
-            del self._retained[cid]
-            self._retained_bytes -= blob.size
-        self._touch(cid, blob)
+            keys.add((key, lid))
+        if self._retained and key in self._retained:
+            del self._retained[key]
+            self._retained_total -= blob.size
+        now = time.time()  # (the access, as _touch records it: inlined)
+        if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:
+            self._stamp = now
+        blob.last_access = self._stamp
+        if self._track_order:
+            self._order.move_to_end(key)
+        return blob.size
 
-    def _touch(self, cid: ContentId, blob: _Blob) -> None:
+    def has_lease(self, key: ContentId, lid: LeaseId) -> bool:
+        blob = self._blobs.get(key)
+        return blob is not None and lid in blob
+
+    def remove_lease(self, key: ContentId, lid: LeaseId) -> bool:
+        # A hot path (every drop).
+        blob = self._blobs.get(key)
+        if blob is None:
+            return False
+        lease = blob.pop(lid, None)
+        if lease is None:
+            return False
+        if not lease.detached and lid.pid != self._own_pid:
+            self._unindex(key, lid)
+        return not blob and not blob.readers
+
+    def remove_hold(self, hold: int) -> ContentId | None:
+        key = self._readers.pop(hold, (None, 0))[0]
+        blob = None if key is None else self._blobs.get(key)
+        if blob is None:
+            return None
+        blob.readers -= 1
+        return None if blob or blob.readers else key
+
+    def leases_of(self, pid: int) -> list[tuple[ContentId, LeaseId]]:
+        if pid == self._own_pid:  # this process's leases are not indexed
+            return list(self._scan(pid))
+        return list(self._by_pid.get(pid, ()))
+
+    def holds_of(self, pid: int) -> list[int]:
+        return [hold for hold, (_, owner) in self._readers.items() if owner == pid]
+
+    def expired_leases(self, now: float) -> list[tuple[ContentId, LeaseId]]:
+        expired = []
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, _, lid, key = heapq.heappop(self._expiries)
+            blob = self._blobs.get(key)
+            lease = None if blob is None else blob.get(lid)
+            if lease is not None and lease.expires_at == expires_at:
+                expired.append((key, lid))
+        return expired
+
+    def owner_pids(self) -> set[int]:
+        pids = set(self._by_pid) | {pid for _, pid in self._readers.values()}
+        pids.discard(self._own_pid)  # alive: it is running this
+        return pids
+
+    def is_alive(self, pid: int) -> bool:
+        return is_alive(pid, self._pids.get(pid))
+
+    def recorded_start(self, pid: int) -> float | None:
+        return self._pids.get(pid)
+
+    def record_pid(self, pid: int, start: float | None) -> None:
+        if start is None:
+            self._pids.pop(pid, None)
+        else:
+            self._pids[pid] = start
+
+    def count_dedup(self) -> None:
+        self._dedup_hits += 1
+        self._note("dedup_hits")
+
+    def count_evictions(self, blobs: int, freed: int) -> None:
+        self._evictions += blobs
+        self._evicted_bytes += freed
+        self._note_evictions(blobs, freed)
+
+    def unreferenced_size(self, key: ContentId) -> int | None:
+        blob = self._blobs.get(key)
+        if blob is None or blob or blob.readers or key in self._retained:
+            return None
+        return blob.size
+
+    def delete_if_unreferenced(self, key: ContentId) -> None:
+        if self.unreferenced_size(key) is not None:
+            self.delete_content(key)
+
+    def delete_content(self, key: ContentId) -> int:
+        blob = self._blobs.pop(key, None)
+        if blob is None:
+            return 0
+        self._order.pop(key, None)
+        if key in self._retained:
+            del self._retained[key]
+            self._retained_total -= blob.size
+        for lid, lease in blob.items():
+            if not lease.detached and lid.pid != self._own_pid:
+                self._unindex(key, lid)
+        self._bytes -= blob.size
+        return blob.size
+
+    def retain(self, key: ContentId) -> None:
+        self._retained[key] = None
+        self._retained_total += self._blobs[key].size
+
+    def retained_bytes(self) -> int:
+        return self._retained_total
+
+    def retained_oldest_first(self) -> Iterator[tuple[ContentId, int]]:
+        return ((key, self._blobs[key].size) for key in self._retained)
+
+    def evictable_oldest_first(self) -> Iterator[tuple[ContentId, int, bool]]:
+        retained, blobs = self._retained, self._blobs
+        return (
+            (key, blobs[key].size, bool(blobs[key].readers))
+            for key in self._order
+            if key not in retained
+        )
+
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    # -- internal helpers (call with the lock held) -------------------------------
+
+    def _scan(self, pid: int) -> Iterator[tuple[ContentId, LeaseId]]:
+        """Every non-detached lease of ``pid``, by scanning (``pid`` is not indexed)."""
+        for key, blob in self._blobs.items():
+            for lid, lease in blob.items():
+                if lid.pid == pid and not lease.detached:
+                    yield key, lid
+
+    def _touch(self, key: ContentId, blob: _Blob) -> None:
         now = time.time()
         if not 0.0 <= now - self._stamp < _STAMP_RESOLUTION:  # (the clock may step back)
             self._stamp = now
         blob.last_access = self._stamp
         if self._track_order:
-            self._order.move_to_end(cid)
+            self._order.move_to_end(key)
 
-    def _end_lease(self, lid: LeaseId, cid: ContentId, *, unindex: bool = True) -> None:
-        # A hot path (every drop).
-        blob = self._blobs.get(cid)
-        if blob is None:
-            return
-        lease = blob.pop(lid, None)
-        if lease is None:
-            return
-        if unindex and not lease.detached and lid.pid != self._own_pid:
-            self._unindex(lid, cid)
-        if not blob and not blob.readers:
-            self._maybe_unreferenced(cid, blob)
-
-    def _unindex(self, lid: LeaseId, cid: ContentId) -> None:
+    def _unindex(self, key: ContentId, lid: LeaseId) -> None:
         """Remove another process's lease from the index by pid."""
         keys = self._by_pid.get(lid.pid)
         if keys is not None:
-            keys.discard((lid, cid))
+            keys.discard((key, lid))
             if not keys:
                 del self._by_pid[lid.pid]
 
-    def _release_reader(self, hold_id: int) -> None:
-        entry = self._readers.pop(hold_id, None)
-        if entry is None:
-            return
-        cid = entry[0]
-        blob = self._blobs.get(cid)
-        if blob is None:
-            return
-        blob.readers -= 1
-        self._maybe_unreferenced(cid, blob)
-
-    def _maybe_unreferenced(self, cid: ContentId, blob: _Blob) -> None:
-        if blob or blob.readers:  # a blob is true while it has leases
-            return
-        size = blob.size
-        if policy_rules.retains(size, self.policies.retain_bytes):
-            self._retained[cid] = None
-            self._retained_bytes += size
-            self._trim_retained(self.policies.retain_bytes)
-        else:
-            self._delete(cid)
-
-    def _trim_retained(self, budget: int) -> tuple[int, int]:
-        count = freed = 0
-        if self._retained_bytes <= budget:
-            return count, freed
-        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
-        for cid in policy_rules.over_retain_budget(self._retained_bytes, budget, retained):
-            freed += self._delete(cid)
-            count += 1
-        return count, freed
-
-    def _delete(self, cid: ContentId) -> int:
-        blob = self._blobs.pop(cid)
-        self._order.pop(cid, None)
-        if cid in self._retained:
-            del self._retained[cid]
-            self._retained_bytes -= blob.size
-        for lid, lease in blob.items():
-            if not lease.detached and lid.pid != self._own_pid:
-                self._unindex(lid, cid)
-        self._bytes -= blob.size
-        return blob.size
-
-    def _make_room(self, size: int) -> None:
-        """Evict per policy so ``size`` more bytes fit, or raise StoreFull
-        having changed nothing."""
-        limit = self.policies.max_bytes
-        if limit is None or self._bytes + size <= limit:
-            return
-        if size > limit:
-            raise StoreFull(policy_rules.too_large_message(size, limit))
-        retained = ((cid, self._blobs[cid].size) for cid in self._retained)
-        leased = (
-            (cid, blob.size, bool(blob.readers))
-            for cid, blob in ((cid, self._blobs[cid]) for cid in self._order)
-            if cid not in self._retained
-        )
-        victims = policy_rules.plan_eviction(
-            self._bytes + size - limit, retained, leased, self.policies.on_full
-        )
-        if victims is None:
-            raise StoreFull(
-                policy_rules.over_limit_message(size, limit, self._bytes, self.policies.on_full)
-            )
-        freed = sum(self._delete(cid) for cid in victims)
-        self._evictions += len(victims)
-        self._evicted_bytes += freed
-        self._note_evictions(len(victims), freed)
+    def _maintain(self) -> None:
+        """Start an operation: expired leases end, a due reap runs."""
+        if self._closed:
+            raise StorageError("the storage is closed")
+        if self._expiries and self._expiries[0][0] <= time.time():
+            self._engine.expire(self, time.time())
+        now = time.monotonic()
+        if self._reaps.due(now):
+            self._engine.reap(self, now)
 
     def _leased_blob(self, cid: ContentId, lid: LeaseId) -> _Blob:
         self._maintain()
@@ -320,15 +323,10 @@ class MemoryStorage(BlobStorage):
         if blob is None or lid not in blob:
             raise self._lease_expired(cid, lid)
         self._touch(cid, blob)
-        if len(blob.data) != blob.size:
-            raise IntegrityError(
-                f"blob {cid} holds {len(blob.data)} bytes, not its recorded {blob.size}"
-            )
-        if self.policies.verify_reads:
-            check_hash(cid, blob.data)
+        self._engine.check_read(cid, blob.data, blob.size, len(blob.data))
         return blob
 
-    # -- the backend methods ---------------------------------------------------
+    # -- the backend methods -----------------------------------------------------
 
     def _store(
         self,
@@ -341,13 +339,7 @@ class MemoryStorage(BlobStorage):
     ) -> None:
         with self._lock:
             self._maintain()
-            blob = self._blobs.get(cid)
-            if blob is not None:
-                if lid in blob:
-                    return
-                self._dedup_hits += 1
-                self._note("dedup_hits")
-                self._hold(cid, lid, ttl, detached, blob)
+            if self._engine.store_hit(self, cid, lid, ttl, detached):
                 return
         if not hashed:
             check_hash(cid, data)
@@ -356,19 +348,8 @@ class MemoryStorage(BlobStorage):
         copy = owner if type(owner) is bytes and len(owner) == data.nbytes else bytes(data)
         with self._lock:
             self._maintain()
-            blob = self._blobs.get(cid)
-            if blob is not None:
-                self._dedup_hits += 1
-                self._note("dedup_hits")
-                self._hold(cid, lid, ttl, detached, blob)
-                return
-            self._make_room(len(copy))
-            self._stamp = now = time.time()
-            blob = self._blobs[cid] = _Blob(copy, len(copy), now, now)
-            if self._track_order:
-                self._order[cid] = None
-            self._bytes += len(copy)
-            self._hold(cid, lid, ttl, detached, blob)
+            if not self._engine.store_hit(self, cid, lid, ttl, detached):
+                self._engine.store_new(self, cid, len(copy), copy, lid, ttl, detached)
 
     def _store_file(
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -386,24 +367,17 @@ class MemoryStorage(BlobStorage):
         self, cid: ContentId, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int:
         with self._lock:
-            if self._closed or self._expiries or time.monotonic() >= self._next_reap:
+            if self._closed or self._expiries or time.monotonic() >= self._reaps.next:
                 self._maintain()
-            blob = self._blobs.get(cid)
-            if blob is None:
+            size = self._engine.hold(self, cid, lid, ttl, detached)
+            if size is None:
                 raise ContentNotFound(cid)
-            self._hold(cid, lid, ttl, detached, blob)
-            return blob.size
+            return size
 
     def _take_over_lease(self, cid: ContentId, old: LeaseId, new: LeaseId) -> int | None:
         with self._lock:
             self._maintain()
-            blob = self._blobs.get(cid)
-            if blob is None:
-                return None
-            # under the lock: nobody sees the content held by neither lease
-            self._hold(cid, new, None, False, blob)
-            self._end_lease(old, cid)
-            return blob.size
+            return self._engine.take_over(self, cid, old, new)
 
     def _get_data(self, cid: ContentId, lid: LeaseId) -> bytes:
         with self._lock:
@@ -412,39 +386,33 @@ class MemoryStorage(BlobStorage):
     def _get_reader(self, cid: ContentId, lid: LeaseId) -> BlobReader:
         with self._lock:
             blob = self._leased_blob(cid, lid)
-            hold_id = next(self._reader_ids)
-            self._readers[hold_id] = (cid, os.getpid())
+            hold = next(self._reader_ids)
+            self._readers[hold] = (cid, os.getpid())
             blob.readers += 1
             data = blob.data
 
         def release() -> None:
             with self._lock:
                 if not self._closed:
-                    self._release_reader(hold_id)
+                    self._engine.end_hold(self, hold)
 
         return BlobReader(BufferSource(memoryview(data)), len(data), release)
 
     def _advise_lease_dropped(self, lid: LeaseId, cid: ContentId) -> None:
         with self._lock:
-            if self._closed or self._expiries or time.monotonic() >= self._next_reap:
+            if self._closed or self._expiries or time.monotonic() >= self._reaps.next:
                 self._maintain()
-            self._end_lease(lid, cid)
+            self._engine.end_lease(self, cid, lid)
 
     def _advise_of_pid(self, pid: int) -> None:
         with self._lock:
             self._maintain()
-            start = process_start_time(pid)
-            if start is None:
-                return
-            if not same_start(self._pids.get(pid), start):  # the pid was reused
-                self._terminate(pid)
-            self._pids[pid] = start
+            self._engine.advise_of_pid(self, pid, process_start_time(pid))
 
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._lock:
             self._maintain()
-            self._terminate(pid)
-            self._pids.pop(pid, None)
+            self._engine.advise_pid_terminated(self, pid)
 
     def _contains(self, cid: ContentId) -> bool:
         with self._lock:
@@ -494,11 +462,12 @@ class MemoryStorage(BlobStorage):
 
     def _collect(self) -> CollectReport:
         with self._lock:
-            self._check_open()
+            if self._closed:
+                raise StorageError("the storage is closed")
             before_blobs, before_bytes = len(self._blobs), self._bytes
-            expired = self._expire()
-            leases, readers, procs = self._reap_dead()
-            self._trim_retained(self.policies.retain_bytes)
+            expired = self._engine.expire(self, time.time())
+            leases, readers, procs = self._engine.reap(self, time.monotonic())
+            self._engine.trim_retained(self, self.policies.retain_bytes)
             return CollectReport(
                 leases_reaped=leases + expired,
                 readers_reaped=readers,
@@ -513,15 +482,12 @@ class MemoryStorage(BlobStorage):
             items = list(self._blobs.items())
         report = VerifyReport(checked=len(items))
         for cid, blob in items:
-            hasher = new_hasher(cid.algorithm)
-            hasher.update(blob.data)
-            if len(blob.data) != blob.size or hasher.digest() != cid.digest:
+            if len(blob.data) != blob.size or not cid.matches(blob.data):
                 report.corrupted.append(cid)
         if repair and report:
             with self._lock:
                 for cid in report.corrupted:
-                    if cid in self._blobs:
-                        self._delete(cid)
+                    self.delete_content(cid)
             report.repaired = True
         return report
 
@@ -530,16 +496,15 @@ class MemoryStorage(BlobStorage):
             self._maintain()
             owners = {lid.pid for blob in self._blobs.values() for lid in blob}
             owners.update(p for _, p in self._readers.values())
-            pids = {pid for pid in owners if is_alive(pid, self._pids.get(pid))}
             return StorageStats(
                 blobs=len(self._blobs),
                 bytes=self._bytes,
                 leases=sum(map(len, self._blobs.values())),
-                processes=len(pids),
+                processes=sum(1 for pid in owners if self.is_alive(pid)),
                 dedup_hits=self._dedup_hits,
                 readers=len(self._readers),
                 retained_blobs=len(self._retained),
-                retained_bytes=self._retained_bytes,
+                retained_bytes=self._retained_total,
                 evictions=self._evictions,
                 evicted_bytes=self._evicted_bytes,
             )
@@ -548,7 +513,7 @@ class MemoryStorage(BlobStorage):
         with self._lock:
             self._closed = True
 
-    # -- test support ----------------------------------------------------------
+    # -- test support ------------------------------------------------------------
 
     def _corrupt_for_tests(self, cid: ContentId, data: bytes) -> None:
         """Replace a blob's bytes in place (the conformance suite's fault hook)."""

@@ -51,6 +51,12 @@ def _lease_id(value: object, name: str = "lease_id") -> LeaseId:
     return value
 
 
+def _lease_args(
+    content_id: object, lease_id: object, ttl: object, detached: object
+) -> tuple[ContentId, LeaseId, float | None, bool]:
+    return _content_id(content_id), _lease_id(lease_id), check_ttl(ttl), check_detached(detached)
+
+
 class SourceNotFound(StorageError, FileNotFoundError):
     """The file given to ``store_file`` does not exist or is not a regular file."""
 
@@ -137,8 +143,7 @@ class BlobStorage(abc.ABC):
             or ttl is not None
             or detached is not False
         ):
-            content_id, lease_id = _content_id(content_id), _lease_id(lease_id)
-            ttl, detached = check_ttl(ttl), check_detached(detached)
+            content_id, lease_id, ttl, detached = _lease_args(content_id, lease_id, ttl, detached)
         try:
             self._lease_by_content(content_id, lease_id, ttl, detached)
         except BlobLeaseError as exc:
@@ -185,6 +190,29 @@ class BlobStorage(abc.ABC):
         self._advise_pid_terminated(check_pid(pid))
 
     # -- extensions -------------------------------------------------------
+
+    def lease_with_size(
+        self,
+        content_id: ContentId,
+        lease_id: LeaseId,
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> int:
+        """As :meth:`lease_by_content`, and return the blob's size in bytes
+        (what a lease handle needs, with no second look-up)."""
+        if (
+            type(content_id) is not ContentId
+            or type(lease_id) is not LeaseId
+            or ttl is not None
+            or detached is not False
+        ):
+            content_id, lease_id, ttl, detached = _lease_args(content_id, lease_id, ttl, detached)
+        try:
+            return self._lease_by_content(content_id, lease_id, ttl, detached)
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def take_over_lease(
         self, content_id: ContentId, from_lease_id: LeaseId, to_lease_id: LeaseId
@@ -239,6 +267,21 @@ class BlobStorage(abc.ABC):
     ) -> ContentId:
         """Store a file (a path or binary file object) streamed in constant
         memory, hashed while copying; hold ``lease_id`` and return its id."""
+        cid, _size = self.store_file_with_size(
+            source, lease_id, algorithm, ttl=ttl, detached=detached
+        )
+        return cid
+
+    def store_file_with_size(
+        self,
+        source: FileSource,
+        lease_id: LeaseId,
+        algorithm: str = "sha256",
+        *,
+        ttl: float | None = None,
+        detached: bool = False,
+    ) -> tuple[ContentId, int]:
+        """As :meth:`store_file`, and return the blob's size in bytes too."""
         args = (
             _file_source(source),
             _lease_id(lease_id),
@@ -247,12 +290,12 @@ class BlobStorage(abc.ABC):
             check_detached(detached),
         )
         try:
-            cid, _size = self._store_file(*args)
+            cid, size = self._store_file(*args)
         except BlobLeaseError as exc:
             self._note_error(exc)
             raise
         self._note("stores")
-        return cid
+        return cid, size
 
     def contains(self, content_id: ContentId) -> bool:
         """Whether the content is present (leased, read or retained)."""

@@ -13,6 +13,37 @@ Subclass :class:`BlobStorageTests` in a pytest module and implement
 
 Every test checks one line of SPEC section 2 or 3 and ends by asserting that
 ``verify()`` finds nothing wrong in every store it opened. Needs pytest.
+
+What a new backend implements
+-----------------------------
+A backend subclasses :class:`~blobleases.storage.BlobStorage`, whose public
+methods validate every argument and then call the backend's abstract
+members: ``url`` and ``_store``, ``_store_file``, ``_lease_by_content``,
+``_get_data``, ``_get_reader``, ``_advise_lease_dropped``,
+``_advise_of_pid``, ``_advise_pid_terminated``, ``_contains``, ``_stat``,
+``_iter_content``, ``_iter_leases``, ``_collect``, ``_verify``, ``_stats``,
+``_close`` (optionally ``_take_over_lease`` and ``_store_unhashed``); each
+one's docstring states its guarantee. The rules behind them (SPEC sections
+2 and 3) are written once in :class:`blobleases.engine.Engine`: a backend
+that keeps its data in one place under one lock or transaction implements
+the verbs of :class:`blobleases.engine.Adapter` (content: ``add_content``,
+``delete_content``, ``delete_if_unreferenced``, ``unreferenced_size``,
+``total_bytes``; retention: ``retain``, ``retained_bytes``,
+``retained_oldest_first``, ``evictable_oldest_first``; leases and holds:
+``add_lease``, ``has_lease``, ``remove_lease``, ``remove_hold``,
+``leases_of``, ``holds_of``, ``expired_leases``; processes:
+``owner_pids``, ``is_alive``, ``recorded_start``, ``record_pid``;
+``count_dedup``) and makes each abstract member open its transaction and
+call the engine (:class:`~blobleases.memory.MemoryStorage` is the example).
+A backend whose lifecycle runs as bulk statements (SQL, scripts)
+implements :class:`blobleases.engine.RoomAdapter` only and calls
+:meth:`~blobleases.engine.Engine.settle`,
+:meth:`~blobleases.engine.Engine.trim_retained`,
+:meth:`~blobleases.engine.Engine.make_room`,
+:meth:`~blobleases.engine.Engine.check_read` and the
+:class:`~blobleases.engine.ReapSchedule` (as ``DirectoryStorage`` does).
+Then register a url scheme (:func:`blobleases.register_backend`) and
+subclass :class:`BlobStorageTests`.
 """
 
 from __future__ import annotations
@@ -309,6 +340,29 @@ class BlobStorageTests:
             storage.lease_by_content(cid, lid)
         assert info.value.content_id == cid
         assert list(storage.iter_leases()) == []
+
+    def test_lease_with_size_and_store_file_with_size(
+        self, storage: BlobStorage, tmp_path: Any
+    ) -> None:
+        data = blob(70001, 71)
+        path = tmp_path / "sized.bin"
+        path.write_bytes(data)
+        lid = LeaseId.new()
+        cid, size = storage.store_file_with_size(path, lid)
+        assert (cid, size) == (ContentId.for_bytes(data), len(data))
+        lid2 = LeaseId.new()
+        assert storage.lease_with_size(cid, lid2, ttl=60.0) == len(data)
+        assert storage.lease_with_size(cid, lid2) == len(data)  # held already: a no-op
+        assert storage.stat(cid).lease_count == 2
+        with pytest.raises(ContentNotFound):
+            storage.lease_with_size(ContentId.for_bytes(b"absent"), LeaseId.new())
+        with pytest.raises(TypeError, match="content_id"):
+            storage.lease_with_size(str(cid), lid2)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="detached"):
+            storage.lease_with_size(cid, LeaseId.new(), detached=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="source"):
+            storage.store_file_with_size(12, LeaseId.new())  # type: ignore[arg-type]
+        assert storage.stat(cid).lease_count == 2
 
     # == Rule 3: reads need a held lease, never partial or wrong bytes ==============
 
