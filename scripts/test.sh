@@ -2,7 +2,8 @@
 # Installs the test dependencies and services, then runs every check and test
 # on each supported Python (3.11, 3.12 and 3.13).
 # Usage: bash scripts/test.sh [extra pytest arguments]
-# BLOBLEASES_PYTHONS="python3.12 ..." picks the interpreters instead.
+# BLOBLEASES_PYTHONS="python3.12 ..." picks the interpreters instead;
+# BLOBLEASES_TEST_WORKERS=N runs N test processes per Python (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,7 +69,9 @@ rm -rf "$site_dir"
 status=0
 for python in "${PYTHONS[@]}"; do
     echo "== pytest on $("$python" --version) ($python)"
-    "$python" -m pytest -p no:cacheprovider "$@" || status=$?
+    # Two test processes (pytest-xdist): CI machines have two cores, and most
+    # tests wait on child processes, servers or locks rather than compute.
+    "$python" -m pytest -p no:cacheprovider -n "${BLOBLEASES_TEST_WORKERS:-2}" "$@" || status=$?
     if [ "$status" != 0 ]; then
         echo "scripts/test.sh: tests failed on $python" >&2
         exit "$status"

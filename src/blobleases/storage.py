@@ -88,6 +88,8 @@ class BlobStorage(abc.ABC):
     #: True when :attr:`url` opens this same store from another process, so a
     #: pickled lease can name it; False for process-local stores.
     shareable: bool = True
+    #: This handle's operation counts (see operation_counts), made at the first.
+    _op_counts: dict[str, int] | None = None
 
     def __init__(self, **policies: Any) -> None:
         self.policies = Policies(**policies)
@@ -357,13 +359,18 @@ class BlobStorage(abc.ABC):
         ``collect`` calls), and ``errors:<Kind>``: each BlobLeaseError its
         methods raised, by class name. Counts of no event yet are absent."""
         with _COUNTS_LOCK:
-            return dict(self.__dict__.get("_op_counts", {}))
+            return dict(self._op_counts or {})
 
     def _note(self, event: str, n: int = 1) -> None:
         """Count ``n`` of ``event`` done by this handle (see operation_counts);
         backends call it for ``dedup_hits``, ``evictions`` and ``evicted_bytes``."""
         with _COUNTS_LOCK:
-            counts = self.__dict__.setdefault("_op_counts", {})
+            counts = self._op_counts
+            if counts is None:
+                # An attribute set as usual, never through __dict__: touching
+                # an instance's __dict__ makes every attribute read of the
+                # handle slower (CPython's inline instance values end).
+                counts = self._op_counts = {}
             counts[event] = counts.get(event, 0) + n
 
     def _note_evictions(self, blobs: int, nbytes: int) -> None:
