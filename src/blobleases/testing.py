@@ -33,7 +33,7 @@ the verbs of :class:`blobleases.engine.Adapter` (content: ``add_content``,
 ``add_lease``, ``has_lease``, ``remove_lease``, ``remove_hold``,
 ``leases_of``, ``holds_of``, ``expired_leases``; processes:
 ``owner_pids``, ``is_alive``, ``recorded_start``, ``record_pid``;
-``count_dedup``) and makes each abstract member open its transaction and
+counts: ``count_dedup``, ``count_evictions``) and makes each abstract member open its transaction and
 call the engine (:class:`~blobleases.memory.MemoryStorage` is the example).
 A backend whose lifecycle runs as bulk statements (SQL, scripts)
 implements :class:`blobleases.engine.RoomAdapter` only and calls
