@@ -5,6 +5,7 @@ store's back."""
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -196,3 +197,42 @@ def test_a_postgres_server_that_does_not_answer_is_a_storage_error(
         finally:
             own_postgres.resume()
         assert storage.get_data(cid, lid) == b"while it answers"
+
+
+class _CollectsRightAfterEachTransaction(PostgresStorage):
+    """Runs a whole collect() on another thread right after each of its
+    transactions commits: the widest window a concurrent collect can hit."""
+
+    def _tx(self, work: Any, **kwargs: Any) -> Any:
+        result = super()._tx(work, **kwargs)
+        if getattr(self, "_collecting", False):
+            return result
+        errors: list[BaseException] = []
+
+        def collect() -> None:
+            self._collecting = True
+            try:
+                self.collect()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=collect)
+        thread.start()
+        thread.join()
+        self._collecting = False
+        assert not errors, errors
+        return result
+
+
+def test_a_collect_between_an_upload_row_and_its_commit_never_takes_it_for_a_leftover(
+    postgres_server: PostgresServer, s3_server: S3Server
+) -> None:
+    namespace = f"c-{uuid.uuid4().hex[:12]}"
+    blobs = f"s3://{BUCKET}/{namespace}?endpoint={s3_server.endpoint}"
+    with s3_environment(), _CollectsRightAfterEachTransaction(
+        postgres_server.dsn, blobs=blobs, namespace=namespace
+    ) as storage:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"stored while another thread collects", lid)
+        assert storage.get_data(cid, lid) == b"stored while another thread collects"
+        assert not storage.verify()

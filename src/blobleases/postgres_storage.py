@@ -1185,14 +1185,23 @@ class PostgresStorage(BlobStorage):
         if self.policies.max_bytes is not None:
             self._flush_touches()  # eviction goes by the recorded accesses
         while True:
-            state, deleter = self._tx(work)
+            # Marked active before its row can commit: a collect() of another
+            # thread that sees the row must never take it for a leftover.
+            with self._lock:
+                self._active_uploads.add(token)
+            try:
+                state, deleter = self._tx(work)
+            except BaseException:
+                with self._lock:
+                    self._active_uploads.discard(token)
+                raise
+            if state == "upload":
+                return token
+            with self._lock:
+                self._active_uploads.discard(token)
             if state == "held":
                 self._touch(cid_text)
                 return None
-            if state == "upload":
-                with self._lock:
-                    self._active_uploads.add(token)
-                return token
             assert deleter is not None
             if deleter == self._owner(os.getpid()):
                 with _IN_FLIGHT_LOCK:
