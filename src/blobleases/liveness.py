@@ -39,6 +39,7 @@ import psutil
 
 __all__ = [
     "START_TIME_TOLERANCE",
+    "HeartbeatThread",
     "OwnerLock",
     "can_judge_pids",
     "is_alive",
@@ -373,3 +374,65 @@ class OwnerLock:
 
 
 os.register_at_fork(after_in_child=OwnerLock._forget_inherited)
+
+
+class HeartbeatThread:
+    """What every heartbeat of a shared backend (Redis keys, PostgreSQL rows)
+    does alike: a daemon thread calls :meth:`beat` every ``interval``
+    seconds in the process that made it (never in a forked child), for this
+    process and for the local pids this handle vouches for (``adopt``);
+    :meth:`live_adopted` drops the vouched pids that died. A subclass writes
+    the heartbeats in :meth:`beat` and calls :meth:`start_beating` at the
+    end of its ``__init__``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.pid = os.getpid()
+        self.start = own_start_time()
+        self.adopted: dict[int, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def start_beating(self, name: str) -> None:
+        """Beat once now, then every ``interval`` in a daemon thread."""
+        self.beat()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        """Refresh this process's heartbeat and those of :meth:`live_adopted`."""
+        raise NotImplementedError
+
+    def live_adopted(self) -> list[tuple[int, float]]:
+        """The vouched pids (with start times) still alive; dead ones are
+        forgotten. Where /proc shows another pid namespace a vouched pid
+        cannot be checked: it is kept as long as this process beats."""
+        with self.lock:
+            adopted = list(self.adopted.items())
+        alive = []
+        for pid, start in adopted:
+            if not can_judge_pids() or is_alive(pid, start):
+                alive.append((pid, start))
+            else:
+                with self.lock:
+                    self.adopted.pop(pid, None)
+        return alive
+
+    def adopt(self, pid: int, start: float) -> None:
+        with self.lock:
+            self.adopted[pid] = start
+
+    def disown(self, pid: int) -> None:
+        with self.lock:
+            self.adopted.pop(pid, None)
+
+    def vouches(self, pid: int) -> bool:
+        with self.lock:
+            return pid == self.pid or pid in self.adopted
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if os.getpid() != self.pid:
+                return
+            with contextlib.suppress(Exception):
+                self.beat()

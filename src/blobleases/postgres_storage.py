@@ -78,6 +78,7 @@ from .content_id import ContentId, new_hasher
 from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
 from .lease_id import LeaseId
 from .liveness import (
+    HeartbeatThread,
     can_judge_pids,
     is_alive,
     own_start_time,
@@ -239,58 +240,23 @@ def _storage_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-class _Heartbeat:
-    """A daemon thread that beats this process's owner row (and those of
-    local pids this handle vouches for) every ``ttl / 5`` seconds."""
+class _Heartbeat(HeartbeatThread):
+    """This process's owner row (and those of local pids this handle vouches
+    for), beaten every ``ttl / 5`` seconds."""
 
     def __init__(self, storage: PostgresStorage, ttl: float) -> None:
+        super().__init__(ttl / 5)
         self.ref = weakref.ref(storage)
-        self.interval = ttl / 5
-        self.pid = os.getpid()
         self.owner = storage._owner(self.pid)
-        self.start = own_start_time()
-        self.adopted: dict[int, float] = {}
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.beat()
-        self.thread = threading.Thread(
-            target=self._run, name="blobleases-pg-heartbeat", daemon=True
-        )
-        self.thread.start()
+        self.start_beating("blobleases-pg-heartbeat")
 
     def beat(self) -> None:
         storage = self.ref()
         if storage is None:
             return
-        with self.lock:
-            adopted = list(self.adopted.items())
         rows = [(self.owner, self.start)]
-        for pid, start in adopted:
-            if not can_judge_pids() or is_alive(pid, start):
-                rows.append((storage._owner(pid), start))
-            else:
-                with self.lock:
-                    self.adopted.pop(pid, None)
+        rows += [(storage._owner(pid), start) for pid, start in self.live_adopted()]
         storage._beat(rows)
-
-    def adopt(self, pid: int, start: float) -> None:
-        with self.lock:
-            self.adopted[pid] = start
-
-    def disown(self, pid: int) -> None:
-        with self.lock:
-            self.adopted.pop(pid, None)
-
-    def vouches(self, pid: int) -> bool:
-        with self.lock:
-            return pid == self.pid or pid in self.adopted
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            if os.getpid() != self.pid:
-                return
-            with contextlib.suppress(Exception):
-                self.beat()
 
 
 class _Watch:

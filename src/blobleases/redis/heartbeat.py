@@ -9,17 +9,21 @@ local pids it vouched for (``advise_of_pid``) while they live.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
 
-from ..liveness import can_judge_pids, is_alive, own_start_time, process_start_time
+from ..liveness import (
+    HeartbeatThread,
+    can_judge_pids,
+    is_alive,
+    own_start_time,
+    process_start_time,
+)
 
 __all__ = ["Heartbeat", "default_host_id", "is_dead", "vouch"]
 
@@ -41,43 +45,28 @@ def default_host_id() -> str:
     return text or "host"
 
 
-class Heartbeat:
+class Heartbeat(HeartbeatThread):
     """A daemon thread refreshing this process's heartbeat key (and those of
     local pids this handle vouches for) every ``ttl / 5`` seconds."""
 
     def __init__(self, client: Any, key_of: Callable[[int], str], ttl: float) -> None:
+        super().__init__(ttl / 5)
         self.client = client
         self.key_of = key_of
         self.ttl_ms = max(int(ttl * 1000), 1)
-        self.interval = ttl / 5
-        self.pid = os.getpid()
-        self.start = own_start_time()
-        self.adopted: dict[int, float] = {}
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
         self.missing = True
-        self.beat()
-        self.thread = threading.Thread(target=self._run, name="blobleases-heartbeat", daemon=True)
-        self.thread.start()
+        self.start_beating("blobleases-heartbeat")
 
     def beat(self) -> None:
         """Refresh the heartbeats. A server at maxmemory refuses SET but not
         PEXPIRE, so there the heartbeats that exist are kept alive (and
         ``missing`` says whether this process's own is absent)."""
-        with self.lock:
-            adopted = list(self.adopted.items())
         pipe = self.client.pipeline(transaction=False)
         keys = [self.key_of(self.pid)]
         pipe.set(keys[0], repr(self.start), px=self.ttl_ms)
-        for pid, start in adopted:
-            # where /proc shows another pid namespace, a vouched pid cannot be
-            # checked: its heartbeat lasts as long as this process's
-            if not can_judge_pids() or is_alive(pid, start):
-                keys.append(self.key_of(pid))
-                pipe.set(keys[-1], repr(start), px=self.ttl_ms)
-            else:
-                with self.lock:
-                    self.adopted.pop(pid, None)
+        for pid, start in self.live_adopted():
+            keys.append(self.key_of(pid))
+            pipe.set(keys[-1], repr(start), px=self.ttl_ms)
         replies = pipe.execute(raise_on_error=False)
         refused = [
             k
@@ -99,24 +88,8 @@ class Heartbeat:
         self.missing = own_missing
 
     def adopt(self, pid: int, start: float) -> None:
-        with self.lock:
-            self.adopted[pid] = start
+        super().adopt(pid, start)
         self.client.set(self.key_of(pid), repr(start), px=self.ttl_ms)
-
-    def disown(self, pid: int) -> None:
-        with self.lock:
-            self.adopted.pop(pid, None)
-
-    def vouches(self, pid: int) -> bool:
-        with self.lock:
-            return pid == self.pid or pid in self.adopted
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            if os.getpid() != self.pid:
-                return
-            with contextlib.suppress(Exception):
-                self.beat()
 
 
 def vouch(hb: Heartbeat, pid: int) -> float:
