@@ -291,10 +291,12 @@ def report_lines(
     out += table(COMPARE_HEADERS, comparison_cells(comparisons))
     flagged = [c.id for c in comparisons if c.flag == "SLOWER"]
     noisy = [c.id for c in comparisons if c.flag == "slower?"]
+    skipped = [c.id for c in comparisons if c.change is None]
     out.append("")
     out.append(
         f"More than {SLOWER_BY:.0%} slower beyond the spread: {', '.join(flagged) or 'none'}; "
-        f"more than {SLOWER_BY:.0%} slower within the spread: {', '.join(noisy) or 'none'}."
+        f"more than {SLOWER_BY:.0%} slower within the spread: {', '.join(noisy) or 'none'}; "
+        f"not compared: {', '.join(skipped) or 'none'}."
     )
     for side in SIDES:
         out += ["", f"{mark} {side}: {labels[side]}, medians over the rounds", ""]
@@ -471,9 +473,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="as python -m benchmarks --quick")
     parser.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
     parser.add_argument("--json", metavar="FILE", help="write every run and the comparison")
-    parser.add_argument(
-        "--repo", default=ROOT, help="the git repository of the revisions (default: this tree)"
-    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
@@ -501,8 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     try:
         with (
-            checked_out("base", args.base, args.repo, scratch) as base,
-            checked_out("candidate", args.candidate, args.repo, scratch) as candidate,
+            checked_out("base", args.base, ROOT, scratch) as base,
+            checked_out("candidate", args.candidate, ROOT, scratch) as candidate,
         ):
             trees = [base, candidate]
             for tree in trees:
