@@ -207,10 +207,10 @@ def compare(base: dict[str, RowRounds], candidate: dict[str, RowRounds]) -> list
 def _spread(row: RowRounds | None) -> str:
     if row is None or not row.ratios:
         return "n/a"
-    median = f"{row.ratio:.3f}x"
+    median = f"{row.ratio:.3g}x"
     if len(row.ratios) == 1:
         return median
-    return f"{median} ({min(row.ratios):.3f}-{max(row.ratios):.3f})"
+    return f"{median} ({min(row.ratios):.3g}-{max(row.ratios):.3g})"
 
 
 COMPARE_HEADERS = ["row", "base ratio (median, min-max)", "candidate ratio", "change", "flag"]
