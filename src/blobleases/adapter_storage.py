@@ -342,8 +342,9 @@ class AdapterStorage(BlobStorage):
             return self.lease_infos(None)
 
     def _why(self, cid: ContentId) -> WhyReport:
-        """Every lease with its age; readers per process from the hold table."""
-        host = None
+        """Every lease with when it was taken; readers per process from the
+        hold table; every holder is of this host (one process)."""
+        host = socket.gethostname() or "localhost"
         with self._lock:
             self._maintain()
             info = self.blob_info(cid)
