@@ -64,11 +64,12 @@ class MemoryStorage(AdapterStorage):
     shareable = False
 
     def __init__(self, **policies: Any) -> None:
-        super().__init__(**policies)
+        # (before the base registers the fork hook, which reads them)
         self._blobs: dict[ContentId, _Blob] = {}
         # Non-detached leases by pid, for reaping. This process's own leases
         # are not indexed (it never reaps itself; terminating it scans).
         self._by_pid: dict[int, set[tuple[ContentId, LeaseId]]] = {}
+        super().__init__(**policies)
         self._order: OrderedDict[ContentId, None] = OrderedDict()  # LRU: oldest first
         self._retained: OrderedDict[ContentId, None] = OrderedDict()
         self._retained_total = 0
