@@ -198,6 +198,40 @@ def test_forked_child_keeps_its_own_heartbeat(redis_server: RedisServer) -> None
         storage.close()
 
 
+def test_forked_child_works_on_connections_of_its_own(redis_server: RedisServer) -> None:
+    """A forked child using an inherited RedisStorage talks to the server over
+    connections it opened itself (none that the parent had at the fork), its
+    leases are its own process's (reaped once it is gone), and the parent's
+    connections still work after the child exits."""
+    storage = RedisStorage(redis_server.url, namespace=_namespace())
+    try:
+        lid = LeaseId.new()
+        cid = storage.store_bytes(b"parent bytes", lid)
+        parents = {c["id"] for c in storage.client.client_list()}
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports by exit code
+            code = 1
+            try:
+                mine, child_lid = LeaseId.new(), LeaseId.new()
+                storage.lease_by_content(cid, mine)
+                child_cid = storage.store_bytes(b"child bytes", child_lid)
+                with storage.get_reader(cid, mine) as reader:
+                    ok = reader.read() == b"parent bytes"
+                ok = ok and storage.get_data(child_cid, child_lid) == b"child bytes"
+                code = 0 if ok and str(storage.client.client_id()) not in parents else 2
+            finally:
+                os._exit(code)  # leaves its leases to be reaped
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert storage.get_data(cid, lid) == b"parent bytes"
+        report = storage.collect()
+        assert report.leases_reaped == 2 and report.processes_reaped == 1
+        assert not storage.contains(ContentId.for_bytes(b"child bytes"))
+        assert storage.contains(cid) and not storage.verify()
+    finally:
+        storage.close()
+
+
 # == Acceptance 3: the server restarts, drops connections, does not answer ===============
 
 

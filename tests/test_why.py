@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from blobleases import BlobManager, ContentId, DirectoryStorage, MemoryStorage, open_storage
-from blobleases.cli_ops import duration
+from blobleases.cli_ops import duration, why_json
 from blobleases.reports import ReaderInfo
 from test_cli import assert_user_error, cli, ok, ok_json
 
@@ -167,7 +168,7 @@ def test_memory_why_counts_readers_per_process() -> None:
         ttl.lease_id,
         detached.lease_id,
     }
-    assert report.readers == (ReaderInfo(os.getpid(), 2),)
+    assert report.readers == (ReaderInfo(os.getpid(), 2, socket.gethostname()),)
     assert not report.retained and report.info.lease_count == 3
     flags = {i.lease_id: (i.detached, i.expires_at is not None) for i in report.leases}
     assert flags[detached.lease_id] == (True, False)
@@ -177,6 +178,49 @@ def test_memory_why_counts_readers_per_process() -> None:
     for lease in (plain, ttl, detached):
         lease.close()
     assert storage.why(plain.content_id).retained is True
+
+
+def test_memory_why_reports_every_holder_field() -> None:
+    """SPEC section 9 on MemoryStorage as on the shared stores: each lease's
+    age (when it was taken), host, process, ttl left and detached flag, and
+    the readers' host and process."""
+    before = time.time()
+    storage = MemoryStorage()
+    manager = BlobManager(storage)
+    plain = manager.store(b"memory holders")
+    ttl = manager.store(b"memory holders", ttl=600)
+    detached = manager.store(b"memory holders", detached=True)
+    reader = plain.get_reader()
+    after = time.time()
+    result = why_json(storage.why(plain.content_id), now=after)
+    by_id = {e["lease_id"]: e for e in result["leases"]}
+    assert set(by_id) == {str(x.lease_id) for x in (plain, ttl, detached)}
+    for e in by_id.values():
+        assert before <= e["created_at"] <= after
+        assert e["age"] == after - e["created_at"]
+        assert e["host"] == socket.gethostname() and e["local"] is True
+        assert e["pid"] == os.getpid() and e["alive"] is True
+        assert e["process"]["cmdline"] == psutil.Process().cmdline()
+        assert e["readers"] == 1
+    assert by_id[str(plain.lease_id)]["ttl_left"] is None
+    timed = by_id[str(ttl.lease_id)]
+    assert before + 600 <= timed["expires_at"] <= after + 600
+    assert timed["ttl_left"] == timed["expires_at"] - after
+    assert [by_id[str(x.lease_id)]["detached"] for x in (plain, ttl, detached)] == [
+        False,
+        False,
+        True,
+    ]
+    [r] = result["readers"]
+    assert (r["pid"], r["count"], r["host"], r["alive"]) == (
+        os.getpid(),
+        1,
+        socket.gethostname(),
+        True,
+    )
+    reader.close()
+    for lease in (plain, ttl, detached):
+        lease.close()
 
 
 def _read_only_why(root: Path, cid: str) -> subprocess.CompletedProcess[bytes]:

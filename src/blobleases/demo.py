@@ -33,7 +33,7 @@ from .content_id import ContentId
 from .errors import BlobLeaseError
 from .lease import BlobLease
 from .manager import BlobManager
-from .reports import CollectReport
+from .reports import CollectReport, LeaseInfo
 from .storage import BlobStorage
 from .urls import open_storage
 
@@ -292,7 +292,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
     stop = ctx.RawValue("b", 0)
     workers: list[_Worker] = []
     try:
-        return _run(config, console, storage, temporary, ctx, counters, stop, workers, t0)
+        return _run(_Run(config, console, storage, temporary, ctx, counters, stop, workers, t0))
     finally:
         stop.value = 1
         for w in workers:
@@ -304,113 +304,142 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoResult:
         storage.close()
 
 
-def _run(
-    config: DemoConfig,
-    console: Console | None,
-    storage: BlobStorage,
-    temporary: bool,
-    ctx: Any,
-    counters: Any,
-    stop: Any,
-    workers: list[_Worker],
-    t0: float,
-) -> DemoResult:
-    invariants: list[Invariant] = []
+@dataclass
+class _Run:
+    """One demo run: the state its phases share, and the invariants they check."""
 
-    def check(name: str, ok: bool, detail: str) -> bool:
-        invariants.append(Invariant(name, ok, detail))
-        if display is not None and not ok:
-            display.log(f"[bold red]✗ invariant failed:[/] {name}: {detail}")
+    config: DemoConfig
+    console: Console | None
+    storage: BlobStorage
+    temporary: bool
+    ctx: Any
+    counters: Any
+    stop: Any
+    workers: list[_Worker]
+    t0: float
+    display: _Display | None = None
+    invariants: list[Invariant] = field(default_factory=list)
+    producer: list[BlobLease] = field(default_factory=list)
+    cids: list[ContentId] = field(default_factory=list)
+    holders: list[list[int]] = field(default_factory=list)
+    dedup_hits: int = 0
+    t_work: float = 0.0
+    victim_held: list[LeaseInfo] = field(default_factory=list)
+    victim_only: list[ContentId] = field(default_factory=list)
+    leases_reaped: int = 0
+    bytes_freed: int = 0
+    reaped_before_collect: bool = False
+    report: CollectReport | None = None
+    t_end_work: float | None = None
+
+    @property
+    def log(self) -> _Display:
+        assert self.display is not None
+        return self.display
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.invariants.append(Invariant(name, ok, detail))
+        if self.display is not None and not ok:
+            self.display.log(f"[bold red]✗ invariant failed:[/] {name}: {detail}")
         return ok
 
-    display: _Display | None = None
-    unique, size = config.unique, config.size
-    where = "a temporary directory store" if temporary else storage.url
-    if console is not None:
-        console.print(
-            f"[bold]blobleases demo[/]: {config.workers} workers, {config.blobs} blobs of "
-            f"{_size_text(size)}, on {where}",
-            highlight=False,
+    def announce(self) -> None:
+        where = "a temporary directory store" if self.temporary else self.storage.url
+        if self.console is not None:
+            self.console.print(
+                f"[bold]blobleases demo[/]: {self.config.workers} workers, {self.config.blobs} "
+                f"blobs of {_size_text(self.config.size)}, on {where}",
+                highlight=False,
+            )
+
+    def store_with_dedup_hits(self) -> str:
+        """1. The producer stores the blobs, some twice (dedup hits); the line
+        that says so, shown once the live view is up."""
+        manager = BlobManager(self.storage)
+        dedup_before = self.storage.stats().dedup_hits
+        t_store = time.perf_counter()
+        for i in range(self.config.unique):
+            data = os.urandom(self.config.size)
+            lease = manager.store(data)
+            self.producer.append(lease)
+            self.cids.append(lease.content_id)
+            if i < self.config.duplicates:
+                self.producer.append(manager.store(bytes(bytearray(data))))  # a new object
+        store_seconds = time.perf_counter() - t_store
+        self.dedup_hits = self.storage.stats().dedup_hits - dedup_before
+        stored_bytes = self.config.unique * self.config.size
+        return (
+            f"[green]✓[/] producer stored {self.config.blobs} blobs: {self.config.unique} "
+            f"unique, {self.dedup_hits} dedup hits ({stored_bytes / 1e6:.1f} MB in "
+            f"{store_seconds:.2f} s)"
         )
 
-    # 1. The producer stores the blobs, some twice (dedup hits).
-    manager = BlobManager(storage)
-    dedup_before = storage.stats().dedup_hits
-    producer: list[BlobLease] = []
-    cids: list[ContentId] = []
-    t_store = time.perf_counter()
-    for i in range(unique):
-        data = os.urandom(size)
-        lease = manager.store(data)
-        producer.append(lease)
-        cids.append(lease.content_id)
-        if i < config.duplicates:
-            producer.append(manager.store(bytes(bytearray(data))))  # same bytes, new object
-    store_seconds = time.perf_counter() - t_store
-    dedup_hits = storage.stats().dedup_hits - dedup_before
-    stored_bytes = unique * size
+    def spawn_workers(self) -> None:
+        """2. Workers that lease the blobs by content id: spawned processes
+        that open the store by its url (nothing but content ids crosses)."""
+        unique = self.config.unique
+        self.holders = _assign(unique, self.config.workers)
+        child_ends: list[Connection] = []
+        for index in range(self.config.workers):
+            mine = [self.cids[i] for i in range(unique) if index in self.holders[i]]
+            parent_conn, child_conn = self.ctx.Pipe(duplex=False)
+            process = self.ctx.Process(
+                target=_worker_main,
+                args=(
+                    index,
+                    self.storage.url,
+                    DEMO_POLICIES,
+                    [str(c) for c in mine],
+                    self.counters,
+                    self.stop,
+                    child_conn,
+                ),
+                name=f"blobleases-demo-worker-{index}",
+                daemon=True,
+            )
+            role = "victim" if index == 0 else "survivor"
+            self.workers.append(_Worker(index, process, parent_conn, role))
+            child_ends.append(child_conn)
+        self.t_work = time.perf_counter()
+        for w in self.workers:
+            w.process.start()
+        # Close our copies of the children's ends so a dead child reads as EOF.
+        for end in child_ends:
+            end.close()
 
-    # 2. Workers lease the blobs by content id (spawned processes that open the
-    #    store by its url: nothing but content ids crosses to them).
-    holders = _assign(unique, config.workers)
-    child_ends: list[Connection] = []
-    for index in range(config.workers):
-        mine = [cids[i] for i in range(unique) if index in holders[i]]
-        parent_conn, child_conn = ctx.Pipe(duplex=False)
-        process = ctx.Process(
-            target=_worker_main,
-            args=(
-                index,
-                storage.url,
-                DEMO_POLICIES,
-                [str(c) for c in mine],
-                counters,
-                stop,
-                child_conn,
-            ),
-            name=f"blobleases-demo-worker-{index}",
-            daemon=True,
-        )
-        workers.append(_Worker(index, process, parent_conn, "victim" if index == 0 else "survivor"))
-        child_ends.append(child_conn)
-    t_work = time.perf_counter()
-    for w in workers:
-        w.process.start()
-    # Close our copies of the children's ends so a dead child reads as EOF.
-    for end in child_ends:
-        end.close()
-    display = _Display(console, workers, counters)
-    with display:
-        display.log(
-            f"[green]✓[/] producer stored {config.blobs} blobs: {unique} unique, "
-            f"{dedup_hits} dedup hits ({stored_bytes / 1e6:.1f} MB in {store_seconds:.2f} s)"
-        )
-        display.status = "starting workers…"
-        ready_ok = _await_ready(workers)
-        if not check("workers lease blobs by content id", ready_ok, _worker_errors(workers)):
-            return _result(config, storage, workers, counters, invariants, t0, t_work, dedup_hits)
-        total_leases = sum(w.leases for w in workers)
-        display.log(
-            f"[green]✓[/] {config.workers} worker processes took {total_leases} leases by "
+    def workers_lease_by_content_id(self) -> bool:
+        self.log.status = "starting workers…"
+        ready_ok = _await_ready(self.workers)
+        if not self.check(
+            "workers lease blobs by content id", ready_ok, _worker_errors(self.workers)
+        ):
+            return False
+        total_leases = sum(w.leases for w in self.workers)
+        self.log.log(
+            f"[green]✓[/] {self.config.workers} worker processes took {total_leases} leases by "
             "content id; hashes verified"
         )
+        return True
 
-        # 3. The producer lets go: every blob is now held only by workers.
-        for lease in producer:
+    def producer_lets_go(self) -> list[ContentId]:
+        """3. Every blob is now held only by workers; the blobs the victim
+        shares with another worker."""
+        for lease in self.producer:
             lease.close()
-        producer.clear()
-        victim = workers[0]
-        victim_only = [cids[i] for i in range(unique) if holders[i] == [0]]
-        shared_with_victim = [
-            cids[i] for i in range(unique) if 0 in holders[i] and len(holders[i]) > 1
-        ]
-        display.log(
-            f"[green]✓[/] producer dropped its leases: {len(victim_only)} blobs are now "
+        self.producer.clear()
+        unique, holders = self.config.unique, self.holders
+        self.victim_only = [self.cids[i] for i in range(unique) if holders[i] == [0]]
+        shared = [self.cids[i] for i in range(unique) if 0 in holders[i] and len(holders[i]) > 1]
+        self.log.log(
+            f"[green]✓[/] producer dropped its leases: {len(self.victim_only)} blobs are now "
             "held by worker 0 alone"
         )
+        return shared
 
-        # 4. Work: everyone re-reads and verifies; then SIGKILL the victim.
-        display.status = "workers re-reading and verifying their leases…"
+    def sigkill_the_victim_mid_work(self) -> float:
+        """4. Everyone re-reads and verifies; then SIGKILL worker 0. When it died."""
+        self.log.status = "workers re-reading and verifying their leases…"
+        counters, workers, victim = self.counters, self.workers, self.workers[0]
         base_reads = [counters[w.index * _NCOUNTERS + _READS] for w in workers]
         deadline = time.monotonic() + WAIT_TIMEOUT
         t_min = time.monotonic() + WORK_SECONDS
@@ -422,145 +451,175 @@ def _run(
             if done and time.monotonic() >= t_min:
                 break
             time.sleep(0.05)
-        victim_held = [h for h in storage.iter_leases() if h.pid == victim.pid]
-        present_before = all(storage.contains(c) for c in victim_only)
-        check(
+        self.victim_held = [h for h in self.storage.iter_leases() if h.pid == victim.pid]
+        present_before = all(self.storage.contains(c) for c in self.victim_only)
+        self.check(
             "the victim holds content no one else holds",
-            bool(victim_held) and bool(victim_only) and present_before,
-            f"{len(victim_held)} leases, {len(victim_only)} blobs only it holds",
+            bool(self.victim_held) and bool(self.victim_only) and present_before,
+            f"{len(self.victim_held)} leases, {len(self.victim_only)} blobs only it holds",
         )
         victim.process.kill()  # SIGKILL: no cleanup code runs in the victim
         victim.process.join(timeout=WAIT_TIMEOUT)
         victim.status = "[bold red]SIGKILLed[/]"
         t_kill = time.monotonic()
-        display.log(
+        self.log.log(
             f"[bold red]☠[/] SIGKILL worker 0 (pid {victim.pid}) mid-work: "
-            f"{len(victim_held)} leases, {len(victim_only)} blobs only it holds"
+            f"{len(self.victim_held)} leases, {len(self.victim_only)} blobs only it holds"
         )
+        return t_kill
 
-        # 5. Watch the live processes reap its leases, then collect().
+    def live_processes_reap_its_leases(self, t_kill: float) -> None:
+        """5a. Watch the live processes reap the victim's leases."""
+        victim_pid, held = self.workers[0].pid, len(self.victim_held)
         reap_wait = 2 * float(DEMO_POLICIES["reap_interval"]) + 1.0
-        remaining = len(victim_held)
+        remaining = held
         while time.monotonic() - t_kill < reap_wait and remaining:
-            remaining = sum(1 for h in storage.iter_leases() if h.pid == victim.pid)
-            display.status = (
-                f"leases of dead pid {victim.pid}: {remaining} left "
+            remaining = sum(1 for h in self.storage.iter_leases() if h.pid == victim_pid)
+            self.log.status = (
+                f"leases of dead pid {victim_pid}: {remaining} left "
                 f"({time.monotonic() - t_kill:.1f} s after the kill)"
             )
             if remaining:
                 time.sleep(0.05)
-        reaped_before_collect = remaining == 0 and bool(victim_held)
-        if reaped_before_collect:
-            display.log(
-                f"[green]✓[/] its {len(victim_held)} leases were reaped by the live workers "
+        self.reaped_before_collect = remaining == 0 and bool(self.victim_held)
+        if self.reaped_before_collect:
+            self.log.log(
+                f"[green]✓[/] its {held} leases were reaped by the live workers "
                 f"{time.monotonic() - t_kill:.2f} s after the kill"
             )
-        report = storage.collect()
-        left = [h for h in storage.iter_leases() if h.pid == victim.pid]
-        leases_reaped = len(victim_held) - len(left)
+
+    def collect_frees_only_its_content(self, shared_with_victim: list[ContentId]) -> None:
+        """5b. collect(): the victim's own content goes, what it shared stays."""
+        storage, victim_only = self.storage, self.victim_only
+        self.report = storage.collect()
+        left = [h for h in storage.iter_leases() if h.pid == self.workers[0].pid]
+        self.leases_reaped = len(self.victim_held) - len(left)
         gone = [c for c in victim_only if not storage.contains(c)]
-        bytes_freed = len(gone) * size
+        self.bytes_freed = len(gone) * self.config.size
         mark = "[green]✓[/]" if not left and len(gone) == len(victim_only) else "[red]✗[/]"
-        display.log(
+        self.log.log(
             f"{mark} collect(): {len(left)} of its leases left; {len(gone)} of the "
-            f"{len(victim_only)} blobs only it held freed ({bytes_freed / 1e6:.1f} MB)"
+            f"{len(victim_only)} blobs only it held freed ({self.bytes_freed / 1e6:.1f} MB)"
         )
-        check(
+        self.check(
             "the killed worker's leases are reaped",
-            bool(victim_held) and not left,
-            f"{leases_reaped} of {len(victim_held)} reaped",
+            bool(self.victim_held) and not left,
+            f"{self.leases_reaped} of {len(self.victim_held)} reaped",
         )
-        check(
+        self.check(
             "content only it held is collected",
-            len(gone) == len(victim_only) and bytes_freed > 0,
-            f"{len(gone)} of {len(victim_only)} blobs gone, {bytes_freed} bytes freed",
+            len(gone) == len(victim_only) and self.bytes_freed > 0,
+            f"{len(gone)} of {len(victim_only)} blobs gone, {self.bytes_freed} bytes freed",
         )
         kept = [c for c in shared_with_victim if storage.contains(c)]
-        check(
+        self.check(
             "content it shared is kept",
             len(kept) == len(shared_with_victim),
             f"{len(kept)} of {len(shared_with_victim)} shared blobs present",
         )
 
-        # 6. Survivors re-read every lease after the reap, then stop.
-        display.status = "survivors re-reading every lease after the reap…"
-        stop.value = 1
-        survivors = workers[1:]
+    def survivors_reread_every_lease(self) -> None:
+        """6. Survivors re-read every lease after the reap, then stop."""
+        self.log.status = "survivors re-reading every lease after the reap…"
+        self.stop.value = 1
+        survivors = self.workers[1:]
         finished = _await_done(survivors)
         reads_after = sum(w.final_ok for w in survivors)
         leases_after = sum(w.leases for w in survivors)
-        fails = sum(int(counters[w.index * _NCOUNTERS + _FAILS]) for w in survivors)
-        check(
+        fails = sum(int(self.counters[w.index * _NCOUNTERS + _FAILS]) for w in survivors)
+        self.check(
             "every other lease reads verified bytes",
             finished and fails == 0 and reads_after == leases_after,
             f"{reads_after} of {leases_after} leases verified after the reap, "
             f"{fails} failed reads" + (f": {_failures_text(survivors)}" if fails else ""),
         )
         if finished and fails == 0:
-            display.log(
+            self.log.log(
                 f"[green]✓[/] {len(survivors)} survivors re-read their {leases_after} leases "
                 "after the reap: all bytes verified"
             )
         for w in survivors:
             w.process.join(timeout=WAIT_TIMEOUT)
             w.status = "done" if w.process.exitcode == 0 else f"exit {w.process.exitcode}"
-        check(
+        self.check(
             "survivors exit cleanly",
             all(w.process.exitcode == 0 for w in survivors),
             ", ".join(f"worker {w.index}: exit {w.process.exitcode}" for w in survivors),
         )
-        t_end_work = time.perf_counter()
+        self.t_end_work = time.perf_counter()
 
-        # 7. Nothing leaked, nothing broken.
-        display.status = "checking for leaks and verifying the store…"
+    def nothing_leaks(self) -> None:
+        """7. Nothing leaked, nothing broken."""
+        storage = self.storage
+        self.log.status = "checking for leaks and verifying the store…"
         storage.collect()
-        leaked = [c for c in cids if storage.contains(c)]
-        check(
+        leaked = [c for c in self.cids if storage.contains(c)]
+        self.check(
             "nothing leaks",
             not leaked,
-            f"{len(leaked)} of {unique} blobs still present",
+            f"{len(leaked)} of {self.config.unique} blobs still present",
         )
-        if temporary:
+        if self.temporary:
             st = storage.stats()
-            check(
+            self.check(
                 "the store ends empty",
                 st.blobs == 0 and st.leases == 0,
                 f"{st.blobs} blobs, {st.leases} leases",
             )
-        check(
+        self.check(
             "duplicates are dedup hits",
-            dedup_hits >= config.duplicates,
-            f"{dedup_hits} dedup hits for {config.duplicates} duplicates",
+            self.dedup_hits >= self.config.duplicates,
+            f"{self.dedup_hits} dedup hits for {self.config.duplicates} duplicates",
         )
         vreport = storage.verify()
-        check(
+        self.check(
             "verify() is clean",
             not vreport,
             f"{len(vreport.corrupted)} corrupted, {len(vreport.missing)} missing, "
             f"{len(vreport.orphaned)} orphaned",
         )
         if not leaked and not vreport:
-            display.log("[green]✓[/] nothing leaked; verify() is clean")
+            self.log.log("[green]✓[/] nothing leaked; verify() is clean")
 
-    result = _result(
-        config,
-        storage,
-        workers,
-        counters,
-        invariants,
-        t0,
-        t_work,
-        dedup_hits,
-        victim_leases=len(victim_held),
-        victim_only=len(victim_only),
-        leases_reaped=leases_reaped,
-        bytes_freed=bytes_freed,
-        reaped_before_collect=reaped_before_collect,
-        collect=report,
-        t_end_work=t_end_work,
-    )
-    if console is not None:
-        _print_summary(console, result)
+    def result(self) -> DemoResult:
+        return _result(
+            self.config,
+            self.storage,
+            self.workers,
+            self.counters,
+            self.invariants,
+            self.t0,
+            self.t_work,
+            self.dedup_hits,
+            victim_leases=len(self.victim_held),
+            victim_only=len(self.victim_only),
+            leases_reaped=self.leases_reaped,
+            bytes_freed=self.bytes_freed,
+            reaped_before_collect=self.reaped_before_collect,
+            collect=self.report,
+            t_end_work=self.t_end_work,
+        )
+
+
+def _run(run: _Run) -> DemoResult:
+    """The phases in order, live on the run's console."""
+    run.announce()
+    stored = run.store_with_dedup_hits()
+    run.spawn_workers()
+    run.display = _Display(run.console, run.workers, run.counters)
+    with run.display:
+        run.display.log(stored)
+        if not run.workers_lease_by_content_id():
+            return run.result()
+        shared_with_victim = run.producer_lets_go()
+        t_kill = run.sigkill_the_victim_mid_work()
+        run.live_processes_reap_its_leases(t_kill)
+        run.collect_frees_only_its_content(shared_with_victim)
+        run.survivors_reread_every_lease()
+        run.nothing_leaks()
+    result = run.result()
+    if run.console is not None:
+        _print_summary(run.console, result)
     return result
 
 

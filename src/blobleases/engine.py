@@ -34,8 +34,9 @@ do in bulk; see each verb.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import policy_rules
@@ -45,7 +46,7 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "ReapSchedule", "RoomAdapter"]
+__all__ = ["Adapter", "Engine", "ExpiryQueue", "ReapSchedule", "RoomAdapter"]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -388,3 +389,22 @@ class Engine(Generic[K]):
             raise IntegrityError(f"blob {cid} holds {length} bytes, not its recorded {size}")
         if self.verify_reads and not cid.matches(data):
             raise IntegrityError(f"the bytes of blob {cid} do not hash to its id")
+
+
+class ExpiryQueue(list[tuple[float, str, K, LeaseId]]):
+    """The ttl leases of a one-process store, soonest expiry first (a heap,
+    truthy while any entry is queued: a cheap test for the hot path). An
+    entry stays when its lease ends early; :meth:`due` hands it out anyway,
+    and the adapter's ``expired_leases`` keeps only leases still held with
+    that expiry."""
+
+    __slots__ = ()
+
+    def push(self, expires_at: float, key: K, lid: LeaseId) -> None:
+        heapq.heappush(self, (expires_at, str(lid), key, lid))
+
+    def due(self, now: float) -> Iterator[tuple[float, K, LeaseId]]:
+        """Take out every entry whose expiry is ``<= now``: (expires_at, key, lease)."""
+        while self and self[0][0] <= now:
+            expires_at, _, key, lid = heapq.heappop(self)
+            yield expires_at, key, lid

@@ -45,8 +45,9 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from . import ingest, policy_rules
+from . import forksafe, ingest, policy_rules
 from .content_id import ContentId, new_hasher
+from .engine import ReapSchedule
 from .errors import ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .liveness import (
@@ -236,7 +237,7 @@ class RedisStorage(BlobStorage):
         self._touches: dict[str, float] = {}
         self._active_tokens: set[str] = set()
         self._pending_releases: list[tuple[ContentId, str]] = []
-        self._next_reap = time.monotonic() + self.policies.reap_interval
+        self._reaps = ReapSchedule(self.policies.reap_interval, time.monotonic())
         self._next_expiry = 0.0  # read the shared expiry index at the first operation
         with storage_error_context(self):
             try:
@@ -246,8 +247,8 @@ class RedisStorage(BlobStorage):
                 raise
             self._load_all_scripts()
             self._ensure_process()
+        forksafe.register(self, lock=_fork_lock, child=_after_fork)
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _after_fork(ref))
         # At exit, after the leases made on this handle (finalizers run
         # newest first) have been dropped.
         weakref.finalize(self, _finish_at_exit, ref)
@@ -384,9 +385,9 @@ class RedisStorage(BlobStorage):
             self._retry_releases()
         if time.time() >= self._next_expiry:
             self._expire()
-        if time.monotonic() >= self._next_reap and self._reap_lock.acquire(blocking=False):
+        if self._reaps.due(time.monotonic()) and self._reap_lock.acquire(blocking=False):
             try:
-                self._next_reap = time.monotonic() + self.policies.reap_interval
+                self._reaps.reaped(time.monotonic())
                 self._reap_dead()
                 self._flush_touches()
                 self._expire()
@@ -1241,10 +1242,15 @@ def _finish_at_exit(ref: weakref.ref[RedisStorage]) -> None:
         storage._finish()
 
 
-def _after_fork(ref: weakref.ref[RedisStorage]) -> None:
-    storage = ref()
-    if storage is None:
-        return
+def _fork_lock(storage: RedisStorage) -> threading.RLock:
+    return storage._lock
+
+
+def _after_fork(storage: RedisStorage) -> None:
+    """In a forked child (blobleases.forksafe): fresh locks, none of the
+    parent's pending work; the client's connection pool makes new
+    connections in a new process, and the next operation starts this
+    process's own heartbeat."""
     storage._lock = threading.RLock()
     storage._reap_lock = threading.Lock()
     storage._touches = {}

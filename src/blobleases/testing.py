@@ -34,7 +34,11 @@ the verbs of :class:`blobleases.engine.Adapter` (content: ``add_content``,
 ``leases_of``, ``holds_of``, ``expired_leases``; processes:
 ``owner_pids``, ``is_alive``, ``recorded_start``, ``record_pid``;
 counts: ``count_dedup``, ``count_evictions``) and makes each abstract member open its transaction and
-call the engine (:class:`~blobleases.memory.MemoryStorage` is the example).
+call the engine. A store of this process's memory subclasses
+:class:`blobleases.adapter_storage.AdapterStorage` instead, which writes
+every abstract member, the process and reader-hold tables and the counts
+once: it implements only how it keeps content, leases and the LRU
+(:class:`~blobleases.memory.MemoryStorage` is the example, and the list).
 A backend whose lifecycle runs as bulk statements (SQL, scripts)
 implements :class:`blobleases.engine.RoomAdapter` only and calls
 :meth:`~blobleases.engine.Engine.settle`,

@@ -79,7 +79,7 @@ def collect(storage: RedisStorage) -> CollectReport:
         before_blobs = len(storage._present())
         expired = storage._expire()
         leases, readers, procs = storage._reap_dead()
-        storage._next_reap = time.monotonic() + storage.policies.reap_interval
+        storage._reaps.reaped(time.monotonic())
         more_leases, more_readers, rows = sweep(storage)
         after_blobs = len(storage._present())
         after = (
