@@ -13,9 +13,9 @@ calls the verbs:
   and :meth:`Engine.advise_of_pid` (liveness);
 - the retain-or-delete decision when content becomes unreferenced
   (:meth:`Engine.settle`, :meth:`Engine.trim_retained`);
-- making room under ``max_bytes`` (:meth:`Engine.make_room`): the eviction
-  plan is decided before anything is deleted, so StoreFull leaves
-  everything as it was;
+- making room under ``max_bytes`` (:meth:`Engine.make_room`; the plan
+  alone, :meth:`Engine.plan_room`): the eviction plan is decided before
+  anything is deleted, so StoreFull leaves everything as it was;
 - the reap schedule (:class:`ReapSchedule`) and the read checks
   (:meth:`Engine.check_read`: the size always, the hash with
   ``verify_reads``).
@@ -357,12 +357,22 @@ class Engine(Generic[K]):
         """Evict per ``on_full`` so ``size`` more bytes fit under
         ``max_bytes``, or raise StoreFull having deleted nothing (the whole
         plan is made before the first deletion)."""
+        victims = self.plan_room(a, size)
+        if victims:
+            freed = sum(a.delete_content(key) for key in victims)
+            a.count_evictions(len(victims), freed)
+
+    def plan_room(self, a: RoomAdapter[K], size: int) -> list[K]:
+        """The contents :meth:`make_room` would evict so ``size`` more bytes
+        fit under ``max_bytes`` (none when they fit), deleting nothing; or
+        StoreFull. A backend that checks early, before it writes bytes it
+        would then have to remove, asks this first."""
         limit = self.max_bytes
         if limit is None:
-            return
+            return []
         total = a.total_bytes()
         if total + size <= limit:
-            return
+            return []
         if size > limit:
             raise StoreFull(policy_rules.too_large_message(size, limit))
         victims = policy_rules.plan_eviction(
@@ -373,9 +383,7 @@ class Engine(Generic[K]):
         )
         if victims is None:
             raise StoreFull(policy_rules.over_limit_message(size, limit, total, self.on_full))
-        if victims:
-            freed = sum(a.delete_content(key) for key in victims)
-            a.count_evictions(len(victims), freed)
+        return victims
 
     # -- reads (SPEC 2.3) ---------------------------------------------------------------
 

@@ -72,10 +72,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import ingest, policy_rules
+from . import index_sql, ingest, policy_rules
 from .blob_tier import BlobTier, ObjectMissing, ObjectShort, open_tier
 from .content_id import ContentId, new_hasher
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .engine import Engine
+from .errors import ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .liveness import (
     HeartbeatThread,
@@ -364,6 +365,122 @@ class _Tx:
         return int(self.cur.rowcount)
 
 
+def _pg(statement: str) -> str:
+    return index_sql.for_postgres(statement)
+
+
+_SQL_CONTENT_LOCKED = _pg(index_sql.CONTENT + " FOR UPDATE")
+_SQL_REFERENCED = _pg(index_sql.REFERENCED)
+_SQL_DELETE_UNREFERENCED = _pg(index_sql.DELETE_UNREFERENCED)
+_SQL_RETAINED_IN_ORDER = _pg(index_sql.RETAINED_IN_ORDER)
+_SQL_EVICTABLE_IN_ORDER = _pg(index_sql.EVICTABLE_IN_ORDER)
+_SQL_RETAINED_BYTES = _pg(index_sql.RETAINED_BYTES)
+_SQL_TOTAL_BYTES = _pg(index_sql.TOTAL_BYTES)
+#: A candidate for eviction, its row locked: (size, retained, has a reader).
+_SQL_CANDIDATE = (
+    "SELECT c.size, c.retained IS NOT NULL, EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
+    "FROM content c WHERE c.cid = %s FOR UPDATE"
+)
+
+
+class _Room:
+    """The verbs of :class:`blobleases.engine.RoomAdapter` in one
+    transaction ``tx`` of a PostgresStorage (keys: content ids as text):
+    the engine decides retain-or-delete and the eviction plan, these run
+    the SQL. The content settled is locked (exclusive) by the caller.
+
+    Each statement at READ COMMITTED sees what committed before it, so a
+    content's row is locked (FOR UPDATE) *before* the statement that finds
+    it unreferenced: a lease taken meanwhile (``_SQL_ACQUIRE`` locks the row
+    FOR SHARE) is then seen, or waits and finds the row gone. The byte and
+    retention totals are read under the namespace's budget lock, taken at
+    the first total. With ``locking`` (the default), the retained and
+    evictable content is only *try*-locked, then checked again under its
+    row lock: content locked by another transaction, or changed since the
+    listing, is passed over (so no two transactions wait on each other in
+    a cycle, and the plan is made of what is there). Without ``locking``,
+    nothing is locked (a plan only, as the index stands)."""
+
+    __slots__ = ("budget_locked", "locking", "storage", "tx")
+
+    def __init__(self, storage: PostgresStorage, tx: _Tx, *, locking: bool = True) -> None:
+        self.storage, self.tx, self.locking = storage, tx, locking
+        self.budget_locked = not locking
+
+    def _lock_budget(self) -> None:
+        if not self.budget_locked:
+            self.storage._lock_global(self.tx)
+            self.budget_locked = True
+
+    def unreferenced_size(self, key: str) -> int | None:
+        tx = self.tx
+        row = tx.one(_SQL_CONTENT_LOCKED, (key,))
+        if row is None or row[1] is not None:
+            return None
+        if tx.one(_SQL_REFERENCED, {"cid": key, "now": tx.now})[0]:
+            return None
+        return int(row[0])
+
+    def delete_if_unreferenced(self, key: str) -> None:
+        tx = self.tx
+        if tx.one(_SQL_CONTENT_LOCKED, (key,)) is None:
+            return
+        rows = tx.all(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now})
+        if rows:
+            self.storage._deleted(tx, key, int(rows[0][0]))
+
+    def delete_content(self, key: str) -> int:
+        return self.storage._delete(self.tx, key)
+
+    def count_evictions(self, blobs: int, freed: int) -> None:
+        self.tx.run(
+            "INSERT INTO meta(key, value) VALUES ('evictions', %s), ('evicted_bytes', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = meta.value + EXCLUDED.value",
+            (blobs, freed),
+        )
+        self.storage._note_evictions(blobs, freed)
+
+    def retain(self, key: str) -> None:
+        self.tx.run("DELETE FROM leases WHERE cid = %s", (key,))  # expired ones
+        self.tx.run(
+            "UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s", (key,)
+        )
+
+    def retained_bytes(self) -> int:
+        self._lock_budget()
+        return int(self.tx.one(_SQL_RETAINED_BYTES)[0])
+
+    def total_bytes(self) -> int:
+        self._lock_budget()
+        return int(self.tx.one(_SQL_TOTAL_BYTES)[0])
+
+    def _candidate(self, key: str) -> tuple[int, bool, bool] | None:
+        """(size, retained, has a reader) of content this transaction could
+        lock now (None if another holds it, or it is gone)."""
+        if not self.storage._try_lock(self.tx, key):
+            return None
+        row = self.tx.one(_SQL_CANDIDATE, (key,))
+        return None if row is None else (int(row[0]), bool(row[1]), bool(row[2]))
+
+    def retained_oldest_first(self) -> Iterator[tuple[str, int]]:
+        for key, size in self.tx.all(_SQL_RETAINED_IN_ORDER):
+            if not self.locking:
+                yield key, int(size)
+                continue
+            now = self._candidate(key)
+            if now is not None and now[1]:
+                yield key, now[0]
+
+    def evictable_oldest_first(self) -> Iterator[tuple[str, int, bool]]:
+        for key, size in self.tx.all(_SQL_EVICTABLE_IN_ORDER):
+            if not self.locking:
+                yield key, int(size), False
+                continue
+            now = self._candidate(key)
+            if now is not None and not now[1]:
+                yield key, now[0], now[2]
+
+
 class PostgresStorage(BlobStorage):
     """Leases and the index in PostgreSQL, bytes in S3 or a shared directory.
 
@@ -442,7 +559,7 @@ class PostgresStorage(BlobStorage):
         self._heartbeat: _Heartbeat | None = None
         self._touches: dict[str, float] = {}
         self._active_uploads: set[str] = set()
-        self._next_reap = time.monotonic() + self.policies.reap_interval
+        self._engine: Engine[str] = Engine(self.policies, time.monotonic())
         self._next_expiry = 0.0
         try:
             self._create_schema()
@@ -742,6 +859,16 @@ class PostgresStorage(BlobStorage):
 
     # -- maintenance ---------------------------------------------------------------
 
+    @property
+    def _next_reap(self) -> float:
+        """When the next automatic reap is due (monotonic clock): the
+        engine's reap schedule."""
+        return self._engine.reaps.next
+
+    @_next_reap.setter
+    def _next_reap(self, when: float) -> None:
+        self._engine.reaps.next = when
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("the storage is closed")
@@ -751,9 +878,10 @@ class PostgresStorage(BlobStorage):
         self._ensure_process()
         if time.time() >= self._next_expiry:
             self._expire()
-        if time.monotonic() >= self._next_reap and self._reap_lock.acquire(blocking=False):
+        reaps = self._engine.reaps
+        if reaps.due(time.monotonic()) and self._reap_lock.acquire(blocking=False):
             try:
-                self._next_reap = time.monotonic() + self.policies.reap_interval
+                reaps.reaped(time.monotonic())
                 self._reap_dead()
                 self._flush_touches()
                 self._expire()
@@ -907,67 +1035,31 @@ class PostgresStorage(BlobStorage):
 
     def _settle(self, tx: _Tx, cid_text: str) -> None:
         """Content (locked) left with no held lease and no reader is
-        retained or deleted. Its row is locked first (FOR UPDATE), so a
-        lease taken meanwhile by :meth:`_acquire` (which locks it FOR SHARE)
-        is seen by the check below, or waits and then finds it gone."""
-        if tx.one("SELECT 1 FROM content WHERE cid = %s FOR UPDATE", (cid_text,)) is None:
-            return
-        row = tx.one(
-            "SELECT c.size, c.retained, EXISTS (SELECT 1 FROM leases l WHERE l.cid = c.cid "
-            "AND (l.expires_at IS NULL OR l.expires_at > %(now)s)) "
-            "OR EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
-            "FROM content c WHERE c.cid = %(cid)s",
-            {"cid": cid_text, "now": tx.now},
-        )
-        if row is None or row[2] or row[1] is not None:
-            return
-        size = int(row[0])
-        retain = self.policies.retain_bytes
-        if policy_rules.retains(size, retain):
-            tx.run("DELETE FROM leases WHERE cid = %s", (cid_text,))
-            tx.run(
-                "UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s",
-                (cid_text,),
-            )
-            self._lock_global(tx)
-            self._trim_retained(tx, retain)
-        else:
-            self._delete(tx, cid_text)
+        retained or deleted (the engine decides; see :class:`_Room`)."""
+        self._engine.settle(_Room(self, tx), cid_text)
 
     def _trim_retained(self, tx: _Tx, budget: int) -> None:
-        total = int(
-            tx.one("SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL")[0]
-        )
-        if total <= budget:
-            return
-        rows = [
-            (c, int(s))
-            for c, s in tx.all(
-                "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-            )
-        ]
-        for cid_text in policy_rules.over_retain_budget(total, budget, rows):
-            if self._try_lock(tx, cid_text) and self._still_retained(tx, cid_text):
-                self._delete(tx, cid_text)
-
-    def _still_retained(self, tx: _Tx, cid_text: str) -> bool:
-        """Lock the row of retained content; False if a lease took it back
-        meanwhile (so it must not be deleted as unreferenced)."""
-        row = tx.one("SELECT retained FROM content WHERE cid = %s FOR UPDATE", (cid_text,))
-        return row is not None and row[0] is not None
+        """Delete the oldest retained content beyond ``budget`` (the budget
+        lock is taken; retained content locked by others is passed over)."""
+        self._engine.trim_retained(_Room(self, tx), budget)
 
     def _delete(self, tx: _Tx, cid_text: str) -> int:
         """Delete the content (locked) with its leases and holds; its object
         leaves the tier after the transaction commits."""
         rows = tx.all("DELETE FROM content WHERE cid = %s RETURNING size", (cid_text,))
+        size = int(rows[0][0]) if rows else None
+        self._deleted(tx, cid_text, size)
+        return size or 0
+
+    def _deleted(self, tx: _Tx, cid_text: str, size: int | None) -> None:
+        """The row of content (locked) is gone (``size``: it had one): its
+        leases and holds go, and its object after the commit."""
         tx.run("DELETE FROM leases WHERE cid = %s", (cid_text,))
         tx.run("DELETE FROM holds WHERE cid = %s", (cid_text,))
         self._doom_object(tx, cid_text)
-        if not rows:
-            return 0
-        tx.deleted += 1
-        tx.freed += int(rows[0][0])
-        return int(rows[0][0])
+        if size is not None:
+            tx.deleted += 1
+            tx.freed += size
 
     def _doom_object(self, tx: _Tx, cid_text: str) -> None:
         """Schedule the deletion of the object of content (locked) that has
@@ -1043,55 +1135,14 @@ class PostgresStorage(BlobStorage):
 
     def _make_room(self, tx: _Tx, size: int, *, plan_only: bool = False) -> None:
         """Evict per policy so ``size`` more bytes fit under ``max_bytes``
-        (global lock held unless ``plan_only``), or StoreFull with nothing
-        changed. Victims locked by others are passed over."""
-        limit = self.policies.max_bytes
-        assert limit is not None
-        if size > limit:
-            raise StoreFull(policy_rules.too_large_message(size, limit))
-        total = int(tx.one("SELECT coalesce(sum(size), 0) FROM content")[0])
-        if total + size <= limit:
-            return
-        retained = [
-            (c, int(s))
-            for c, s in tx.all(
-                "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-            )
-        ]
-
-        def leased() -> Iterator[tuple[str, int, bool]]:
-            rows = tx.all(
-                "SELECT c.cid, c.size, EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
-                "FROM content c WHERE c.retained IS NULL ORDER BY c.last_access, c.cid"
-            )
-            for cid_text, held, reader in rows:
-                yield cid_text, int(held), bool(reader)
-
-        def lockable(items: Iterable[Any]) -> Iterator[Any]:
-            for item in items:
-                if plan_only or self._try_lock(tx, item[0]):
-                    yield item
-
-        victims = policy_rules.plan_eviction(
-            total + size - limit, lockable(retained), lockable(leased()), self.policies.on_full
-        )
-        if victims is None:
-            raise StoreFull(
-                policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
-            )
-        if not plan_only:
-            was_retained = {c for c, _ in retained}
-            for cid_text in victims:
-                if (
-                    cid_text in was_retained
-                    and self.policies.on_full != "evict"
-                    and not self._still_retained(tx, cid_text)
-                ):
-                    raise StoreFull(
-                        f"storing {size} bytes: retained content chosen for eviction was "
-                        f"leased again meanwhile (max_bytes={limit})"
-                    )
-                self._delete(tx, cid_text)
+        (the budget lock is taken), or StoreFull with nothing changed;
+        victims locked by others are passed over. ``plan_only``: only
+        whether they could fit (StoreFull if not), as the index stands,
+        locking nothing."""
+        if plan_only:
+            self._engine.plan_room(_Room(self, tx, locking=False), size)
+        else:
+            self._engine.make_room(_Room(self, tx), size)
 
     # -- the backend methods ---------------------------------------------------------
 
@@ -1236,7 +1287,6 @@ class PostgresStorage(BlobStorage):
                 tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
             else:
                 if self.policies.max_bytes is not None:
-                    self._lock_global(tx)
                     self._make_room(tx, size)
                 tx.run(
                     "INSERT INTO content(cid, size, created, last_access) VALUES (%s, %s, %s, %s)",
@@ -1620,7 +1670,9 @@ class PostgresStorage(BlobStorage):
             f"(SELECT count(*) FROM leases WHERE {_HELD}), (SELECT count(*) FROM holds), "
             "(SELECT value FROM meta WHERE key = 'dedup_hits'), "
             "(SELECT count(*) FROM content WHERE retained IS NOT NULL), "
-            "(SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL)",
+            "(SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL), "
+            "(SELECT value FROM meta WHERE key = 'evictions'), "
+            "(SELECT value FROM meta WHERE key = 'evicted_bytes')",
             {"now": now},
         )[0]
         owners = {
@@ -1641,6 +1693,8 @@ class PostgresStorage(BlobStorage):
             readers=int(row[3]),
             retained_blobs=int(row[5]),
             retained_bytes=int(row[6]),
+            evictions=int(row[7] or 0),
+            evicted_bytes=int(row[8] or 0),
         )
 
     # -- collect and verify ----------------------------------------------------------
