@@ -63,7 +63,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -72,7 +71,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import index_sql, ingest, policy_rules
+from . import index_sql, policy_rules, rehash
 from .blob_tier import BlobTier, ObjectMissing, ObjectShort, open_tier
 from .content_id import ContentId, new_hasher
 from .engine import Engine
@@ -81,11 +80,11 @@ from .lease_id import LeaseId
 from .liveness import (
     HeartbeatThread,
     can_judge_pids,
-    is_alive,
-    own_start_time,
+    is_dead,
     pid_namespace,
     process_start_time,
     same_start,
+    vouch,
 )
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
@@ -442,9 +441,7 @@ class _Room:
 
     def retain(self, key: str) -> None:
         self.tx.run("DELETE FROM leases WHERE cid = %s", (key,))  # expired ones
-        self.tx.run(
-            "UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s", (key,)
-        )
+        self.tx.run("UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s", (key,))
 
     def retained_bytes(self) -> int:
         self._lock_budget()
@@ -815,34 +812,11 @@ class PostgresStorage(BlobStorage):
     def _vouch(self, pid: int) -> float:
         """Record a local pid as alive (its beat kept by this handle); its
         start time (0.0 if unknown or dead)."""
-        hb = self._heartbeat
-        assert hb is not None
-        if pid == os.getpid():
-            return own_start_time()
-        if not can_judge_pids():
-            hb.adopt(pid, 0.0)
-            return 0.0
-        start = process_start_time(pid)
-        if start is None:
-            return 0.0
-        hb.adopt(pid, start)
-        return start
+        assert self._heartbeat is not None
+        return vouch(self._heartbeat, pid)
 
     def _is_dead(self, owner: str, start: float, fresh: bool) -> bool:
-        host, _, pid_text = owner.rpartition("/")
-        try:
-            pid = int(pid_text)
-        except ValueError:
-            return True
-        if host == self._local:
-            if pid == os.getpid():
-                return False
-            if can_judge_pids() and not is_alive(pid, start or None):
-                return True
-            hb = self._heartbeat
-            if hb is not None and hb.vouches(pid):
-                return False
-        return not fresh
+        return is_dead(owner, start, fresh, self._local, self._heartbeat)
 
     def _judge(self, owners: Iterable[str]) -> set[str]:
         """The dead among ``owners`` (an owner without a row is judged by
@@ -1319,18 +1293,9 @@ class PostgresStorage(BlobStorage):
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
         self._maintain()
-        with ingest.open_source(source, ingest.cannot_read) as f:
-            seekable = False
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                seekable = bool(f.seekable())
-            if seekable:
-                return self._store_stream(f, lid, algorithm, ttl, detached)
-            # the content id must be known before the upload (it is the key)
-            with tempfile.TemporaryFile() as spool:
-                for part in ingest.chunks(f):
-                    spool.write(part)
-                spool.seek(0)
-                return self._store_stream(spool, lid, algorithm, ttl, detached)
+        # the content id must be known before the upload (it is the key)
+        with rehash.seekable_source(source) as f:
+            return self._store_stream(f, lid, algorithm, ttl, detached)
 
     def _store_stream(
         self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -1338,32 +1303,14 @@ class PostgresStorage(BlobStorage):
         """Hash a seekable file from its position, then (unless present)
         upload it in bounded memory while hashing again; a file that changed
         in between raises IntegrityError with nothing stored."""
-        start = f.tell()
-        hasher = new_hasher(algorithm)
-        size = ingest.copy(f, hasher)
-        cid = ContentId(algorithm, hasher.digest())
+        start, cid, size = rehash.identify(f, algorithm)
         token = self._begin_upload(cid, lid, ttl, detached, size)
         if token is None:
             return cid, size
         try:
-            # each pass over the file (an upload may be retried) hashes anew
-            state: dict[str, Any] = {}
-
-            def parts() -> Iterator[bytes]:
-                f.seek(start)
-                hasher = state["hasher"] = new_hasher(algorithm)
-                state["seen"] = 0
-                while state["seen"] < size:
-                    piece = f.read(min(ingest.CHUNK, size - state["seen"]))
-                    if not piece:
-                        break
-                    hasher.update(piece)
-                    state["seen"] += len(piece)
-                    yield bytes(piece)
-
-            self._upload(cid, token, size, parts)
-            if state.get("seen") != size or state["hasher"].digest() != cid.digest:
-                raise IntegrityError("the file changed while it was being stored")
+            again = rehash.Reread(f, start, size, cid)  # hashes anew at each pass
+            self._upload(cid, token, size, lambda: iter(again))
+            again.check()
             self._commit_upload(cid, token, lid, ttl, detached, size)
         except BaseException:
             self._abort_upload(cid, token)
