@@ -330,7 +330,7 @@ class _Tx:
     """One transaction's cursor, its start time and what to do after it
     commits (object deletions)."""
 
-    __slots__ = ("cur", "deleted", "doomed", "freed", "now", "watch")
+    __slots__ = ("cur", "deleted", "doomed", "evicted", "freed", "now", "watch")
 
     def __init__(self, cur: Any, watch: _Watch) -> None:
         self.cur = cur
@@ -339,6 +339,7 @@ class _Tx:
         self.doomed: list[tuple[str, str]] = []  # (cid text, deleting token)
         self.deleted = 0
         self.freed = 0
+        self.evicted = (0, 0)  # (blobs, bytes) evicted to make room
 
     def one(self, query: str, params: Any = None) -> Any:
         self.watch.rearm()
@@ -437,7 +438,8 @@ class _Room:
             "ON CONFLICT (key) DO UPDATE SET value = meta.value + EXCLUDED.value",
             (blobs, freed),
         )
-        self.storage._note_evictions(blobs, freed)
+        # counted by this handle once the transaction commits
+        self.tx.evicted = (self.tx.evicted[0] + blobs, self.tx.evicted[1] + freed)
 
     def retain(self, key: str) -> None:
         self.tx.run("DELETE FROM leases WHERE cid = %s", (key,))  # expired ones
@@ -728,6 +730,7 @@ class PostgresStorage(BlobStorage):
                 retry = None
             if retry is None:
                 assert tx is not None
+                self._note_evictions(*tx.evicted)
                 for cid_text, token in tx.doomed:
                     self._finish_delete(cid_text, token)
                 return result
