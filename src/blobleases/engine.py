@@ -45,7 +45,7 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "ReapSchedule", "RoomAdapter"]
+__all__ = ["Adapter", "Engine", "LeaseEnds", "ReapSchedule", "RoomAdapter"]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -99,6 +99,21 @@ class RoomAdapter(Protocol[K]):
 
     def total_bytes(self) -> int:
         """The total size of present content, retained content included."""
+        ...
+
+
+class LeaseEnds(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.end_lease` and :meth:`Engine.expire` need
+    beyond :class:`RoomAdapter`'s: what a backend implements whose other
+    lease verbs are its own statements (PostgresStorage); every
+    :class:`Adapter` has them."""
+
+    def remove_lease(self, key: K, lid: LeaseId) -> bool:
+        """As :meth:`Adapter.remove_lease`."""
+        ...
+
+    def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
+        """As :meth:`Adapter.expired_leases`."""
         ...
 
 
@@ -254,7 +269,7 @@ class Engine(Generic[K]):
         a.add_content(key, size, payload)
         self.hold(a, key, lid, ttl, detached)
 
-    def end_lease(self, a: Adapter[K], key: K, lid: LeaseId) -> None:
+    def end_lease(self, a: LeaseEnds[K], key: K, lid: LeaseId) -> None:
         """End ``(lid, key)`` (a no-op if not held); settle its content."""
         if a.remove_lease(key, lid):
             self.settle(a, key)
@@ -286,7 +301,7 @@ class Engine(Generic[K]):
             self.end_hold(a, hold)
         return len(leases), len(holds)
 
-    def expire(self, a: Adapter[K], now: float) -> int:
+    def expire(self, a: LeaseEnds[K], now: float) -> int:
         """End every lease whose ttl has run out by ``now``: how many."""
         expired = a.expired_leases(now)
         for key, lid in expired:

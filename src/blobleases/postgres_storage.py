@@ -480,6 +480,34 @@ class _Room:
                 yield key, now[0], now[2]
 
 
+class _Ends(_Room):
+    """:class:`_Room` and the verbs of :class:`blobleases.engine.LeaseEnds`
+    over the leases of the contents ``cids`` (locked, in sorted order, by
+    :meth:`expired_leases`: at most ``_BATCH`` in one transaction)."""
+
+    __slots__ = ("cids",)
+
+    def __init__(self, storage: PostgresStorage, tx: _Tx, cids: list[str]) -> None:
+        super().__init__(storage, tx)
+        self.cids = cids
+
+    def expired_leases(self, now: float) -> list[tuple[str, LeaseId]]:
+        for cid_text in self.cids:
+            self.storage._lock_content(self.tx, cid_text)
+        rows = self.tx.all(
+            "SELECT cid, lid FROM leases WHERE cid = ANY(%s) AND expires_at IS NOT NULL "
+            "AND expires_at <= %s ORDER BY cid, lid",
+            (self.cids, now),
+        )
+        return [(cid_text, LeaseId.parse(lid)) for cid_text, lid in rows]
+
+    def remove_lease(self, key: str, lid: LeaseId) -> bool:
+        tx = self.tx
+        if not tx.run("DELETE FROM leases WHERE cid = %s AND lid = %s", (key, str(lid))):
+            return False
+        return not tx.one(_SQL_REFERENCED, {"cid": key, "now": tx.now})[0]
+
+
 class PostgresStorage(BlobStorage):
     """Leases and the index in PostgreSQL, bytes in S3 or a shared directory.
 
@@ -897,11 +925,12 @@ class PostgresStorage(BlobStorage):
                 (now, _BATCH),
             )
             if rows:
-                ended += self._end_many(
-                    sorted({r[0] for r in rows}),
-                    "expires_at IS NOT NULL AND expires_at <= %(now)s",
-                    {},
-                )
+                cids = sorted({r[0] for r in rows})
+
+                def work(tx: _Tx, cids: list[str] = cids) -> int:
+                    return self._engine.expire(_Ends(self, tx, cids), tx.now)
+
+                ended += self._tx(work)
             if len(rows) < _BATCH:
                 break
         nxt = self._exec("SELECT min(expires_at) FROM leases WHERE expires_at IS NOT NULL")
