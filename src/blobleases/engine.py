@@ -45,7 +45,7 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "LeaseEnds", "ReapSchedule", "RoomAdapter"]
+__all__ = ["Adapter", "Engine", "LeaseAdds", "LeaseEnds", "ReapSchedule", "RoomAdapter"]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -114,6 +114,31 @@ class LeaseEnds(RoomAdapter[K], Protocol[K]):
 
     def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
         """As :meth:`Adapter.expired_leases`."""
+        ...
+
+
+class LeaseAdds(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.hold`, :meth:`Engine.store_hit` and
+    :meth:`Engine.store_new` need beyond :class:`RoomAdapter`'s: what a
+    backend implements whose other lease verbs are its own statements
+    (PostgresStorage); every :class:`Adapter` has them."""
+
+    def add_content(self, key: K, size: int, payload: Any) -> None:
+        """As :meth:`Adapter.add_content`."""
+        ...
+
+    def add_lease(
+        self, key: K, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> int | None:
+        """As :meth:`Adapter.add_lease`."""
+        ...
+
+    def has_lease(self, key: K, lid: LeaseId) -> bool:
+        """As :meth:`Adapter.has_lease`."""
+        ...
+
+    def count_dedup(self) -> None:
+        """As :meth:`Adapter.count_dedup`."""
         ...
 
 
@@ -233,7 +258,7 @@ class Engine(Generic[K]):
     # -- leases and holds (SPEC 2.1, 2.2, 2.4, 2.5) --------------------------------
 
     def hold(
-        self, a: Adapter[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
+        self, a: LeaseAdds[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int | None:
         """Hold ``(lid, key)`` (a no-op if held): its size, None if absent."""
         if ttl is None:
@@ -241,7 +266,7 @@ class Engine(Generic[K]):
         return a.add_lease(key, lid, policy_rules.expires_at(ttl, time.time()), detached)
 
     def store_hit(
-        self, a: Adapter[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
+        self, a: LeaseAdds[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
     ) -> bool:
         """A store of present content: hold the lease, counting a dedup hit
         unless it was held already (then nothing changes). False, having
@@ -255,7 +280,7 @@ class Engine(Generic[K]):
 
     def store_new(
         self,
-        a: Adapter[K],
+        a: LeaseAdds[K],
         key: K,
         size: int,
         payload: Any,

@@ -480,16 +480,41 @@ class _Room:
                 yield key, now[0], now[2]
 
 
-class _Ends(_Room):
-    """:class:`_Room` and the verbs of :class:`blobleases.engine.LeaseEnds`
-    over the leases of the contents ``cids`` (locked, in sorted order, by
-    :meth:`expired_leases`: at most ``_BATCH`` in one transaction)."""
+class _Leases(_Room):
+    """:class:`_Room` and the verbs of :class:`blobleases.engine.LeaseAdds`
+    and :class:`blobleases.engine.LeaseEnds` (the content a lease is added
+    to or removed from is locked by the caller; :meth:`expired_leases`
+    looks at the contents ``cids`` only, and locks them in sorted order: at
+    most ``_BATCH`` in one transaction)."""
 
     __slots__ = ("cids",)
 
-    def __init__(self, storage: PostgresStorage, tx: _Tx, cids: list[str]) -> None:
+    def __init__(self, storage: PostgresStorage, tx: _Tx, cids: list[str] | None = None) -> None:
         super().__init__(storage, tx)
-        self.cids = cids
+        self.cids = cids or []
+
+    def add_content(self, key: str, size: int, payload: Any) -> None:
+        now = self.tx.now
+        self.tx.run(
+            "INSERT INTO content(cid, size, created, last_access) VALUES (%s, %s, %s, %s)",
+            (key, size, now, now),
+        )
+
+    def add_lease(
+        self, key: str, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> int | None:
+        return self.storage._hold(self.tx, key, lid, expires_at, detached)[0]
+
+    def has_lease(self, key: str, lid: LeaseId) -> bool:
+        tx = self.tx
+        row = tx.one(
+            f"SELECT 1 FROM leases WHERE cid = %(cid)s AND lid = %(lid)s AND {_HELD}",
+            {"cid": key, "lid": str(lid), "now": tx.now},
+        )
+        return row is not None
+
+    def count_dedup(self) -> None:
+        self.tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
 
     def expired_leases(self, now: float) -> list[tuple[str, LeaseId]]:
         for cid_text in self.cids:
@@ -928,7 +953,7 @@ class PostgresStorage(BlobStorage):
                 cids = sorted({r[0] for r in rows})
 
                 def work(tx: _Tx, cids: list[str] = cids) -> int:
-                    return self._engine.expire(_Ends(self, tx, cids), tx.now)
+                    return self._engine.expire(_Leases(self, tx, cids), tx.now)
 
                 ended += self._tx(work)
             if len(rows) < _BATCH:
@@ -1100,10 +1125,10 @@ class PostgresStorage(BlobStorage):
                 _IN_FLIGHT.discard(mark)
 
     def _hold(
-        self, tx: _Tx, cid_text: str, lid: LeaseId, ttl: float | None, detached: bool
+        self, tx: _Tx, cid_text: str, lid: LeaseId, expires: float | None, detached: bool
     ) -> tuple[int | None, bool]:
-        """Hold the lease on content (locked): (its size or None if absent,
-        whether the lease is new)."""
+        """Hold the lease (ending at ``expires``) on content (locked): (its
+        size or None if absent, whether the lease is new)."""
         row = tx.one("SELECT size, retained FROM content WHERE cid = %s", (cid_text,))
         if row is None:
             return None, False
@@ -1115,7 +1140,6 @@ class PostgresStorage(BlobStorage):
                 "ON CONFLICT (owner) DO NOTHING",
                 (owner, start),
             )
-        expires = policy_rules.expires_at(ttl, tx.now)
         new = tx.run(
             "INSERT INTO leases(cid, lid, pid, expires_at, detached, owner) "
             "VALUES (%(cid)s, %(lid)s, %(pid)s, %(exp)s, %(det)s, %(owner)s) "
@@ -1189,10 +1213,7 @@ class PostgresStorage(BlobStorage):
 
         def work(tx: _Tx) -> tuple[str, str | None]:
             self._lock_content(tx, cid_text)
-            held, new = self._hold(tx, cid_text, lid, ttl, detached)
-            if held is not None:
-                if new:
-                    tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
+            if self._engine.store_hit(_Leases(self, tx), cid_text, lid, ttl, detached):
                 return "held", None
             gone = tx.one("SELECT owner, token FROM deleting WHERE cid = %s", (cid_text,))
             if gone is not None:
@@ -1288,17 +1309,10 @@ class PostgresStorage(BlobStorage):
                     f"the upload of {cid_text} was removed meanwhile (its writer was taken "
                     "for dead: heartbeat_ttl too short?)"
                 )
-            present = tx.one("SELECT 1 FROM content WHERE cid = %s", (cid_text,)) is not None
-            if present:
-                tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
-            else:
-                if self.policies.max_bytes is not None:
-                    self._make_room(tx, size)
-                tx.run(
-                    "INSERT INTO content(cid, size, created, last_access) VALUES (%s, %s, %s, %s)",
-                    (cid_text, size, tx.now, tx.now),
-                )
-            self._hold(tx, cid_text, lid, ttl, detached)
+            index = _Leases(self, tx)
+            # present: stored meanwhile by another process (a dedup hit)
+            if not self._engine.store_hit(index, cid_text, lid, ttl, detached):
+                self._engine.store_new(index, cid_text, size, None, lid, ttl, detached)
 
         self._tx(work)
         with self._lock:
@@ -1362,7 +1376,7 @@ class PostgresStorage(BlobStorage):
 
             def work(tx: _Tx) -> int | None:
                 self._lock_content(tx, cid_text, shared=True)
-                return self._hold(tx, cid_text, lid, ttl, detached)[0]
+                return self._engine.hold(_Leases(self, tx), cid_text, lid, ttl, detached)
 
             size = self._tx(work)
         if size is None:
