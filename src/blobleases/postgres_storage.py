@@ -36,6 +36,16 @@ more advisory lock of the namespace, taken after a content's lock; victims
 of eviction are only *try*-locked while it is held, so no two transactions
 wait on each other in a cycle.
 
+**Rules.** The decisions of SPEC sections 2 and 3 are those of
+:class:`blobleases.engine.Engine` (retain or delete content left
+unreferenced, the eviction plan, made before anything is deleted so that
+StoreFull changes nothing, dedup counting, ttl expiry, the reap schedule),
+run inside these transactions over ``_Room`` and ``_Leases``, its adapter
+(the statements shared with the SQLite index are in
+:mod:`blobleases.index_sql`). Taking a lease of this process and dropping
+a lease are one round trip each (``_SQL_ACQUIRE``, ``drop_lease``); dead
+owners are judged as RedisStorage judges them (:func:`liveness.is_dead`).
+
 **Bytes.** A blob is uploaded to the tier under its content id (an
 ``uploads`` row first, so a crash leaves a leftover that ``collect()``
 removes) before the transaction that inserts its content row commits; an
