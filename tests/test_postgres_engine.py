@@ -78,3 +78,4 @@ def test_evictions_count_store_wide(open_store: Any) -> None:
     # kept in the index: another handle on the store sees them
     again = open_store(max_bytes=250, retain_bytes=250)
     assert (again.stats().evictions, again.stats().evicted_bytes) == (1, 100)
+
