@@ -13,9 +13,9 @@ calls the verbs:
   and :meth:`Engine.advise_of_pid` (liveness);
 - the retain-or-delete decision when content becomes unreferenced
   (:meth:`Engine.settle`, :meth:`Engine.trim_retained`);
-- making room under ``max_bytes`` (:meth:`Engine.make_room`): the eviction
-  plan is decided before anything is deleted, so StoreFull leaves
-  everything as it was;
+- making room under ``max_bytes`` (:meth:`Engine.make_room`; the plan
+  alone, :meth:`Engine.plan_room`): the eviction plan is decided before
+  anything is deleted, so StoreFull leaves everything as it was;
 - the reap schedule (:class:`ReapSchedule`) and the read checks
   (:meth:`Engine.check_read`: the size always, the hash with
   ``verify_reads``).
@@ -46,7 +46,7 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "ExpiryQueue", "ReapSchedule", "RoomAdapter"]
+__all__ = ["Adapter", "Engine", "ExpiryQueue", "LeaseAdds", "LeaseEnds", "ReapSchedule", "RoomAdapter"]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -100,6 +100,46 @@ class RoomAdapter(Protocol[K]):
 
     def total_bytes(self) -> int:
         """The total size of present content, retained content included."""
+        ...
+
+
+class LeaseEnds(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.end_lease` and :meth:`Engine.expire` need
+    beyond :class:`RoomAdapter`'s: what a backend implements whose other
+    lease verbs are its own statements (PostgresStorage); every
+    :class:`Adapter` has them."""
+
+    def remove_lease(self, key: K, lid: LeaseId) -> bool:
+        """As :meth:`Adapter.remove_lease`."""
+        ...
+
+    def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
+        """As :meth:`Adapter.expired_leases`."""
+        ...
+
+
+class LeaseAdds(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.hold`, :meth:`Engine.store_hit` and
+    :meth:`Engine.store_new` need beyond :class:`RoomAdapter`'s: what a
+    backend implements whose other lease verbs are its own statements
+    (PostgresStorage); every :class:`Adapter` has them."""
+
+    def add_content(self, key: K, size: int, payload: Any) -> None:
+        """As :meth:`Adapter.add_content`."""
+        ...
+
+    def add_lease(
+        self, key: K, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> int | None:
+        """As :meth:`Adapter.add_lease`."""
+        ...
+
+    def has_lease(self, key: K, lid: LeaseId) -> bool:
+        """As :meth:`Adapter.has_lease`."""
+        ...
+
+    def count_dedup(self) -> None:
+        """As :meth:`Adapter.count_dedup`."""
         ...
 
 
@@ -219,7 +259,7 @@ class Engine(Generic[K]):
     # -- leases and holds (SPEC 2.1, 2.2, 2.4, 2.5) --------------------------------
 
     def hold(
-        self, a: Adapter[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
+        self, a: LeaseAdds[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
     ) -> int | None:
         """Hold ``(lid, key)`` (a no-op if held): its size, None if absent."""
         if ttl is None:
@@ -227,7 +267,7 @@ class Engine(Generic[K]):
         return a.add_lease(key, lid, policy_rules.expires_at(ttl, time.time()), detached)
 
     def store_hit(
-        self, a: Adapter[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
+        self, a: LeaseAdds[K], key: K, lid: LeaseId, ttl: float | None, detached: bool
     ) -> bool:
         """A store of present content: hold the lease, counting a dedup hit
         unless it was held already (then nothing changes). False, having
@@ -241,7 +281,7 @@ class Engine(Generic[K]):
 
     def store_new(
         self,
-        a: Adapter[K],
+        a: LeaseAdds[K],
         key: K,
         size: int,
         payload: Any,
@@ -255,7 +295,7 @@ class Engine(Generic[K]):
         a.add_content(key, size, payload)
         self.hold(a, key, lid, ttl, detached)
 
-    def end_lease(self, a: Adapter[K], key: K, lid: LeaseId) -> None:
+    def end_lease(self, a: LeaseEnds[K], key: K, lid: LeaseId) -> None:
         """End ``(lid, key)`` (a no-op if not held); settle its content."""
         if a.remove_lease(key, lid):
             self.settle(a, key)
@@ -287,7 +327,7 @@ class Engine(Generic[K]):
             self.end_hold(a, hold)
         return len(leases), len(holds)
 
-    def expire(self, a: Adapter[K], now: float) -> int:
+    def expire(self, a: LeaseEnds[K], now: float) -> int:
         """End every lease whose ttl has run out by ``now``: how many."""
         expired = a.expired_leases(now)
         for key, lid in expired:
@@ -358,12 +398,22 @@ class Engine(Generic[K]):
         """Evict per ``on_full`` so ``size`` more bytes fit under
         ``max_bytes``, or raise StoreFull having deleted nothing (the whole
         plan is made before the first deletion)."""
+        victims = self.plan_room(a, size)
+        if victims:
+            freed = sum(a.delete_content(key) for key in victims)
+            a.count_evictions(len(victims), freed)
+
+    def plan_room(self, a: RoomAdapter[K], size: int) -> list[K]:
+        """The contents :meth:`make_room` would evict so ``size`` more bytes
+        fit under ``max_bytes`` (none when they fit), deleting nothing; or
+        StoreFull. A backend that checks early, before it writes bytes it
+        would then have to remove, asks this first."""
         limit = self.max_bytes
         if limit is None:
-            return
+            return []
         total = a.total_bytes()
         if total + size <= limit:
-            return
+            return []
         if size > limit:
             raise StoreFull(policy_rules.too_large_message(size, limit))
         victims = policy_rules.plan_eviction(
@@ -374,9 +424,7 @@ class Engine(Generic[K]):
         )
         if victims is None:
             raise StoreFull(policy_rules.over_limit_message(size, limit, total, self.on_full))
-        if victims:
-            freed = sum(a.delete_content(key) for key in victims)
-            a.count_evictions(len(victims), freed)
+        return victims
 
     # -- reads (SPEC 2.3) ---------------------------------------------------------------
 

@@ -43,6 +43,7 @@ __all__ = [
     "OwnerLock",
     "can_judge_pids",
     "is_alive",
+    "is_dead",
     "is_owner_token",
     "own_start_time",
     "owner_alive",
@@ -53,6 +54,7 @@ __all__ = [
     "process_token",
     "remove_dead_owner",
     "same_start",
+    "vouch",
 ]
 
 #: Start times come from clock ticks since boot; two readings of the same
@@ -436,3 +438,42 @@ class HeartbeatThread:
                 return
             with contextlib.suppress(Exception):
                 self.beat()
+
+
+def vouch(hb: HeartbeatThread, pid: int) -> float:
+    """Record a local pid as alive (its heartbeat kept by ``hb``'s thread:
+    RedisStorage's key, PostgresStorage's owners row); returns its start
+    time (0.0 if unknown; the pid may be dead)."""
+    if pid == os.getpid():
+        return own_start_time()
+    if not can_judge_pids():
+        hb.adopt(pid, 0.0)  # cannot be looked up: vouched for while we live
+        return 0.0
+    start = process_start_time(pid)
+    if start is None:
+        return 0.0
+    hb.adopt(pid, start)
+    return start
+
+
+def is_dead(
+    owner: str, start: float, heartbeat: bool, local: str, hb: HeartbeatThread | None
+) -> bool:
+    """Whether ``owner`` (``<host>/<pid>``) is dead: an owner of this host
+    and pid namespace (``local``) is judged by its pid and start time where
+    /proc shows them, and is alive while ``hb`` vouches for it; any other
+    owner is alive while its ``heartbeat`` is fresh (within
+    ``heartbeat_ttl``)."""
+    host, _, pid_text = owner.rpartition("/")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if host == local:
+        if pid == os.getpid():
+            return False
+        if can_judge_pids() and not is_alive(pid, start or None):
+            return True
+        if hb is not None and hb.vouches(pid):
+            return False
+    return not heartbeat

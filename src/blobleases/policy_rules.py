@@ -75,13 +75,17 @@ def over_retain_budget(
     retained_bytes: int, retain_bytes: int, oldest_first: Iterable[tuple[K, int]]
 ) -> list[K]:
     """The retained content to delete, least recently used first, so the
-    retained total (``retained_bytes``) comes back within ``retain_bytes``."""
+    retained total (``retained_bytes``) comes back within ``retain_bytes``.
+    ``oldest_first`` is read only as far as needed (a lazy cursor may lock
+    what it yields)."""
     dropped: list[K] = []
+    if retained_bytes <= retain_bytes:
+        return dropped
     for key, size in oldest_first:
-        if retained_bytes <= retain_bytes:
-            break
         dropped.append(key)
         retained_bytes -= size
+        if retained_bytes <= retain_bytes:
+            break
     return dropped
 
 

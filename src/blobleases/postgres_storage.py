@@ -36,6 +36,16 @@ more advisory lock of the namespace, taken after a content's lock; victims
 of eviction are only *try*-locked while it is held, so no two transactions
 wait on each other in a cycle.
 
+**Rules.** The decisions of SPEC sections 2 and 3 are those of
+:class:`blobleases.engine.Engine` (retain or delete content left
+unreferenced, the eviction plan, made before anything is deleted so that
+StoreFull changes nothing, dedup counting, ttl expiry, the reap schedule),
+run inside these transactions over ``_Room`` and ``_Leases``, its adapter
+(the statements shared with the SQLite index are in
+:mod:`blobleases.index_sql`). Taking a lease of this process and dropping
+a lease are one round trip each (``_SQL_ACQUIRE``, ``drop_lease``); dead
+owners are judged as RedisStorage judges them (:func:`liveness.is_dead`).
+
 **Bytes.** A blob is uploaded to the tier under its content id (an
 ``uploads`` row first, so a crash leaves a leftover that ``collect()``
 removes) before the transaction that inserts its content row commits; an
@@ -63,7 +73,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -72,19 +81,20 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import ingest, policy_rules
+from . import index_sql, policy_rules, rehash
 from .blob_tier import BlobTier, ObjectMissing, ObjectShort, open_tier
 from .content_id import ContentId, new_hasher
-from .errors import ContentNotFound, IntegrityError, StorageError, StoreFull
+from .engine import Engine
+from .errors import ContentNotFound, IntegrityError, StorageError
 from .lease_id import LeaseId
 from .liveness import (
     HeartbeatThread,
     can_judge_pids,
-    is_alive,
-    own_start_time,
+    is_dead,
     pid_namespace,
     process_start_time,
     same_start,
+    vouch,
 )
 from .policies import check_seconds
 from .reader import BlobReader, RangeSource
@@ -330,7 +340,7 @@ class _Tx:
     """One transaction's cursor, its start time and what to do after it
     commits (object deletions)."""
 
-    __slots__ = ("cur", "deleted", "doomed", "freed", "now", "watch")
+    __slots__ = ("cur", "deleted", "doomed", "evicted", "freed", "now", "watch")
 
     def __init__(self, cur: Any, watch: _Watch) -> None:
         self.cur = cur
@@ -339,6 +349,7 @@ class _Tx:
         self.doomed: list[tuple[str, str]] = []  # (cid text, deleting token)
         self.deleted = 0
         self.freed = 0
+        self.evicted = (0, 0)  # (blobs, bytes) evicted to make room
 
     def one(self, query: str, params: Any = None) -> Any:
         self.watch.rearm()
@@ -362,6 +373,174 @@ class _Tx:
         self.watch.rearm()
         self.cur.execute(query, params)
         return int(self.cur.rowcount)
+
+
+def _pg(statement: str) -> str:
+    return index_sql.for_postgres(statement)
+
+
+_SQL_CONTENT_LOCKED = _pg(index_sql.CONTENT + " FOR UPDATE")
+_SQL_REFERENCED = _pg(index_sql.REFERENCED)
+_SQL_DELETE_UNREFERENCED = _pg(index_sql.DELETE_UNREFERENCED)
+_SQL_RETAINED_IN_ORDER = _pg(index_sql.RETAINED_IN_ORDER)
+_SQL_EVICTABLE_IN_ORDER = _pg(index_sql.EVICTABLE_IN_ORDER)
+_SQL_RETAINED_BYTES = _pg(index_sql.RETAINED_BYTES)
+_SQL_TOTAL_BYTES = _pg(index_sql.TOTAL_BYTES)
+#: A candidate for eviction, its row locked: (size, retained, has a reader).
+_SQL_CANDIDATE = (
+    "SELECT c.size, c.retained IS NOT NULL, EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
+    "FROM content c WHERE c.cid = %s FOR UPDATE"
+)
+
+
+class _Room:
+    """The verbs of :class:`blobleases.engine.RoomAdapter` in one
+    transaction ``tx`` of a PostgresStorage (keys: content ids as text):
+    the engine decides retain-or-delete and the eviction plan, these run
+    the SQL. The content settled is locked (exclusive) by the caller.
+
+    Each statement at READ COMMITTED sees what committed before it, so a
+    content's row is locked (FOR UPDATE) *before* the statement that finds
+    it unreferenced: a lease taken meanwhile (``_SQL_ACQUIRE`` locks the row
+    FOR SHARE) is then seen, or waits and finds the row gone. The byte and
+    retention totals are read under the namespace's budget lock, taken at
+    the first total. With ``locking`` (the default), the retained and
+    evictable content is only *try*-locked, then checked again under its
+    row lock: content locked by another transaction, or changed since the
+    listing, is passed over (so no two transactions wait on each other in
+    a cycle, and the plan is made of what is there). Without ``locking``,
+    nothing is locked (a plan only, as the index stands)."""
+
+    __slots__ = ("budget_locked", "locking", "storage", "tx")
+
+    def __init__(self, storage: PostgresStorage, tx: _Tx, *, locking: bool = True) -> None:
+        self.storage, self.tx, self.locking = storage, tx, locking
+        self.budget_locked = not locking
+
+    def _lock_budget(self) -> None:
+        if not self.budget_locked:
+            self.storage._lock_global(self.tx)
+            self.budget_locked = True
+
+    def unreferenced_size(self, key: str) -> int | None:
+        tx = self.tx
+        row = tx.one(_SQL_CONTENT_LOCKED, (key,))
+        if row is None or row[1] is not None:
+            return None
+        if tx.one(_SQL_REFERENCED, {"cid": key, "now": tx.now})[0]:
+            return None
+        return int(row[0])
+
+    def delete_if_unreferenced(self, key: str) -> None:
+        tx = self.tx
+        if tx.one(_SQL_CONTENT_LOCKED, (key,)) is None:
+            return
+        rows = tx.all(_SQL_DELETE_UNREFERENCED, {"cid": key, "now": tx.now})
+        if rows:
+            self.storage._deleted(tx, key, int(rows[0][0]))
+
+    def delete_content(self, key: str) -> int:
+        return self.storage._delete(self.tx, key)
+
+    def count_evictions(self, blobs: int, freed: int) -> None:
+        self.tx.run(
+            "INSERT INTO meta(key, value) VALUES ('evictions', %s), ('evicted_bytes', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = meta.value + EXCLUDED.value",
+            (blobs, freed),
+        )
+        # counted by this handle once the transaction commits
+        self.tx.evicted = (self.tx.evicted[0] + blobs, self.tx.evicted[1] + freed)
+
+    def retain(self, key: str) -> None:
+        self.tx.run("DELETE FROM leases WHERE cid = %s", (key,))  # expired ones
+        self.tx.run("UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s", (key,))
+
+    def retained_bytes(self) -> int:
+        self._lock_budget()
+        return int(self.tx.one(_SQL_RETAINED_BYTES)[0])
+
+    def total_bytes(self) -> int:
+        self._lock_budget()
+        return int(self.tx.one(_SQL_TOTAL_BYTES)[0])
+
+    def _candidate(self, key: str) -> tuple[int, bool, bool] | None:
+        """(size, retained, has a reader) of content this transaction could
+        lock now (None if another holds it, or it is gone)."""
+        if not self.storage._try_lock(self.tx, key):
+            return None
+        row = self.tx.one(_SQL_CANDIDATE, (key,))
+        return None if row is None else (int(row[0]), bool(row[1]), bool(row[2]))
+
+    def retained_oldest_first(self) -> Iterator[tuple[str, int]]:
+        for key, size in self.tx.all(_SQL_RETAINED_IN_ORDER):
+            if not self.locking:
+                yield key, int(size)
+                continue
+            now = self._candidate(key)
+            if now is not None and now[1]:
+                yield key, now[0]
+
+    def evictable_oldest_first(self) -> Iterator[tuple[str, int, bool]]:
+        for key, size in self.tx.all(_SQL_EVICTABLE_IN_ORDER):
+            if not self.locking:
+                yield key, int(size), False
+                continue
+            now = self._candidate(key)
+            if now is not None and not now[1]:
+                yield key, now[0], now[2]
+
+
+class _Leases(_Room):
+    """:class:`_Room` and the verbs of :class:`blobleases.engine.LeaseAdds`
+    and :class:`blobleases.engine.LeaseEnds` (the content a lease is added
+    to or removed from is locked by the caller; :meth:`expired_leases`
+    looks at the contents ``cids`` only, and locks them in sorted order: at
+    most ``_BATCH`` in one transaction)."""
+
+    __slots__ = ("cids",)
+
+    def __init__(self, storage: PostgresStorage, tx: _Tx, cids: list[str] | None = None) -> None:
+        super().__init__(storage, tx)
+        self.cids = cids or []
+
+    def add_content(self, key: str, size: int, payload: Any) -> None:
+        now = self.tx.now
+        self.tx.run(
+            "INSERT INTO content(cid, size, created, last_access) VALUES (%s, %s, %s, %s)",
+            (key, size, now, now),
+        )
+
+    def add_lease(
+        self, key: str, lid: LeaseId, expires_at: float | None, detached: bool
+    ) -> int | None:
+        return self.storage._hold(self.tx, key, lid, expires_at, detached)[0]
+
+    def has_lease(self, key: str, lid: LeaseId) -> bool:
+        tx = self.tx
+        row = tx.one(
+            f"SELECT 1 FROM leases WHERE cid = %(cid)s AND lid = %(lid)s AND {_HELD}",
+            {"cid": key, "lid": str(lid), "now": tx.now},
+        )
+        return row is not None
+
+    def count_dedup(self) -> None:
+        self.tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
+
+    def expired_leases(self, now: float) -> list[tuple[str, LeaseId]]:
+        for cid_text in self.cids:
+            self.storage._lock_content(self.tx, cid_text)
+        rows = self.tx.all(
+            "SELECT cid, lid FROM leases WHERE cid = ANY(%s) AND expires_at IS NOT NULL "
+            "AND expires_at <= %s ORDER BY cid, lid",
+            (self.cids, now),
+        )
+        return [(cid_text, LeaseId.parse(lid)) for cid_text, lid in rows]
+
+    def remove_lease(self, key: str, lid: LeaseId) -> bool:
+        tx = self.tx
+        if not tx.run("DELETE FROM leases WHERE cid = %s AND lid = %s", (key, str(lid))):
+            return False
+        return not tx.one(_SQL_REFERENCED, {"cid": key, "now": tx.now})[0]
 
 
 class PostgresStorage(BlobStorage):
@@ -442,7 +621,7 @@ class PostgresStorage(BlobStorage):
         self._heartbeat: _Heartbeat | None = None
         self._touches: dict[str, float] = {}
         self._active_uploads: set[str] = set()
-        self._next_reap = time.monotonic() + self.policies.reap_interval
+        self._engine: Engine[str] = Engine(self.policies, time.monotonic())
         self._next_expiry = 0.0
         try:
             self._create_schema()
@@ -614,6 +793,7 @@ class PostgresStorage(BlobStorage):
                 retry = None
             if retry is None:
                 assert tx is not None
+                self._note_evictions(*tx.evicted)
                 for cid_text, token in tx.doomed:
                     self._finish_delete(cid_text, token)
                 return result
@@ -698,34 +878,11 @@ class PostgresStorage(BlobStorage):
     def _vouch(self, pid: int) -> float:
         """Record a local pid as alive (its beat kept by this handle); its
         start time (0.0 if unknown or dead)."""
-        hb = self._heartbeat
-        assert hb is not None
-        if pid == os.getpid():
-            return own_start_time()
-        if not can_judge_pids():
-            hb.adopt(pid, 0.0)
-            return 0.0
-        start = process_start_time(pid)
-        if start is None:
-            return 0.0
-        hb.adopt(pid, start)
-        return start
+        assert self._heartbeat is not None
+        return vouch(self._heartbeat, pid)
 
     def _is_dead(self, owner: str, start: float, fresh: bool) -> bool:
-        host, _, pid_text = owner.rpartition("/")
-        try:
-            pid = int(pid_text)
-        except ValueError:
-            return True
-        if host == self._local:
-            if pid == os.getpid():
-                return False
-            if can_judge_pids() and not is_alive(pid, start or None):
-                return True
-            hb = self._heartbeat
-            if hb is not None and hb.vouches(pid):
-                return False
-        return not fresh
+        return is_dead(owner, start, fresh, self._local, self._heartbeat)
 
     def _judge(self, owners: Iterable[str]) -> set[str]:
         """The dead among ``owners`` (an owner without a row is judged by
@@ -742,6 +899,16 @@ class PostgresStorage(BlobStorage):
 
     # -- maintenance ---------------------------------------------------------------
 
+    @property
+    def _next_reap(self) -> float:
+        """When the next automatic reap is due (monotonic clock): the
+        engine's reap schedule."""
+        return self._engine.reaps.next
+
+    @_next_reap.setter
+    def _next_reap(self, when: float) -> None:
+        self._engine.reaps.next = when
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("the storage is closed")
@@ -751,9 +918,10 @@ class PostgresStorage(BlobStorage):
         self._ensure_process()
         if time.time() >= self._next_expiry:
             self._expire()
-        if time.monotonic() >= self._next_reap and self._reap_lock.acquire(blocking=False):
+        reaps = self._engine.reaps
+        if reaps.due(time.monotonic()) and self._reap_lock.acquire(blocking=False):
             try:
-                self._next_reap = time.monotonic() + self.policies.reap_interval
+                reaps.reaped(time.monotonic())
                 self._reap_dead()
                 self._flush_touches()
                 self._expire()
@@ -792,11 +960,12 @@ class PostgresStorage(BlobStorage):
                 (now, _BATCH),
             )
             if rows:
-                ended += self._end_many(
-                    sorted({r[0] for r in rows}),
-                    "expires_at IS NOT NULL AND expires_at <= %(now)s",
-                    {},
-                )
+                cids = sorted({r[0] for r in rows})
+
+                def work(tx: _Tx, cids: list[str] = cids) -> int:
+                    return self._engine.expire(_Leases(self, tx, cids), tx.now)
+
+                ended += self._tx(work)
             if len(rows) < _BATCH:
                 break
         nxt = self._exec("SELECT min(expires_at) FROM leases WHERE expires_at IS NOT NULL")
@@ -907,67 +1076,31 @@ class PostgresStorage(BlobStorage):
 
     def _settle(self, tx: _Tx, cid_text: str) -> None:
         """Content (locked) left with no held lease and no reader is
-        retained or deleted. Its row is locked first (FOR UPDATE), so a
-        lease taken meanwhile by :meth:`_acquire` (which locks it FOR SHARE)
-        is seen by the check below, or waits and then finds it gone."""
-        if tx.one("SELECT 1 FROM content WHERE cid = %s FOR UPDATE", (cid_text,)) is None:
-            return
-        row = tx.one(
-            "SELECT c.size, c.retained, EXISTS (SELECT 1 FROM leases l WHERE l.cid = c.cid "
-            "AND (l.expires_at IS NULL OR l.expires_at > %(now)s)) "
-            "OR EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
-            "FROM content c WHERE c.cid = %(cid)s",
-            {"cid": cid_text, "now": tx.now},
-        )
-        if row is None or row[2] or row[1] is not None:
-            return
-        size = int(row[0])
-        retain = self.policies.retain_bytes
-        if policy_rules.retains(size, retain):
-            tx.run("DELETE FROM leases WHERE cid = %s", (cid_text,))
-            tx.run(
-                "UPDATE content SET retained = nextval('retained_seq') WHERE cid = %s",
-                (cid_text,),
-            )
-            self._lock_global(tx)
-            self._trim_retained(tx, retain)
-        else:
-            self._delete(tx, cid_text)
+        retained or deleted (the engine decides; see :class:`_Room`)."""
+        self._engine.settle(_Room(self, tx), cid_text)
 
     def _trim_retained(self, tx: _Tx, budget: int) -> None:
-        total = int(
-            tx.one("SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL")[0]
-        )
-        if total <= budget:
-            return
-        rows = [
-            (c, int(s))
-            for c, s in tx.all(
-                "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-            )
-        ]
-        for cid_text in policy_rules.over_retain_budget(total, budget, rows):
-            if self._try_lock(tx, cid_text) and self._still_retained(tx, cid_text):
-                self._delete(tx, cid_text)
-
-    def _still_retained(self, tx: _Tx, cid_text: str) -> bool:
-        """Lock the row of retained content; False if a lease took it back
-        meanwhile (so it must not be deleted as unreferenced)."""
-        row = tx.one("SELECT retained FROM content WHERE cid = %s FOR UPDATE", (cid_text,))
-        return row is not None and row[0] is not None
+        """Delete the oldest retained content beyond ``budget`` (the budget
+        lock is taken; retained content locked by others is passed over)."""
+        self._engine.trim_retained(_Room(self, tx), budget)
 
     def _delete(self, tx: _Tx, cid_text: str) -> int:
         """Delete the content (locked) with its leases and holds; its object
         leaves the tier after the transaction commits."""
         rows = tx.all("DELETE FROM content WHERE cid = %s RETURNING size", (cid_text,))
+        size = int(rows[0][0]) if rows else None
+        self._deleted(tx, cid_text, size)
+        return size or 0
+
+    def _deleted(self, tx: _Tx, cid_text: str, size: int | None) -> None:
+        """The row of content (locked) is gone (``size``: it had one): its
+        leases and holds go, and its object after the commit."""
         tx.run("DELETE FROM leases WHERE cid = %s", (cid_text,))
         tx.run("DELETE FROM holds WHERE cid = %s", (cid_text,))
         self._doom_object(tx, cid_text)
-        if not rows:
-            return 0
-        tx.deleted += 1
-        tx.freed += int(rows[0][0])
-        return int(rows[0][0])
+        if size is not None:
+            tx.deleted += 1
+            tx.freed += size
 
     def _doom_object(self, tx: _Tx, cid_text: str) -> None:
         """Schedule the deletion of the object of content (locked) that has
@@ -1002,10 +1135,10 @@ class PostgresStorage(BlobStorage):
                 _IN_FLIGHT.discard(mark)
 
     def _hold(
-        self, tx: _Tx, cid_text: str, lid: LeaseId, ttl: float | None, detached: bool
+        self, tx: _Tx, cid_text: str, lid: LeaseId, expires: float | None, detached: bool
     ) -> tuple[int | None, bool]:
-        """Hold the lease on content (locked): (its size or None if absent,
-        whether the lease is new)."""
+        """Hold the lease (ending at ``expires``) on content (locked): (its
+        size or None if absent, whether the lease is new)."""
         row = tx.one("SELECT size, retained FROM content WHERE cid = %s", (cid_text,))
         if row is None:
             return None, False
@@ -1017,7 +1150,6 @@ class PostgresStorage(BlobStorage):
                 "ON CONFLICT (owner) DO NOTHING",
                 (owner, start),
             )
-        expires = policy_rules.expires_at(ttl, tx.now)
         new = tx.run(
             "INSERT INTO leases(cid, lid, pid, expires_at, detached, owner) "
             "VALUES (%(cid)s, %(lid)s, %(pid)s, %(exp)s, %(det)s, %(owner)s) "
@@ -1043,55 +1175,14 @@ class PostgresStorage(BlobStorage):
 
     def _make_room(self, tx: _Tx, size: int, *, plan_only: bool = False) -> None:
         """Evict per policy so ``size`` more bytes fit under ``max_bytes``
-        (global lock held unless ``plan_only``), or StoreFull with nothing
-        changed. Victims locked by others are passed over."""
-        limit = self.policies.max_bytes
-        assert limit is not None
-        if size > limit:
-            raise StoreFull(policy_rules.too_large_message(size, limit))
-        total = int(tx.one("SELECT coalesce(sum(size), 0) FROM content")[0])
-        if total + size <= limit:
-            return
-        retained = [
-            (c, int(s))
-            for c, s in tx.all(
-                "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
-            )
-        ]
-
-        def leased() -> Iterator[tuple[str, int, bool]]:
-            rows = tx.all(
-                "SELECT c.cid, c.size, EXISTS (SELECT 1 FROM holds h WHERE h.cid = c.cid) "
-                "FROM content c WHERE c.retained IS NULL ORDER BY c.last_access, c.cid"
-            )
-            for cid_text, held, reader in rows:
-                yield cid_text, int(held), bool(reader)
-
-        def lockable(items: Iterable[Any]) -> Iterator[Any]:
-            for item in items:
-                if plan_only or self._try_lock(tx, item[0]):
-                    yield item
-
-        victims = policy_rules.plan_eviction(
-            total + size - limit, lockable(retained), lockable(leased()), self.policies.on_full
-        )
-        if victims is None:
-            raise StoreFull(
-                policy_rules.over_limit_message(size, limit, total, self.policies.on_full)
-            )
-        if not plan_only:
-            was_retained = {c for c, _ in retained}
-            for cid_text in victims:
-                if (
-                    cid_text in was_retained
-                    and self.policies.on_full != "evict"
-                    and not self._still_retained(tx, cid_text)
-                ):
-                    raise StoreFull(
-                        f"storing {size} bytes: retained content chosen for eviction was "
-                        f"leased again meanwhile (max_bytes={limit})"
-                    )
-                self._delete(tx, cid_text)
+        (the budget lock is taken), or StoreFull with nothing changed;
+        victims locked by others are passed over. ``plan_only``: only
+        whether they could fit (StoreFull if not), as the index stands,
+        locking nothing."""
+        if plan_only:
+            self._engine.plan_room(_Room(self, tx, locking=False), size)
+        else:
+            self._engine.make_room(_Room(self, tx), size)
 
     # -- the backend methods ---------------------------------------------------------
 
@@ -1132,10 +1223,7 @@ class PostgresStorage(BlobStorage):
 
         def work(tx: _Tx) -> tuple[str, str | None]:
             self._lock_content(tx, cid_text)
-            held, new = self._hold(tx, cid_text, lid, ttl, detached)
-            if held is not None:
-                if new:
-                    tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
+            if self._engine.store_hit(_Leases(self, tx), cid_text, lid, ttl, detached):
                 return "held", None
             gone = tx.one("SELECT owner, token FROM deleting WHERE cid = %s", (cid_text,))
             if gone is not None:
@@ -1231,18 +1319,10 @@ class PostgresStorage(BlobStorage):
                     f"the upload of {cid_text} was removed meanwhile (its writer was taken "
                     "for dead: heartbeat_ttl too short?)"
                 )
-            present = tx.one("SELECT 1 FROM content WHERE cid = %s", (cid_text,)) is not None
-            if present:
-                tx.run("UPDATE meta SET value = value + 1 WHERE key = 'dedup_hits'")
-            else:
-                if self.policies.max_bytes is not None:
-                    self._lock_global(tx)
-                    self._make_room(tx, size)
-                tx.run(
-                    "INSERT INTO content(cid, size, created, last_access) VALUES (%s, %s, %s, %s)",
-                    (cid_text, size, tx.now, tx.now),
-                )
-            self._hold(tx, cid_text, lid, ttl, detached)
+            index = _Leases(self, tx)
+            # present: stored meanwhile by another process (a dedup hit)
+            if not self._engine.store_hit(index, cid_text, lid, ttl, detached):
+                self._engine.store_new(index, cid_text, size, None, lid, ttl, detached)
 
         self._tx(work)
         with self._lock:
@@ -1269,18 +1349,9 @@ class PostgresStorage(BlobStorage):
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
         self._maintain()
-        with ingest.open_source(source, ingest.cannot_read) as f:
-            seekable = False
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                seekable = bool(f.seekable())
-            if seekable:
-                return self._store_stream(f, lid, algorithm, ttl, detached)
-            # the content id must be known before the upload (it is the key)
-            with tempfile.TemporaryFile() as spool:
-                for part in ingest.chunks(f):
-                    spool.write(part)
-                spool.seek(0)
-                return self._store_stream(spool, lid, algorithm, ttl, detached)
+        # the content id must be known before the upload (it is the key)
+        with rehash.seekable_source(source) as f:
+            return self._store_stream(f, lid, algorithm, ttl, detached)
 
     def _store_stream(
         self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -1288,32 +1359,14 @@ class PostgresStorage(BlobStorage):
         """Hash a seekable file from its position, then (unless present)
         upload it in bounded memory while hashing again; a file that changed
         in between raises IntegrityError with nothing stored."""
-        start = f.tell()
-        hasher = new_hasher(algorithm)
-        size = ingest.copy(f, hasher)
-        cid = ContentId(algorithm, hasher.digest())
+        start, cid, size = rehash.identify(f, algorithm)
         token = self._begin_upload(cid, lid, ttl, detached, size)
         if token is None:
             return cid, size
         try:
-            # each pass over the file (an upload may be retried) hashes anew
-            state: dict[str, Any] = {}
-
-            def parts() -> Iterator[bytes]:
-                f.seek(start)
-                hasher = state["hasher"] = new_hasher(algorithm)
-                state["seen"] = 0
-                while state["seen"] < size:
-                    piece = f.read(min(ingest.CHUNK, size - state["seen"]))
-                    if not piece:
-                        break
-                    hasher.update(piece)
-                    state["seen"] += len(piece)
-                    yield bytes(piece)
-
-            self._upload(cid, token, size, parts)
-            if state.get("seen") != size or state["hasher"].digest() != cid.digest:
-                raise IntegrityError("the file changed while it was being stored")
+            again = rehash.Reread(f, start, size, cid)  # hashes anew at each pass
+            self._upload(cid, token, size, lambda: iter(again))
+            again.check()
             self._commit_upload(cid, token, lid, ttl, detached, size)
         except BaseException:
             self._abort_upload(cid, token)
@@ -1333,7 +1386,7 @@ class PostgresStorage(BlobStorage):
 
             def work(tx: _Tx) -> int | None:
                 self._lock_content(tx, cid_text, shared=True)
-                return self._hold(tx, cid_text, lid, ttl, detached)[0]
+                return self._engine.hold(_Leases(self, tx), cid_text, lid, ttl, detached)
 
             size = self._tx(work)
         if size is None:
@@ -1620,7 +1673,9 @@ class PostgresStorage(BlobStorage):
             f"(SELECT count(*) FROM leases WHERE {_HELD}), (SELECT count(*) FROM holds), "
             "(SELECT value FROM meta WHERE key = 'dedup_hits'), "
             "(SELECT count(*) FROM content WHERE retained IS NOT NULL), "
-            "(SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL)",
+            "(SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL), "
+            "(SELECT value FROM meta WHERE key = 'evictions'), "
+            "(SELECT value FROM meta WHERE key = 'evicted_bytes')",
             {"now": now},
         )[0]
         owners = {
@@ -1641,6 +1696,8 @@ class PostgresStorage(BlobStorage):
             readers=int(row[3]),
             retained_blobs=int(row[5]),
             retained_bytes=int(row[6]),
+            evictions=int(row[7] or 0),
+            evicted_bytes=int(row[8] or 0),
         )
 
     # -- collect and verify ----------------------------------------------------------

@@ -36,7 +36,6 @@ import contextlib
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 import uuid
@@ -45,7 +44,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from . import forksafe, ingest, policy_rules
+from . import forksafe, policy_rules, rehash
 from .content_id import ContentId, new_hasher
 from .engine import ReapSchedule
 from .errors import ContentNotFound, IntegrityError, StorageError
@@ -753,19 +752,10 @@ class RedisStorage(BlobStorage):
         self, source: FileSource, lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
     ) -> tuple[ContentId, int]:
         self._maintain()
-        with ingest.open_source(source, ingest.cannot_read) as f:
-            seekable = False
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                seekable = bool(f.seekable())
-            if seekable:
-                return self._store_stream(f, lid, algorithm, ttl, detached)
-            # One pass to a private temporary file: the content id must be known
-            # before the first chunk is written (chunks live in its hash slot).
-            with tempfile.TemporaryFile() as spool:
-                for part in ingest.chunks(f):
-                    spool.write(part)
-                spool.seek(0)
-                return self._store_stream(spool, lid, algorithm, ttl, detached)
+        # the content id must be known before the first chunk is written
+        # (chunks live in its hash slot)
+        with rehash.seekable_source(source) as f:
+            return self._store_stream(f, lid, algorithm, ttl, detached)
 
     def _store_stream(
         self, f: IO[bytes], lid: LeaseId, algorithm: str, ttl: float | None, detached: bool
@@ -773,33 +763,14 @@ class RedisStorage(BlobStorage):
         """Hash a seekable file from its position (first pass), then, unless
         the content is present, upload it chunk by chunk while hashing again
         (second pass); a file that changed in between raises IntegrityError."""
-        start = f.tell()
-        hasher = new_hasher(algorithm)
-        size = ingest.copy(f, hasher)
-        cid = ContentId(algorithm, hasher.digest())
+        start, cid, size = rehash.identify(f, algorithm)
         status, _ = self._hold(cid, lid, ttl, detached)
         if status == 2:
             self._count_dedup()
         if status:
             return cid, size
-        f.seek(start)
-        again = new_hasher(algorithm)
-        seen = [0]
-
-        def chunks() -> Iterator[bytes]:
-            while seen[0] < size:
-                part = f.read(min(self._chunk, size - seen[0]))
-                if not part:
-                    break
-                again.update(part)
-                seen[0] += len(part)
-                yield bytes(part)
-
-        def check() -> None:
-            if seen[0] != size or again.digest() != cid.digest:
-                raise IntegrityError("the file changed while it was being stored")
-
-        self._upload(cid, lid, ttl, detached, size, chunks(), check)
+        again = rehash.Reread(f, start, size, cid, self._chunk)
+        self._upload(cid, lid, ttl, detached, size, iter(again), again.check)
         return cid, size
 
     @storage_errors

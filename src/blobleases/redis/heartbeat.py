@@ -9,7 +9,6 @@ local pids it vouched for (``advise_of_pid``) while they live.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from collections.abc import Callable
@@ -17,13 +16,7 @@ from typing import Any
 
 import redis.exceptions
 
-from ..liveness import (
-    HeartbeatThread,
-    can_judge_pids,
-    is_alive,
-    own_start_time,
-    process_start_time,
-)
+from ..liveness import HeartbeatThread, is_dead, vouch
 
 __all__ = ["Heartbeat", "default_host_id", "is_dead", "vouch"]
 
@@ -90,38 +83,3 @@ class Heartbeat(HeartbeatThread):
     def adopt(self, pid: int, start: float) -> None:
         super().adopt(pid, start)
         self.client.set(self.key_of(pid), repr(start), px=self.ttl_ms)
-
-
-def vouch(hb: Heartbeat, pid: int) -> float:
-    """Record a local pid as alive (its heartbeat kept by ``hb``'s thread);
-    returns its start time (0.0 if unknown; the pid may be dead)."""
-    if pid == os.getpid():
-        return own_start_time()
-    if not can_judge_pids():
-        hb.adopt(pid, 0.0)  # cannot be looked up: vouched for while we live
-        return 0.0
-    start = process_start_time(pid)
-    if start is None:
-        return 0.0
-    hb.adopt(pid, start)
-    return start
-
-
-def is_dead(owner: str, start: float, heartbeat: bool, local: str, hb: Heartbeat | None) -> bool:
-    """Whether ``owner`` (``<host>/<pid>``) is dead: an owner of this host
-    and pid namespace (``local``) is judged by its pid and start time where
-    /proc shows them, and is alive while ``hb`` vouches for it; any other
-    owner is alive while its ``heartbeat`` key exists."""
-    host, _, pid_text = owner.rpartition("/")
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return True
-    if host == local:
-        if pid == os.getpid():
-            return False
-        if can_judge_pids() and not is_alive(pid, start or None):
-            return True
-        if hb is not None and hb.vouches(pid):
-            return False
-    return not heartbeat
