@@ -21,6 +21,7 @@ from .harness import (
     per_op,
     size_text,
 )
+from .workloads import lease_pairs
 
 __all__ = ["get_rows", "lease_rows", "small_rows", "store_rows"]
 
@@ -217,19 +218,6 @@ def small_rows(ctx: Context) -> None:
     finally:
         cache.close()
         remove_store(storage)
-
-
-def lease_pairs(storage: BlobStorage, cid: ContentId, lids: list[LeaseId]) -> float:
-    """Seconds per acquire+drop pair, one pass over ``lids``."""
-    lease_by_content = storage.lease_by_content
-    drop = storage.advise_lease_dropped
-
-    def run() -> None:
-        for lid in lids:
-            lease_by_content(cid, lid)
-            drop(lid, cid)
-
-    return per_op(len(lids), run)
 
 
 def dict_pairs(cid: ContentId, lids: list[LeaseId]) -> float:
