@@ -255,22 +255,15 @@ def executor_rows(ctx: Context) -> None:
     targets = {"ppe": 3.0, "joblib": 1.5, "ray": 1.0}
     small: dict[str, Row] = {}
     big: dict[str, Row] = {}
-    for letter, name in zip("abc", PEERS, strict=True):
-        small[name] = ctx.row(
-            f"12{letter} {what}, small result",
-            "ms",
-            PEERS[name],
-            Target(">=", targets[name]),
-            higher_is_better=False,
-        )
-    for letter, name in zip("def", PEERS, strict=True):
-        big[name] = ctx.row(
-            f"12{letter} {what}, big result",
-            "ms",
-            PEERS[name],
-            Target(">=", targets[name]),
-            higher_is_better=False,
-        )
+    for letters, result, rows in (("abc", "small", small), ("def", "big", big)):
+        for letter, name in zip(letters, PEERS, strict=True):
+            rows[name] = ctx.row(
+                f"12{letter} {what}, {result} result",
+                "ms",
+                PEERS[name],
+                Target(">=", targets[name]),
+                higher_is_better=False,
+            )
     bsize = size_text(plan["bcast"])
     tasks = plan["tasks"]
     bcast = f"13{{}} broadcast one {bsize} array to {tasks} tasks, LeaseExecutor"

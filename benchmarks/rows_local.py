@@ -7,6 +7,7 @@ import itertools
 import os
 import tempfile
 import threading
+from typing import Any
 
 from blobleases import BlobLease, BlobManager, BlobStorage, ContentId, LeaseId, MemoryStorage
 
@@ -21,6 +22,7 @@ from .harness import (
     per_op,
     size_text,
 )
+from .workloads import lease_pairs
 
 __all__ = ["get_rows", "lease_rows", "small_rows", "store_rows"]
 
@@ -44,6 +46,18 @@ def raw_store(root: str, data: bytes) -> str:
     return path
 
 
+def _three_stores(ctx: Context, name: str) -> tuple[BlobStorage, str, Any]:
+    """What rows 1 and 2 compare: a DirectoryStorage, a directory for the
+    raw baseline and a diskcache.Cache, new under the scratch directory."""
+    ds = directory_storage()
+    diskcache = _diskcache()
+    storage: BlobStorage = ds(ctx.path(f"{name}-ds"))
+    raw_root = ctx.path(f"{name}-raw")
+    os.makedirs(raw_root)
+    cache = diskcache.Cache(ctx.path(f"{name}-diskcache"))  # type: ignore[attr-defined]
+    return storage, raw_root, cache
+
+
 def store_rows(ctx: Context) -> None:
     s = ctx.sizes
     size = size_text(s.blob)
@@ -59,12 +73,7 @@ def store_rows(ctx: Context) -> None:
         "diskcache.Cache.set",
         Target(">=", 2.0),
     )
-    ds = directory_storage()
-    diskcache = _diskcache()
-    storage: BlobStorage = ds(ctx.path("store-ds"))
-    raw_root = ctx.path("store-raw")
-    os.makedirs(raw_root)
-    cache = diskcache.Cache(ctx.path("store-diskcache"))  # type: ignore[attr-defined]
+    storage, raw_root, cache = _three_stores(ctx, "store")
     blobs = UniqueBlobs(s.blob)
     mgr = BlobManager(storage)
     keys = itertools.count()
@@ -122,12 +131,7 @@ def get_rows(ctx: Context) -> None:
         "diskcache.Cache.get",
         Target(">=", 1.0),
     )
-    ds = directory_storage()
-    diskcache = _diskcache()
-    storage: BlobStorage = ds(ctx.path("get-ds"))
-    raw_root = ctx.path("get-raw")
-    os.makedirs(raw_root)
-    cache = diskcache.Cache(ctx.path("get-diskcache"))  # type: ignore[attr-defined]
+    storage, raw_root, cache = _three_stores(ctx, "get")
     try:
         distinct = 16
         batch = UniqueBlobs(s.blob).make(distinct)
@@ -217,19 +221,6 @@ def small_rows(ctx: Context) -> None:
     finally:
         cache.close()
         remove_store(storage)
-
-
-def lease_pairs(storage: BlobStorage, cid: ContentId, lids: list[LeaseId]) -> float:
-    """Seconds per acquire+drop pair, one pass over ``lids``."""
-    lease_by_content = storage.lease_by_content
-    drop = storage.advise_lease_dropped
-
-    def run() -> None:
-        for lid in lids:
-            lease_by_content(cid, lid)
-            drop(lid, cid)
-
-    return per_op(len(lids), run)
 
 
 def dict_pairs(cid: ContentId, lids: list[LeaseId]) -> float:

@@ -16,9 +16,10 @@ import sys
 import uuid
 from typing import Any
 
-from blobleases import BlobLease, BlobManager, LeaseId
+from blobleases import BlobManager, LeaseId
 
 from .harness import Context, KiB, MiB, Target, Unavailable, interleave, per_op, size_text
+from .workloads import lease_pairs, put_get, store_get
 
 __all__ = ["postgres_rows"]
 
@@ -87,41 +88,26 @@ def postgres_rows(ctx: Context) -> None:
             config=Config(s3={"addressing_style": "path"}),
         )
         mgr = BlobManager(storage)
-        seeds = itertools.count()
+        keys = (f"raw/{n}" for n in itertools.count())
 
-        def fresh() -> bytes:
-            return uuid.uuid4().bytes * (size // 16)
+        def fresh() -> list[bytes]:
+            return [uuid.uuid4().bytes * (size // 16) for _ in range(batch)]
+
+        def put(key: str, data: bytes) -> None:
+            raw_s3.put_object(Bucket="bench", Key=key, Body=data)
+
+        def get(key: str) -> None:
+            raw_s3.get_object(Bucket="bench", Key=key)["Body"].read()
+
+        def delete(names: list[str]) -> None:
+            for key in names:
+                raw_s3.delete_object(Bucket="bench", Key=key)
 
         def candidate() -> float:
-            blobs = [fresh() for _ in range(batch)]
-            leases: list[BlobLease] = []
-
-            def run() -> None:
-                for b in blobs:
-                    lease = mgr.store(b)
-                    lease.get_data()
-                    leases.append(lease)
-
-            per = per_op(len(blobs), run)
-            for lease in leases:
-                lease.close()
-            return per
+            return store_get(mgr, fresh())
 
         def raw() -> float:
-            blobs = [fresh() for _ in range(batch)]
-            keys: list[str] = []
-
-            def run() -> None:
-                for b in blobs:
-                    key = f"raw/{next(seeds)}"
-                    raw_s3.put_object(Bucket="bench", Key=key, Body=b)
-                    raw_s3.get_object(Bucket="bench", Key=key)["Body"].read()
-                    keys.append(key)
-
-            per = per_op(len(blobs), run)
-            for key in keys:
-                raw_s3.delete_object(Bucket="bench", Key=key)
-            return per
+            return put_get(fresh(), keys, put, get, delete)
 
         c, r = interleave(ctx.sizes.reps, [candidate, raw])
         store_row.value = size / MiB / ctx.summary(c)
@@ -134,14 +120,6 @@ def postgres_rows(ctx: Context) -> None:
         raw_db.execute(
             "CREATE TABLE IF NOT EXISTS bench_raw(cid text, lid text, PRIMARY KEY (cid, lid))"
         )
-
-        def lease_pairs() -> float:
-            def run() -> None:
-                for lid in lids:
-                    storage.lease_by_content(cid, lid)
-                    storage.advise_lease_dropped(lid, cid)
-
-            return per_op(len(lids), run)
 
         def raw_pairs() -> float:
             assert raw_db is not None
@@ -158,7 +136,7 @@ def postgres_rows(ctx: Context) -> None:
 
             return per_op(len(lids), run)
 
-        c, r = interleave(ctx.sizes.reps, [lease_pairs, raw_pairs])
+        c, r = interleave(ctx.sizes.reps, [lambda: lease_pairs(storage, cid, lids), raw_pairs])
         lease_row.value = 1 / ctx.summary(c)
         lease_row.baseline_value = 1 / ctx.summary(r)
     finally:

@@ -6,10 +6,11 @@ import contextlib
 import itertools
 import os
 
-from blobleases import BlobLease, BlobManager, BlobStorage
+from blobleases import BlobManager, BlobStorage
 
 from .backends import redis_server, redis_storage_class
-from .harness import Context, MiB, Target, UniqueBlobs, interleave, per_op, size_text
+from .harness import Context, MiB, Target, UniqueBlobs, interleave, size_text
+from .workloads import put_get, store_get
 
 __all__ = ["redis_rows"]
 
@@ -31,38 +32,20 @@ def redis_rows(ctx: Context) -> None:
         client = redis.Redis.from_url(url)
         blobs = UniqueBlobs(s.blob)
         mgr = BlobManager(storage)
-        keys = itertools.count()
+        keys = (f"raw:{n}" for n in itertools.count())
         try:
 
             def candidate() -> float:
-                batch = blobs.make(s.redis_batch)
-                leases: list[BlobLease] = []
-
-                def run() -> None:
-                    for b in batch:
-                        lease = mgr.store(b)
-                        lease.get_data()
-                        leases.append(lease)
-
-                per = per_op(len(batch), run)
-                for lease in leases:
-                    lease.close()
-                return per
+                return store_get(mgr, blobs.make(s.redis_batch))
 
             def raw() -> float:
-                batch = blobs.make(s.redis_batch)
-                names: list[str] = []
-
-                def run() -> None:
-                    for b in batch:
-                        key = f"raw:{next(keys)}"
-                        client.set(key, b)
-                        client.get(key)
-                        names.append(key)
-
-                per = per_op(len(batch), run)
-                client.delete(*names)
-                return per
+                return put_get(
+                    blobs.make(s.redis_batch),
+                    keys,
+                    client.set,
+                    client.get,
+                    lambda names: client.delete(*names),
+                )
 
             c, r = interleave(s.reps, [candidate, raw])
             mib = s.blob / MiB

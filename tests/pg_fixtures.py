@@ -16,7 +16,14 @@ import pytest
 
 from pg_servers import ACCESS_KEY, SECRET_KEY, PostgresServer, S3Server, ServerUnavailable
 
-__all__ = ["BUCKET", "postgres_server", "s3_environment", "s3_server", "unavailable"]
+__all__ = [
+    "BUCKET",
+    "postgres_server",
+    "postgres_started",
+    "s3_environment",
+    "s3_server",
+    "unavailable",
+]
 
 #: The bucket the S3 fixture creates.
 BUCKET = "blobleases-test"
@@ -46,9 +53,10 @@ def s3_environment() -> Iterator[None]:
                 os.environ[name] = value
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server on loopback (durability off)."""
+@contextmanager
+def postgres_started() -> Iterator[PostgresServer]:
+    """A new PostgreSQL server on loopback (durability off; ``unavailable``
+    if it cannot start), closed at the end."""
     try:
         server = PostgresServer()
     except ServerUnavailable as exc:
@@ -57,6 +65,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback (durability off)."""
+    with postgres_started() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ paths too deep or not UTF-8, through the API and through the CLI."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,29 +20,9 @@ from blobleases import (
     MemoryStorage,
     open_storage,
 )
+from cli_runs import one_error_line, run_cli
 
 _HUGE = 10**400  # an int too large for a float
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "blobleases", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=120,
-        cwd=cwd,
-    )
-
-
-def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("blobleases: error: "), done.stderr
-    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
-    return lines[0]
 
 
 # == numbers ===============================================================================
@@ -124,8 +102,8 @@ def test_pid_beyond_the_range_in_a_directory_store(tmp_path: Path) -> None:
 def test_cli_drop_of_a_lease_id_beyond_the_pid_range(tmp_path: Path) -> None:
     with DirectoryStorage(tmp_path / "s"):
         pass
-    line = _one_error_line(
-        _cli("--store", str(tmp_path / "s"), "drop", f"lease:pid={2**31},{uuid.uuid4()}")
+    line = one_error_line(
+        run_cli("--store", str(tmp_path / "s"), "drop", f"lease:pid={2**31},{uuid.uuid4()}")
     )
     assert "invalid lease id" in line and "2**31 - 1" in line
 
@@ -141,7 +119,7 @@ def test_store_path_too_deep_is_a_value_error_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "deep").exists()
     with pytest.raises(ValueError, match="path"):
         open_storage("file://" + str(deep))
-    line = _one_error_line(_cli("--store", str(deep), "stats"))
+    line = one_error_line(run_cli("--store", str(deep), "stats"))
     assert "deep" in line
     assert not (tmp_path / "deep").exists()
 
@@ -154,7 +132,7 @@ def test_store_path_not_utf8_is_a_value_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="path"):
         open_storage("file://" + str(tmp_path) + "/s%FF")
     assert os.listdir(tmp_path) == []
-    line = _one_error_line(_cli("--store", path, "stats"))
+    line = one_error_line(run_cli("--store", path, "stats"))
     assert "UTF-8" in line
     assert os.listdir(tmp_path) == []
 

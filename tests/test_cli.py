@@ -8,12 +8,9 @@ directory store under ``tmp_path``; nothing is mocked.
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import sys
@@ -27,6 +24,7 @@ import pytest
 
 import blobleases
 from blobleases import ContentId, DirectoryStorage
+from cli_runs import run_on_pty
 
 COMMANDS = [
     "put",
@@ -588,42 +586,12 @@ def test_closed_output_pipe_is_quiet(store: Path, tmp_path: Path) -> None:
 # -- progress bar -----------------------------------------------------------------
 
 
-def _run_in_pty(argv: list[str], timeout: float = 120) -> tuple[int, str]:
-    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal."""
-    leader, follower = pty.openpty()
-    env = _env(TERM="xterm-256color", COLUMNS="100", LINES="40")
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, env=env)
-    os.close(follower)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.5)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError as exc:  # EIO: every writer closed the terminal
-                if exc.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(leader)
-    return proc.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
-
-
 def test_progress_bar_on_a_terminal_not_when_piped(store: Path, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024))
     base = [sys.executable, "-m", "blobleases", "--store", str(store)]
 
-    code, screen = _run_in_pty([*base, "put", str(big)])
+    code, screen = run_on_pty([*base, "put", str(big)])
     assert code == 0, screen
     assert "storing big.bin" in screen and "MiB" in screen
     assert "Traceback" not in screen
@@ -631,7 +599,7 @@ def test_progress_bar_on_a_terminal_not_when_piped(store: Path, tmp_path: Path) 
     assert cid in screen
 
     target = tmp_path / "copy.bin"
-    code, screen = _run_in_pty([*base, "get", cid, "-o", str(target)])
+    code, screen = run_on_pty([*base, "get", cid, "-o", str(target)])
     assert code == 0, screen
     assert "writing copy.bin" in screen
     assert target.read_bytes() == big.read_bytes()
@@ -646,7 +614,7 @@ def test_progress_bar_on_a_terminal_not_when_piped(store: Path, tmp_path: Path) 
 
 
 def test_small_files_get_no_progress_bar_even_on_a_terminal(store: Path, sample: Path) -> None:
-    code, screen = _run_in_pty(
+    code, screen = run_on_pty(
         [sys.executable, "-m", "blobleases", "--store", str(store), "put", str(sample)]
     )
     assert code == 0, screen

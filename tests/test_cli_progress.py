@@ -7,69 +7,22 @@ a real DirectoryStorage; the screen is what the terminal received."""
 
 from __future__ import annotations
 
-import errno
 import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from blobleases import BlobManager, DirectoryStorage
+from cli_runs import run_on_pty, terminal_env
 
 BLOB = 6 * 1024 * 1024  # above the CLI's 4 MiB progress threshold
 BAR = "\u2501"  # the heavy horizontal line rich draws bars with
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("BLOBLEASES_STORE", None)
-    env.pop("NO_COLOR", None)
-    env.update(TERM="xterm-256color", COLUMNS="100", LINES="40")
-    return env
-
-
-def _on_pty(argv: list[str], stdout: IO[bytes] | None = None) -> tuple[int, str]:
-    """Run ``argv`` with stdin and stderr (and stdout, unless given) on a
-    pseudo-terminal; its exit status and everything the terminal received."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        argv,
-        stdin=follower,
-        stdout=follower if stdout is None else stdout,
-        stderr=follower,
-        env=_env(),
-    )
-    os.close(follower)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.5)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError as exc:  # EIO: every writer closed the terminal
-                if exc.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(leader)
-    return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
-
-
 def _piped(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(argv, capture_output=True, env=_env(), timeout=120, check=False)
+    return subprocess.run(argv, capture_output=True, env=terminal_env(), timeout=120, check=False)
 
 
 @pytest.fixture
@@ -85,7 +38,7 @@ def big_store(tmp_path: Path) -> tuple[list[str], list[str], list[bytes]]:
 
 def test_verify_draws_a_bar_of_the_bytes_rehashed(big_store: tuple) -> None:
     base, _, _ = big_store
-    code, screen = _on_pty([*base, "verify"])
+    code, screen = run_on_pty([*base, "verify"])
     assert code == 0, screen
     assert "verifying 2 blobs" in screen
     assert BAR in screen
@@ -96,7 +49,7 @@ def test_verify_draws_a_bar_of_the_bytes_rehashed(big_store: tuple) -> None:
 
 def test_collect_draws_a_spinner(big_store: tuple) -> None:
     base, _, _ = big_store
-    code, screen = _on_pty([*base, "collect"])
+    code, screen = run_on_pty([*base, "collect"])
     assert code == 0, screen
     assert "collecting 2 blobs, 12.0 MiB" in screen
     assert "deleted 0 blobs" in screen
@@ -107,7 +60,7 @@ def test_get_to_stdout_draws_a_bar_on_the_terminal(big_store: tuple, tmp_path: P
     base, cids, blobs = big_store
     target = tmp_path / "out.bin"
     with open(target, "wb") as out:  # `blobleases get CID > out.bin` in a terminal
-        code, screen = _on_pty([*base, "get", cids[0]], stdout=out)
+        code, screen = run_on_pty([*base, "get", cids[0]], stdout=out)
     assert code == 0, screen
     assert f"reading {cids[0][:19]}" in screen
     assert "6.0/6.0 MiB" in screen
@@ -116,7 +69,7 @@ def test_get_to_stdout_draws_a_bar_on_the_terminal(big_store: tuple, tmp_path: P
 
 def test_get_onto_the_terminal_itself_draws_no_bar(big_store: tuple) -> None:
     base, cids, _ = big_store
-    code, screen = _on_pty([*base, "get", cids[0]])
+    code, screen = run_on_pty([*base, "get", cids[0]])
     assert code == 0
     assert "reading" not in screen
 
@@ -141,7 +94,7 @@ def test_a_small_store_draws_no_bar_even_on_a_terminal(tmp_path: Path) -> None:
         BlobManager(storage).store(b"a small blob", detached=True)
     base = [sys.executable, "-m", "blobleases", "--store", str(root)]
     for command in ("verify", "collect"):
-        code, screen = _on_pty([*base, command])
+        code, screen = run_on_pty([*base, command])
         assert code == 0, screen
         assert BAR not in screen and "verifying" not in screen and "collecting" not in screen
 

@@ -7,10 +7,8 @@ import subprocess
 import sys
 import tempfile
 
-from hypothesis import HealthCheck, settings
-
 from blobleases import DirectoryStorage
-from blobleases.testing import storage_state_machine
+from state_machines import machine_test_case
 
 _CHILD = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
 _ROOT = tempfile.mkdtemp(prefix="blobleases-props-")
@@ -21,14 +19,9 @@ def _fresh_store() -> DirectoryStorage:
     return DirectoryStorage(f"{_ROOT}/store-{next(_COUNTER)}")
 
 
-DirectoryMachine = storage_state_machine(_fresh_store, _CHILD.pid)
-DirectoryMachine.TestCase.settings = settings(
-    max_examples=40,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+TestDirectoryMachine = machine_test_case(
+    "DirectoryMachine", _fresh_store, _CHILD.pid, max_examples=40, steps=30
 )
-TestDirectoryMachine = DirectoryMachine.TestCase
 
 
 def teardown_module() -> None:

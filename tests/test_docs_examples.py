@@ -4,20 +4,16 @@ directory, and exits 0 (as tests/test_readme.py does for the README)."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+from code_blocks import ROOT, python_blocks, run_block
+
 BLOCKS = [
     (f"{page.relative_to(ROOT / 'docs')}#{i}", code)
     for page in sorted((ROOT / "docs").rglob("*.md"))
-    for i, code in enumerate(_FENCE.findall(page.read_text(encoding="utf-8")))
+    for i, code in enumerate(python_blocks(page))
 ]
 #: Blocks that cannot run here, by a text they hold, and why.
 CANNOT_RUN = {
@@ -34,21 +30,4 @@ def test_the_docs_have_python_blocks() -> None:
 
 @pytest.mark.parametrize("name", [name for name, _ in BLOCKS])
 def test_docs_block_runs(name: str, tmp_path: Path) -> None:
-    code = dict(BLOCKS)[name]
-    for text, why in CANNOT_RUN.items():
-        if text in code:
-            print(f"docs block {name}: not run: {why}")
-            pytest.skip(why)
-    script = tmp_path / "block.py"
-    script.write_text(code)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    env.pop("BLOBLEASES_STORE", None)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"{name}:\n{code}\n{proc.stderr[-3000:]}"
+    run_block(f"docs block {name}", dict(BLOCKS)[name], tmp_path, CANNOT_RUN)

@@ -15,8 +15,8 @@ import pytest
 from blobleases import ContentId, IntegrityError, LeaseExpired, LeaseId, StorageError
 from blobleases.blob_tier import MULTIPART_PART, S3Tier
 from blobleases.postgres_storage import PostgresStorage
-from pg_fixtures import BUCKET, s3_environment, unavailable
-from pg_servers import PostgresServer, S3Server, ServerUnavailable
+from pg_fixtures import BUCKET, postgres_started, s3_environment
+from pg_servers import PostgresServer, S3Server
 
 pytestmark = pytest.mark.postgres
 
@@ -24,14 +24,8 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server of this module's own (it gets restarted)."""
-    try:
-        server = PostgresServer()
-    except ServerUnavailable as exc:
-        unavailable("PostgreSQL", str(exc))
-    try:
+    with postgres_started() as server:
         yield server
-    finally:
-        server.close()
 
 
 def _open(dsn: str, s3: S3Server, **policies: Any) -> PostgresStorage:

@@ -8,15 +8,15 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 from blobleases.postgres_storage import PostgresStorage
 from blobleases.storage import BlobStorage
-from blobleases.testing import storage_state_machine
 from pg_fixtures import BUCKET, s3_environment
 from pg_servers import PostgresServer, S3Server
+from state_machines import machine_test_case
 
 pytestmark = pytest.mark.postgres
 
@@ -34,30 +34,11 @@ def _factory(kind: str) -> BlobStorage:
     return PostgresStorage(_WHERE["dsn"], blobs=blobs, namespace=namespace)
 
 
-_SETTINGS = settings(
-    max_examples=6,
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-# Hypothesis keys a state machine's saved examples by the source of its class:
-# subclasses defined here keep these examples apart from other backends'.
+def _case(name: str, kind: str) -> type[Any]:
+    return machine_test_case(name, lambda: _factory(kind), _CHILD.pid, max_examples=6, steps=25)
 
 
-class S3Machine(storage_state_machine(lambda: _factory("s3"), _CHILD.pid)):  # type: ignore[misc]
-    """PostgreSQL with the S3 tier: its own example database key."""
-
-
-class DirectoryMachine(storage_state_machine(lambda: _factory("dir"), _CHILD.pid)):  # type: ignore[misc]
-    """PostgreSQL with the directory tier: its own example database key."""
-
-
-S3Machine.TestCase.settings = _SETTINGS
-DirectoryMachine.TestCase.settings = _SETTINGS
-
-
-class TestPostgresS3Machine(S3Machine.TestCase):  # type: ignore[misc,name-defined]
+class TestPostgresS3Machine(_case("PostgresS3Machine", "s3")):
     @pytest.fixture(autouse=True)
     def _servers(self, postgres_server: PostgresServer, s3_server: S3Server) -> Iterator[None]:
         _WHERE["dsn"] = postgres_server.dsn
@@ -66,7 +47,7 @@ class TestPostgresS3Machine(S3Machine.TestCase):  # type: ignore[misc,name-defin
             yield
 
 
-class TestPostgresDirectoryMachine(DirectoryMachine.TestCase):  # type: ignore[misc,name-defined]
+class TestPostgresDirectoryMachine(_case("PostgresDirectoryMachine", "dir")):
     @pytest.fixture(autouse=True)
     def _servers(self, postgres_server: PostgresServer) -> Iterator[None]:
         _WHERE["dsn"] = postgres_server.dsn

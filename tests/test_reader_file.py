@@ -12,46 +12,14 @@ import random
 import unittest
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from blobleases import BlobReader, BlobStorage, DirectoryStorage, LeaseId, MemoryStorage
-from blobleases.urls import open_storage
-
-BACKENDS = ["memory", "directory", "shm", "redis"]
-
-
-@pytest.fixture(params=BACKENDS)
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStorage]:
-    kind = request.param
-    if kind == "memory":
-        made: BlobStorage = MemoryStorage()
-    elif kind == "directory":
-        made = DirectoryStorage(tmp_path / "store")
-    elif kind == "shm":
-        if not os.path.isdir("/dev/shm"):
-            pytest.skip("no /dev/shm on this machine")
-        made = open_storage(f"shm://test-reader-{uuid.uuid4().hex[:12]}")
-    else:
-        from blobleases.redis_storage import RedisStorage
-
-        server = request.getfixturevalue("redis_server")
-        # A small chunk size: reads and lines cross chunks.
-        made = RedisStorage(
-            server.url, namespace=f"t-{uuid.uuid4().hex[:12]}", chunk_size=16 * 1024
-        )
-    try:
-        yield made
-    finally:
-        root = getattr(made, "root", None)
-        made.close()
-        if kind == "shm" and root is not None:
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
+from reader_fixtures import storage_fixture  # noqa: F401 (the storage fixture)
 
 
 def _reader(storage: BlobStorage, data: bytes) -> tuple[BlobReader, Any, LeaseId]:

@@ -3,16 +3,13 @@ a fresh interpreter, in an empty temporary directory, and exits 0."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+from code_blocks import ROOT, python_blocks, run_block
+
+BLOCKS = python_blocks(ROOT / "README.md")
 #: Blocks that name hosts this machine does not have, and why they cannot run.
 NEEDS_HOSTS = {
     "cache.internal": "the Redis example connects to servers named cache.internal",
@@ -26,20 +23,4 @@ def test_readme_has_python_blocks() -> None:
 
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_readme_block_runs(number: int, tmp_path: Path) -> None:
-    code = BLOCKS[number]
-    for host, why in NEEDS_HOSTS.items():
-        if host in code:
-            print(f"README block {number}: not run: {why}")
-            pytest.skip(why)
-    script = tmp_path / f"block{number}.py"
-    script.write_text(code)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"block {number}:\n{code}\n{proc.stderr[-3000:]}"
+    run_block(f"README block {number}", BLOCKS[number], tmp_path, NEEDS_HOSTS)

@@ -20,6 +20,7 @@ import pytest
 from blobleases import ContentId, LeaseExpired, LeaseId, StorageError, StoreFull, open_storage
 from blobleases.redis_storage import RedisStorage
 from blobleases.testing import wait_until
+from cli_runs import one_error_line, run_cli
 from redis_fixtures import started
 from redis_servers import RedisServer
 
@@ -274,9 +275,9 @@ def test_full_server_still_opens_drops_reaps_and_collects(
         url = f"{own_server.url}?namespace={namespace}"
         source = tmp_path / "extra.bin"
         source.write_bytes(extra)
-        line = _one_error_line(_cli("--store", url, "put", str(source)))
+        line = one_error_line(run_cli("--store", url, "put", str(source)))
         assert "the redis server is full" in line and "maxmemory" in line
-        done = _cli("--store", url, "collect")
+        done = run_cli("--store", url, "collect")
         assert done.returncode == 0, done.stderr
 
         assert live.get_data(kept_cid, kept_lid) == kept
@@ -397,32 +398,12 @@ def test_unix_socket_urls_work_and_round_trip(unix_server: tuple[RedisServer, st
 
 def test_unix_socket_url_via_cli(unix_server: tuple[RedisServer, str]) -> None:
     _, sock = unix_server
-    done = _cli("--store", f"unix://{sock}", "stats")
+    done = run_cli("--store", f"unix://{sock}", "stats")
     assert done.returncode == 0, done.stderr
     assert "blobs" in done.stdout
 
 
 # == Item 9: errors that name what was wrong ==================================================
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "blobleases", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=120,
-    )
-
-
-def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("blobleases: error: "), done.stderr
-    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
-    return lines[0]
 
 
 def _refused_port() -> int:
@@ -438,7 +419,7 @@ def test_unreachable_cluster_gives_storage_error_naming_the_url() -> None:
     with pytest.raises(StorageError, match=re.escape(url)) as info:
         RedisStorage(url, socket_timeout=2)
     assert info.value.__cause__ is not None
-    line = _one_error_line(_cli("--store", url, "stats"))
+    line = one_error_line(run_cli("--store", url, "stats"))
     assert url in line
 
 

@@ -414,6 +414,7 @@ StoreOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+CidArg = Annotated[str, typer.Argument(help="The content id (sha256-<hex>).")]
 
 
 def _version_callback(value: bool) -> None:
@@ -621,7 +622,7 @@ def _write_stdout(cid_text: str) -> None:
 
 @app.command()
 def get(
-    cid: Annotated[str, typer.Argument(help="The content id (sha256-<hex>).")],
+    cid: CidArg,
     output: Annotated[
         str | None,
         typer.Option(
@@ -683,7 +684,7 @@ def _atomic_write(target: Path, reader: BlobReader, cid: ContentId) -> int:
 
 @app.command()
 def cat(
-    cid: Annotated[str, typer.Argument(help="The content id (sha256-<hex>).")],
+    cid: CidArg,
     store: StoreOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -761,7 +762,7 @@ def ls_(
 
 @app.command()
 def stat(
-    cid: Annotated[str, typer.Argument(help="The content id (sha256-<hex>).")],
+    cid: CidArg,
     store: StoreOpt = None,
     json_output: JsonOpt = False,
 ) -> None:

@@ -21,6 +21,7 @@ from rich import box
 from rich.table import Table
 
 from .cli import (
+    CidArg,
     CliError,
     JsonOpt,
     StoreOpt,
@@ -137,7 +138,7 @@ def _process_cell(entry: dict[str, Any]) -> str:
 
 @app.command()
 def why(
-    cid: Annotated[str, typer.Argument(help="The content id (sha256-<hex>).")],
+    cid: CidArg,
     store: StoreOpt = None,
     json_output: JsonOpt = False,
 ) -> None:

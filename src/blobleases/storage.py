@@ -13,6 +13,7 @@ import abc
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import IO, Any
 
@@ -185,11 +186,15 @@ class BlobStorage(abc.ABC):
 
     def advise_of_pid(self, pid: int) -> None:
         """Record ``pid`` as alive with its start time (a dead pid is a no-op)."""
-        self._advise_of_pid(check_pid(pid))
+        checked = check_pid(pid)
+        with self._errors_counted():
+            self._advise_of_pid(checked)
 
     def advise_pid_terminated(self, pid: int) -> None:
         """End every non-detached lease and every reader hold of ``pid`` now."""
-        self._advise_pid_terminated(check_pid(pid))
+        checked = check_pid(pid)
+        with self._errors_counted():
+            self._advise_pid_terminated(checked)
 
     # -- extensions -------------------------------------------------------
 
@@ -301,19 +306,25 @@ class BlobStorage(abc.ABC):
 
     def contains(self, content_id: ContentId) -> bool:
         """Whether the content is present (leased, read or retained)."""
-        return self._contains(_content_id(content_id))
+        cid = _content_id(content_id)
+        with self._errors_counted():
+            return self._contains(cid)
 
     def stat(self, content_id: ContentId) -> BlobInfo:
         """Facts about one blob; ContentNotFound if absent."""
-        return self._stat(_content_id(content_id))
+        cid = _content_id(content_id)
+        with self._errors_counted():
+            return self._stat(cid)
 
     def iter_content(self) -> Iterator[ContentId]:
         """Every present content id (a snapshot; order unspecified)."""
-        return iter(self._iter_content())
+        with self._errors_counted():
+            return iter(self._iter_content())
 
     def iter_leases(self) -> Iterator[LeaseInfo]:
         """Every held lease (a snapshot; expired leases are not listed)."""
-        return iter(self._iter_leases())
+        with self._errors_counted():
+            return iter(self._iter_leases())
 
     def why(self, content_id: ContentId) -> WhyReport:
         """Every holder of one blob: its leases (with when they were taken and
@@ -321,16 +332,15 @@ class BlobStorage(abc.ABC):
         process where the backend knows whose they are, and whether only
         retention keeps it. ContentNotFound if absent. A snapshot: it takes
         no lease and changes nothing."""
-        return self._why(_content_id(content_id))
+        cid = _content_id(content_id)
+        with self._errors_counted():
+            return self._why(cid)
 
     def collect(self) -> CollectReport:
         """Reap dead processes' and expired leases, delete unreferenced content
         beyond retention, and report what was freed."""
-        try:
+        with self._errors_counted():
             report = self._collect()
-        except BlobLeaseError as exc:
-            self._note_error(exc)
-            raise
         self._note_collect(report)
         return report
 
@@ -339,15 +349,13 @@ class BlobStorage(abc.ABC):
         with ``repair`` remove it (its leases then get LeaseExpired)."""
         if not isinstance(repair, bool):
             raise TypeError(f"repair must be a bool, not {type(repair).__name__}")
-        try:
+        with self._errors_counted():
             return self._verify(repair)
-        except BlobLeaseError as exc:
-            self._note_error(exc)
-            raise
 
     def stats(self) -> StorageStats:
         """Totals: blobs, bytes, leases, live processes, dedup hits."""
-        return self._stats()
+        with self._errors_counted():
+            return self._stats()
 
     def operation_counts(self) -> dict[str, int]:
         """What this handle has done since it was made (a snapshot, for
@@ -381,6 +389,19 @@ class BlobStorage(abc.ABC):
 
     def _note_error(self, exc: BlobLeaseError) -> None:
         self._note(f"errors:{type(exc).__name__}")
+
+    @contextmanager
+    def _errors_counted(self) -> Iterator[None]:
+        """Count a BlobLeaseError raised in the block (:meth:`_note_error`)
+        and let it go on. For the methods called now and then: the methods
+        of every blob operation (store, lease_by_content, get_data,
+        get_reader, advise_lease_dropped, ...) write the same ``try`` inline,
+        where it costs nothing until something is raised."""
+        try:
+            yield
+        except BlobLeaseError as exc:
+            self._note_error(exc)
+            raise
 
     def _note_collect(self, report: CollectReport) -> None:
         for name in ("leases_reaped", "readers_reaped", "processes_reaped", "bytes_freed"):

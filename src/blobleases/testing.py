@@ -128,6 +128,15 @@ def wait_until(
         time.sleep(interval)
 
 
+def _reads_raise_integrity_error(storage: BlobStorage, cid: ContentId, lid: LeaseId) -> None:
+    """``get_data`` raises IntegrityError, and so does reading: ``get_reader``
+    itself or the first ``read`` of the reader it opens."""
+    with pytest.raises(IntegrityError):
+        storage.get_data(cid, lid)
+    with pytest.raises(IntegrityError):
+        storage.get_reader(cid, lid).read()
+
+
 class BlobStorageTests:
     """Conformance tests for one backend (see the module docstring)."""
 
@@ -390,11 +399,7 @@ class BlobStorageTests:
         data = blob(64 * 1024, 10)
         cid, lid = self.put(storage, data)
         self.truncate_blob(storage, cid)
-        with pytest.raises(IntegrityError):
-            storage.get_data(cid, lid)
-        with pytest.raises(IntegrityError):
-            reader = storage.get_reader(cid, lid)
-            reader.read()
+        _reads_raise_integrity_error(storage, cid, lid)
         report = storage.verify()
         assert report and cid in report.corrupted + report.missing
         storage.verify(repair=True)
@@ -406,11 +411,7 @@ class BlobStorageTests:
         data = blob(10000, 11)
         cid, lid = self.put(storage, data)
         self.corrupt_blob(storage, cid)
-        with pytest.raises(IntegrityError):
-            storage.get_data(cid, lid)
-        with pytest.raises(IntegrityError):
-            reader = storage.get_reader(cid, lid)
-            reader.read()
+        _reads_raise_integrity_error(storage, cid, lid)
         storage.verify(repair=True)
 
     # == Rule 4: readers hold content ============================================

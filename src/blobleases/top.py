@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -270,15 +270,14 @@ class TopState:
             f"evictions {st.evictions}"
         )
         parts.append(Text(totals))
-        procs = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
-        for name, justify in (
+        procs = _table(
             ("PID", "right"),
             ("PROCESS", "left"),
             ("HOST", "left"),
             ("LEASES", "right"),
             ("BYTES", "right"),
-        ):
-            procs.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+            title_justify="left",
+        )
         rows_ = snap.processes(self.facts)
         for r in rows_[:rows]:
             procs.add_row(
@@ -291,14 +290,13 @@ class TopState:
         more = len(rows_) - rows
         procs.title = "processes" + (f" ({more} more)" if more > 0 else "")
         parts.append(procs)
-        held = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="held longest")
-        for name, justify in (
+        held = _table(
             ("CONTENT ID", "left"),
             ("SIZE", "right"),
             ("HELD FOR", "right"),
             ("LEASES", "right"),
-        ):
-            held.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+            title="held longest",
+        )
         for cid, size, since, n in snap.held_longest(rows):
             held.add_row(str(cid)[:23] + "...", _size(size), _age(since, snap.at), str(n))
         parts.append(held)
@@ -309,6 +307,16 @@ class TopState:
         if footer:
             parts.append(Text(footer, style="dim"))
         return Group(*parts)
+
+
+def _table(*columns: tuple[str, JustifyMethod], **options: Any) -> Table:
+    """A table of the screen (``options`` as rich's Table takes them): a
+    rule under the header, no padding at the edges, a column per
+    ``(name, justify)``, none wrapped."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, **options)
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)
+    return table
 
 
 def _event_lines(log: Iterable[Event]) -> list[Text]:
