@@ -45,7 +45,7 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "ReapSchedule", "RoomAdapter"]
+__all__ = ["Adapter", "EndAdapter", "Engine", "ReapSchedule", "RoomAdapter"]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -102,7 +102,24 @@ class RoomAdapter(Protocol[K]):
         ...
 
 
-class Adapter(RoomAdapter[K], Protocol[K]):
+class EndAdapter(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.end_lease` and :meth:`Engine.end_hold` need:
+    :class:`RoomAdapter`'s and the ending of one lease or one reader hold
+    (what DirectoryStorage's index implements beside its bulk statements)."""
+
+    def remove_lease(self, key: K, lid: LeaseId) -> bool:
+        """End ``(lid, key)`` if held (a no-op otherwise, never touching
+        another lease); True if ``key`` is now unreferenced (present, no
+        lease, no reader hold)."""
+        ...
+
+    def remove_hold(self, hold: int) -> K | None:
+        """End the reader hold ``hold`` (a no-op if ended); the content's key
+        if that left it unreferenced, else None."""
+        ...
+
+
+class Adapter(EndAdapter[K], Protocol[K]):
     """Every verb of a backend whose leases the engine runs (MemoryStorage):
     :class:`RoomAdapter`'s and the lease, hold and process verbs."""
 
@@ -123,17 +140,6 @@ class Adapter(RoomAdapter[K], Protocol[K]):
 
     def has_lease(self, key: K, lid: LeaseId) -> bool:
         """Whether ``(lid, key)`` is held and unexpired."""
-        ...
-
-    def remove_lease(self, key: K, lid: LeaseId) -> bool:
-        """End ``(lid, key)`` if held (a no-op otherwise, never touching
-        another lease); True if ``key`` is now unreferenced (present, no
-        lease, no reader hold)."""
-        ...
-
-    def remove_hold(self, hold: int) -> K | None:
-        """End the reader hold ``hold`` (a no-op if ended); the content's key
-        if that left it unreferenced, else None."""
         ...
 
     def leases_of(self, pid: int) -> list[tuple[K, LeaseId]]:
@@ -254,12 +260,12 @@ class Engine(Generic[K]):
         a.add_content(key, size, payload)
         self.hold(a, key, lid, ttl, detached)
 
-    def end_lease(self, a: Adapter[K], key: K, lid: LeaseId) -> None:
+    def end_lease(self, a: EndAdapter[K], key: K, lid: LeaseId) -> None:
         """End ``(lid, key)`` (a no-op if not held); settle its content."""
         if a.remove_lease(key, lid):
             self.settle(a, key)
 
-    def end_hold(self, a: Adapter[K], hold: int) -> None:
+    def end_hold(self, a: EndAdapter[K], hold: int) -> None:
         """End a reader hold (a no-op if ended); settle its content."""
         key = a.remove_hold(hold)
         if key is not None:

@@ -180,10 +180,12 @@ class _Tx:
 
 
 class _IndexRoom:
-    """The room verbs of :class:`blobleases.engine.RoomAdapter` over the
-    index, inside the write transaction ``tx`` (keys: content ids as text).
-    The lease lifecycle stays in SQL (bulk statements over many rows); the
-    retain-or-delete decision and the eviction plan are the engine's."""
+    """The verbs of :class:`blobleases.engine.EndAdapter` (the room verbs
+    and the end of one lease or reader hold) over the index, inside the
+    write transaction ``tx`` (keys: content ids as text). Bulk work (expiry,
+    reaping a dead owner's thousands of rows) stays in SQL statements over
+    many rows; what happens to content left unreferenced, the eviction plan
+    and the end of one lease or hold are the engine's."""
 
     __slots__ = ("db", "storage", "tx")
 
@@ -195,6 +197,22 @@ class _IndexRoom:
             return None
         row = self.db.execute(_SQL_CONTENT, (key,)).fetchone()
         return None if row is None or row[1] is not None else int(row[0])
+
+    def remove_lease(self, key: str, lid: LeaseId) -> bool:
+        db = self.db
+        if not db.execute("DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))).rowcount:
+            return False
+        return not db.execute(_SQL_REFERENCED, {"cid": key, "now": self.tx.now}).fetchone()[0]
+
+    def remove_hold(self, hold: int) -> str | None:
+        db = self.db
+        rows = db.execute("DELETE FROM holds WHERE id = ? RETURNING cid", (hold,)).fetchall()
+        if not rows:
+            return None
+        key = str(rows[0][0])
+        if db.execute(_SQL_REFERENCED, {"cid": key, "now": self.tx.now}).fetchone()[0]:
+            return None
+        return key
 
     def delete_if_unreferenced(self, key: str) -> None:
         tx = self.tx

@@ -46,6 +46,7 @@ from .index import (
     _SQL_HELD_ONLY,
     _SQL_HELD_PRESENT,
     _index_errors,
+    _IndexRoom,
     _is_busy,
 )
 from .layout import (
@@ -616,8 +617,7 @@ class DirectoryStorage(_Maintenance, BlobStorage):
             if self._closed or self._db_pid != os.getpid():
                 return  # a closed store's holds end when the process is reaped
             with self._write() as tx:
-                if tx.db.execute("DELETE FROM holds WHERE id = ?", (hold,)).rowcount:
-                    self._settle(tx, key)
+                self._engine.end_hold(_IndexRoom(self, tx), hold)
 
     @_index_errors
     def _take_over_reader(self, cid: ContentId, old: LeaseId, new: LeaseId) -> BlobReader | None:
@@ -698,10 +698,7 @@ class DirectoryStorage(_Maintenance, BlobStorage):
             tx = self._begin(expire=False)
             tx.known = cid
             try:
-                if tx.db.execute(
-                    "DELETE FROM leases WHERE cid = ? AND lid = ?", (key, str(lid))
-                ).rowcount:
-                    self._settle(tx, key)
+                self._engine.end_lease(_IndexRoom(self, tx), key, lid)
             except BaseException as exc:
                 self._abort(tx, exc)
             self._commit(tx)
