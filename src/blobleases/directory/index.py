@@ -17,17 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from ..content_id import ContentId
-from ..errors import (
-    InvalidContentId,
-    InvalidLeaseId,
-    StorageError,
-)
+from ..errors import InvalidContentId, InvalidLeaseId, StorageError
 from ..lease_id import LeaseId
-from ..liveness import (
-    own_start_time,
-    pid_scope,
-    remove_dead_owner,
-)
+from ..liveness import own_start_time, pid_scope, remove_dead_owner
 from .layout import _INDEX, _MARKER, _MARKER_TEXT, _O_READ, _O_TMP, _error
 from .locks import _INHERITED, _holders_text, _Locks, _WriterLock
 from .schema import check_schema, connect, create_schema
@@ -41,38 +33,30 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 _ACCESS_FLUSH_SECONDS = 1.0
-
 _ACCESS_FLUSH_ENTRIES = 512
 
 # Long work (collect, repair, reaping many leases) commits and lets the
 # writer lock go after this long, pausing a moment for waiting processes.
 _SLICE_SECONDS = 0.002
-
 _SLICE_PAUSE = 0.0002
-
 _SLICE_KEYS = 64  # content ids settled between slice checks
-
 _SQLITE_BUSY = 5
-
 _SQLITE_LOCKED = 6
-
 _WAL_WRITE_LOCK = 120  # SQLite's WAL write lock: this byte of the -shm file
 
-# -- SQL used on hot paths ----------------------------------------------------------
 
+# -- SQL used on hot paths ----------------------------------------------------------
 
 _SQL_HELD = (
     "SELECT c.size FROM leases l JOIN content c ON c.cid = l.cid "
     "WHERE l.cid = ? AND l.lid = ? AND (l.expires_at IS NULL OR l.expires_at > ?)"
 )
-
 # Holds a lease on content that is present: retained, read, or leased by an
 # unexpired lease (content whose only leases expired is gone, though its row
 # waits for the next expiry pass). A held but expired lease is renewed.
 _SQL_HELD_ONLY = (
     "SELECT 1 FROM leases WHERE cid = ? AND lid = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
-
 _SQL_INSERT_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner, created) "
     "SELECT :cid, :lid, :pid, :start, :expires, :detached, :owner, :now FROM content c "
@@ -84,47 +68,37 @@ _SQL_INSERT_LEASE = (
     "expires_at = excluded.expires_at, detached = excluded.detached, owner = excluded.owner, "
     "created = excluded.created WHERE leases.expires_at IS NOT NULL AND leases.expires_at <= :now"
 )
-
 # The first lease of content just added in the same transaction.
 _SQL_INSERT_FIRST_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner, created) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
 _SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
-
 _SQL_HELD_PRESENT = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND lid = :lid "
     "AND (expires_at IS NULL OR expires_at > :now)), "
     "EXISTS(SELECT 1 FROM content WHERE cid = :cid)"
 )
-
 _SQL_REFERENCED = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
     "AND (expires_at IS NULL OR expires_at > :now)) "
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)"
 )
-
 _SQL_RETAINED_IN_ORDER = (
     "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
 )
-
 # The size of content that is present (as _SQL_INSERT_LEASE sees it).
 _SQL_PRESENT_SIZE = (
     "SELECT size FROM content c WHERE c.cid = :cid AND (c.retained IS NOT NULL "
     "OR EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND (expires_at IS NULL OR expires_at > :now)) "
     "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid))"
 )
-
 _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT 1"
-
 # The row of new content; a no-op (rowcount 0) if the content has a row.
 _SQL_ADD_CONTENT = (
     "INSERT INTO content(cid, size, created, last_access, retained) VALUES (:cid, :size, :now, :now, NULL) "
     "ON CONFLICT(cid) DO NOTHING"
 )
-
 # Deletes content that is unreferenced (no unexpired lease, no reader) and
 # not retained; returns its size (no row if it stays).
 _SQL_DELETE_UNREFERENCED = (

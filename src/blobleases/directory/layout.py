@@ -25,20 +25,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 from .. import file_pool, ingest
 from ..content_id import ALGORITHMS, ContentId, new_hasher
-from ..errors import (
-    IntegrityError,
-    StorageError,
-)
+from ..errors import IntegrityError, StorageError
 from ..lease_id import LeaseId
-from ..liveness import (
-    OwnerLock,
-)
+from ..liveness import OwnerLock
 from ..reader import BufferSource
 from ..storage import BlobStorage
 
 if TYPE_CHECKING:
     from ..engine import Engine, ReapSchedule
-    from ..liveness import OwnerLock
     from .locks import _WriterLock
     from .storage import DirectoryStorage
 
@@ -46,42 +40,28 @@ _T = TypeVar("_T")
 
 
 _INDEX = "index.sqlite3"
-
 _MARKER = "format"
-
 _MARKER_TEXT = b"blobleases directory store, format 1\n"
-
 _MAX_WRITE = 1 << 30
-
 _SQLITE_FULL = 13
 
 # Space kept in reserve (a file in the root) so that freeing works on a full
 # filesystem: 1/16 of the filesystem, between 64 KiB and 1 MiB.
 _RESERVE = "reserve"
-
 _RESERVE_MAX = 1 << 20
-
 _RESERVE_MIN = 64 << 10
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
 _HEX2 = re.compile(r"[0-9a-f]{2}")
-
 _TMP_NAME = re.compile(r"([0-9a-f]{32})-[0-9a-f]{16}\.tmp")
-
 # temporary files of writers of schema version 1, named by pid and start time
 _TMP_NAME_V1 = re.compile(r"([1-9][0-9]*)-([0-9]+)-[0-9a-f]{16}\.tmp")
-
 _SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
 _SHM_BASE = "/dev/shm"
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC
-
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC
-
 _O_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
 
 _MAX_ROOT_DEPTH = 256

@@ -11,9 +11,7 @@ from typing import Any
 
 from .. import policy_rules
 from ..content_id import ContentId
-from ..errors import (
-    ContentNotFound,
-)
+from ..errors import ContentNotFound
 from ..lease_id import LeaseId
 from ..liveness import (
     can_judge_pids,

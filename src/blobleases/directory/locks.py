@@ -19,10 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import forksafe
-from ..errors import (
-    BlobLeaseError,
-    StorageError,
-)
+from ..errors import BlobLeaseError, StorageError
 from ..liveness import (
     OwnerLock,
     can_judge_pids,
@@ -41,8 +38,8 @@ if TYPE_CHECKING:
 
 
 _SQL_ADD_OWNER = "INSERT OR IGNORE INTO owners(owner, pid, start, scope) VALUES (?, ?, ?, ?)"
-_MAX_WAIT = min(threading.TIMEOUT_MAX, 1e9)  # lock_timeout beyond it: as good as forever
 
+_MAX_WAIT = min(threading.TIMEOUT_MAX, 1e9)  # lock_timeout beyond it: as good as forever
 _EXIT_WAIT = 5.0  # seconds the exit pass waits for a thread still using a handle
 
 # Fork safety. SQLite keeps per-process bookkeeping of the locks each open

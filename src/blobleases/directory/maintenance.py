@@ -10,18 +10,10 @@ import os
 import time
 
 from ..content_id import ContentId
-from ..errors import (
-    ContentNotFound,
-)
+from ..errors import ContentNotFound
 from ..holders import scope_host
 from ..lease_id import LeaseId
-from ..liveness import (
-    can_judge_pids,
-    owner_alive,
-    process_start_time,
-    process_token,
-    same_start,
-)
+from ..liveness import can_judge_pids, owner_alive, process_start_time, process_token, same_start
 from ..reports import (
     BlobInfo,
     CollectReport,

@@ -25,11 +25,7 @@ from urllib.parse import quote
 from .. import file_pool, forksafe, ingest
 from ..content_id import ContentId, new_hasher
 from ..engine import Engine
-from ..errors import (
-    ContentNotFound,
-    IntegrityError,
-    StorageError,
-)
+from ..errors import ContentNotFound, IntegrityError, StorageError
 from ..lease_id import LeaseId
 from ..liveness import (
     START_TIME_TOLERANCE,
