@@ -40,8 +40,8 @@ from blobleases import (
     StoreFull,
     register_storage,
 )
-from blobleases import directory as directory_module
 from blobleases.directory import DirectoryStorage
+from blobleases.directory import storage as directory_module
 from blobleases.storage import BlobStorage
 from blobleases.testing import blob, wait_until
 

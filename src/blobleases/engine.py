@@ -46,7 +46,17 @@ from .lease_id import LeaseId
 from .liveness import same_start
 from .policies import Policies
 
-__all__ = ["Adapter", "Engine", "ExpiryQueue", "LeaseAdds", "LeaseEnds", "ReapSchedule", "RoomAdapter"]
+__all__ = [
+    "Adapter",
+    "EndAdapter",
+    "Engine",
+    "ExpiryQueue",
+    "LeaseAdds",
+    "LeaseEnds",
+    "LeaseRemover",
+    "ReapSchedule",
+    "RoomAdapter",
+]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 
@@ -103,15 +113,23 @@ class RoomAdapter(Protocol[K]):
         ...
 
 
-class LeaseEnds(RoomAdapter[K], Protocol[K]):
+class LeaseRemover(RoomAdapter[K], Protocol[K]):
+    """The verb :meth:`Engine.end_lease` needs beyond :class:`RoomAdapter`'s:
+    the ending of one lease (every backend whose lease ends the engine
+    decides implements it)."""
+
+    def remove_lease(self, key: K, lid: LeaseId) -> bool:
+        """End ``(lid, key)`` if held (a no-op otherwise, never touching
+        another lease); True if ``key`` is now unreferenced (present, no
+        lease, no reader hold)."""
+        ...
+
+
+class LeaseEnds(LeaseRemover[K], Protocol[K]):
     """The verbs :meth:`Engine.end_lease` and :meth:`Engine.expire` need
     beyond :class:`RoomAdapter`'s: what a backend implements whose other
     lease verbs are its own statements (PostgresStorage); every
     :class:`Adapter` has them."""
-
-    def remove_lease(self, key: K, lid: LeaseId) -> bool:
-        """As :meth:`Adapter.remove_lease`."""
-        ...
 
     def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
         """As :meth:`Adapter.expired_leases`."""
@@ -143,7 +161,18 @@ class LeaseAdds(RoomAdapter[K], Protocol[K]):
         ...
 
 
-class Adapter(RoomAdapter[K], Protocol[K]):
+class EndAdapter(LeaseRemover[K], Protocol[K]):
+    """The verbs :meth:`Engine.end_lease` and :meth:`Engine.end_hold` need:
+    :class:`RoomAdapter`'s and the ending of one lease or one reader hold
+    (what DirectoryStorage's index implements beside its bulk statements)."""
+
+    def remove_hold(self, hold: int) -> K | None:
+        """End the reader hold ``hold`` (a no-op if ended); the content's key
+        if that left it unreferenced, else None."""
+        ...
+
+
+class Adapter(EndAdapter[K], LeaseEnds[K], LeaseAdds[K], Protocol[K]):
     """Every verb of a backend whose leases the engine runs (MemoryStorage):
     :class:`RoomAdapter`'s and the lease, hold and process verbs."""
 
@@ -164,17 +193,6 @@ class Adapter(RoomAdapter[K], Protocol[K]):
 
     def has_lease(self, key: K, lid: LeaseId) -> bool:
         """Whether ``(lid, key)`` is held and unexpired."""
-        ...
-
-    def remove_lease(self, key: K, lid: LeaseId) -> bool:
-        """End ``(lid, key)`` if held (a no-op otherwise, never touching
-        another lease); True if ``key`` is now unreferenced (present, no
-        lease, no reader hold)."""
-        ...
-
-    def remove_hold(self, hold: int) -> K | None:
-        """End the reader hold ``hold`` (a no-op if ended); the content's key
-        if that left it unreferenced, else None."""
         ...
 
     def leases_of(self, pid: int) -> list[tuple[K, LeaseId]]:
@@ -295,12 +313,12 @@ class Engine(Generic[K]):
         a.add_content(key, size, payload)
         self.hold(a, key, lid, ttl, detached)
 
-    def end_lease(self, a: LeaseEnds[K], key: K, lid: LeaseId) -> None:
+    def end_lease(self, a: LeaseRemover[K], key: K, lid: LeaseId) -> None:
         """End ``(lid, key)`` (a no-op if not held); settle its content."""
         if a.remove_lease(key, lid):
             self.settle(a, key)
 
-    def end_hold(self, a: Adapter[K], hold: int) -> None:
+    def end_hold(self, a: EndAdapter[K], hold: int) -> None:
         """End a reader hold (a no-op if ended); settle its content."""
         key = a.remove_hold(hold)
         if key is not None:

@@ -45,7 +45,10 @@ implements :class:`blobleases.engine.RoomAdapter` only and calls
 :meth:`~blobleases.engine.Engine.trim_retained`,
 :meth:`~blobleases.engine.Engine.make_room`,
 :meth:`~blobleases.engine.Engine.check_read` and the
-:class:`~blobleases.engine.ReapSchedule` (as ``DirectoryStorage`` does).
+:class:`~blobleases.engine.ReapSchedule` (as ``DirectoryStorage`` does; it
+also implements :class:`blobleases.engine.EndAdapter`, ``remove_lease`` and
+``remove_hold``, for :meth:`~blobleases.engine.Engine.end_lease` and
+:meth:`~blobleases.engine.Engine.end_hold`).
 Then register a url scheme (:func:`blobleases.register_backend`) and
 subclass :class:`BlobStorageTests`.
 """
