@@ -15,7 +15,7 @@ import pytest
 from psycopg import sql
 
 from blobleases import index_sql
-from blobleases.directory_index import create_schema
+from blobleases.directory.schema import create_schema
 from blobleases.postgres_storage import PostgresStorage
 from pg_servers import PostgresServer
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
+from .. import index_sql
 from ..content_id import ContentId
 from ..errors import InvalidContentId, InvalidLeaseId, StorageError
 from ..lease_id import LeaseId
@@ -23,6 +24,11 @@ from ..liveness import own_start_time, pid_scope, remove_dead_owner
 from .layout import _INDEX, _MARKER, _MARKER_TEXT, _O_READ, _O_TMP, _error
 from .locks import _INHERITED, _holders_text, _Locks, _WriterLock
 from .schema import check_schema, connect, create_schema
+
+_SQL_CONTENT = index_sql.CONTENT
+_SQL_REFERENCED = index_sql.REFERENCED
+_SQL_RETAINED_IN_ORDER = index_sql.RETAINED_IN_ORDER
+_SQL_DELETE_UNREFERENCED = index_sql.DELETE_UNREFERENCED
 
 if TYPE_CHECKING:
     from .leases import _Leases
@@ -73,19 +79,10 @@ _SQL_INSERT_FIRST_LEASE = (
     "INSERT INTO leases(cid, lid, pid, start, expires_at, detached, owner, created) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SQL_CONTENT = "SELECT size, retained FROM content WHERE cid = ?"
 _SQL_HELD_PRESENT = (
     "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid AND lid = :lid "
     "AND (expires_at IS NULL OR expires_at > :now)), "
     "EXISTS(SELECT 1 FROM content WHERE cid = :cid)"
-)
-_SQL_REFERENCED = (
-    "SELECT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
-    "AND (expires_at IS NULL OR expires_at > :now)) "
-    "OR EXISTS(SELECT 1 FROM holds WHERE cid = :cid)"
-)
-_SQL_RETAINED_IN_ORDER = (
-    "SELECT cid, size FROM content WHERE retained IS NOT NULL ORDER BY retained"
 )
 # The size of content that is present (as _SQL_INSERT_LEASE sees it).
 _SQL_PRESENT_SIZE = (
@@ -98,14 +95,6 @@ _SQL_EXPIRED = "SELECT cid FROM leases WHERE expires_at IS NOT NULL AND expires_
 _SQL_ADD_CONTENT = (
     "INSERT INTO content(cid, size, created, last_access, retained) VALUES (:cid, :size, :now, :now, NULL) "
     "ON CONFLICT(cid) DO NOTHING"
-)
-# Deletes content that is unreferenced (no unexpired lease, no reader) and
-# not retained; returns its size (no row if it stays).
-_SQL_DELETE_UNREFERENCED = (
-    "DELETE FROM content WHERE cid = :cid AND retained IS NULL "
-    "AND NOT EXISTS(SELECT 1 FROM leases WHERE cid = :cid "
-    "AND (expires_at IS NULL OR expires_at > :now)) "
-    "AND NOT EXISTS(SELECT 1 FROM holds WHERE cid = :cid) RETURNING size"
 )
 
 
@@ -218,25 +207,18 @@ class _IndexRoom:
         db.execute("UPDATE content SET retained = ? WHERE cid = ?", (seq, key))
 
     def retained_bytes(self) -> int:
-        return int(
-            self.db.execute(
-                "SELECT coalesce(sum(size), 0) FROM content WHERE retained IS NOT NULL"
-            ).fetchone()[0]
-        )
+        return int(self.db.execute(index_sql.RETAINED_BYTES).fetchone()[0])
 
     def retained_oldest_first(self) -> Iterator[tuple[str, int]]:
         return iter(self.db.execute(_SQL_RETAINED_IN_ORDER))
 
     def evictable_oldest_first(self) -> Iterator[tuple[str, int, bool]]:
         # Content with a reader (a hold) is never a candidate.
-        cursor = self.db.execute(
-            "SELECT cid, size FROM content c WHERE retained IS NULL AND NOT EXISTS "
-            "(SELECT 1 FROM holds h WHERE h.cid = c.cid) ORDER BY last_access, cid"
-        )
+        cursor = self.db.execute(index_sql.EVICTABLE_IN_ORDER)
         return ((key, size, False) for key, size in cursor)
 
     def total_bytes(self) -> int:
-        return int(self.db.execute("SELECT coalesce(sum(size), 0) FROM content").fetchone()[0])
+        return int(self.db.execute(index_sql.TOTAL_BYTES).fetchone()[0])
 
 
 class _Index(_Locks):
