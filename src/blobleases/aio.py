@@ -95,7 +95,27 @@ def _quietly(fn: Callable[[], object]) -> None:
         traceback.print_exc()
 
 
-class AsyncBlobManager:
+class _AsyncContext:
+    """``async with``: leaving the block awaits ``_leave()``."""
+
+    __slots__ = ()
+
+    async def _leave(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave()
+
+
+class AsyncBlobManager(_AsyncContext):
     """Makes :class:`AsyncBlobLease` handles on a storage (default: the
     registered storage, looked up at each call, as :class:`BlobManager`).
 
@@ -286,15 +306,7 @@ class AsyncBlobManager:
         threading.Thread(target=join, name="blobleases-aio-join", daemon=True).start()
         await done
 
-    async def __aenter__(self) -> AsyncBlobManager:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _leave(self) -> None:
         await self.aclose()
 
     def __repr__(self) -> str:
@@ -302,7 +314,7 @@ class AsyncBlobManager:
         return f"<AsyncBlobManager max_workers={self._max_workers}{state}>"
 
 
-class _Handle:
+class _Handle(_AsyncContext):
     """What :class:`AsyncBlobLease` and :class:`AsyncBlobReader` share: the
     end of the hold (``end``, a storage call) runs exactly once, on
     ``close()``, ``async with`` exit, the manager's ``aclose()``, or in the
@@ -330,6 +342,9 @@ class _Handle:
     async def _idle(self) -> None:
         """Wait for the calls in flight that must run before the end."""
 
+    async def _leave(self) -> None:
+        await self._close()
+
     async def _close(self) -> None:
         if self._closed is not None:
             return
@@ -354,17 +369,6 @@ class _Handle:
         finalizer, self._finalizer = self._finalizer, None
         if finalizer is not None and finalizer.detach() is not None:
             _quietly(self._end)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
 
 
 class AsyncBlobLease(_Handle):
