@@ -565,6 +565,26 @@ def test_the_loop_runs_while_a_worker_copies_a_blob(tmp_path: Path) -> None:
     assert done.stdout.split("\n")[:2] == ["read 256 256", "readinto 256 256"], done.stdout
 
 
+def test_reading_a_whole_blob_held_in_memory_copies_nothing() -> None:
+    """A reader's read of a whole blob that the store holds as bytes
+    returns those bytes (what get_data returns), not a copy of them."""
+    data = os.urandom(1 << 20)
+
+    async def main() -> None:
+        async with AsyncBlobManager(MemoryStorage()) as manager:
+            lease = await manager.store(data)
+            async with await lease.get_reader() as reader:
+                whole = await reader.read()
+                await reader.seek(1)
+                rest = await reader.read()
+            same = whole is data and whole is await lease.get_data()
+            assert same, "read() returned a copy of the blob"
+            assert rest == data[1:]
+            await lease.close()
+
+    run(main)
+
+
 # -- the loop's longest stall --------------------------------------------------
 
 
