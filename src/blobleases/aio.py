@@ -28,10 +28,18 @@ elapsed time with 2, 4 and 8 threads; the longest stall with 8 threads 2 to
 machines, where SQLite's single writer and Redis' single command thread
 would not use more.
 
-What still stalls the loop is the GIL: a worker copying a large blob into a
-new ``bytes`` (``BlobReader.read`` of a whole blob in memory, say) holds it
-for the copy, and pure-Python work in a worker yields it only every
-``sys.getswitchinterval()`` (5 ms).
+What could still stall the loop is the GIL. The copies of a blob's bytes on
+these paths release it: readers copy a mapped or in-memory blob with
+:mod:`blobleases.gil_free` (and hand a blob held as ``bytes`` over as it
+is), file stores read and write with ``os.read``/``os.write`` and hash with
+hashlib, which release it, and chunks are joined with ``bytes.join``, which
+releases it for large results. What remains is pure-Python work in a worker,
+which yields the GIL every ``sys.getswitchinterval()`` (5 ms), and, on a
+loaded machine, a worker that the kernel preempts while it holds the GIL
+(measured on 2 CPUs, 8 concurrent stores and reads of 16 MiB: the loop's
+thread blocked at most about 5 ms in any 1 ms tick, from 25 to 85 ms before
+the readers released the GIL; what is left of the longest stall is the
+loop's thread waiting for a CPU, which the machine's load decides).
 """
 
 from __future__ import annotations
@@ -47,14 +55,14 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 from .content_id import ContentId
 from .errors import BlobLeaseError, LeaseExpired, StorageError
 from .lease import BlobLease, LeaseTicket
 from .lease_id import LeaseId
 from .manager import BlobManager
-from .reader import BlobReader
+from .reader import BlobReader, describe, unpicklable
 from .storage import BlobStorage, FileSource
 
 __all__ = ["DEFAULT_MAX_WORKERS", "AsyncBlobLease", "AsyncBlobManager", "AsyncBlobReader"]
@@ -95,7 +103,27 @@ def _quietly(fn: Callable[[], object]) -> None:
         traceback.print_exc()
 
 
-class AsyncBlobManager:
+class _AsyncContext:
+    """``async with``: leaving the block awaits ``_leave()``."""
+
+    __slots__ = ()
+
+    async def _leave(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave()
+
+
+class AsyncBlobManager(_AsyncContext):
     """Makes :class:`AsyncBlobLease` handles on a storage (default: the
     registered storage, looked up at each call, as :class:`BlobManager`).
 
@@ -286,15 +314,7 @@ class AsyncBlobManager:
         threading.Thread(target=join, name="blobleases-aio-join", daemon=True).start()
         await done
 
-    async def __aenter__(self) -> AsyncBlobManager:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _leave(self) -> None:
         await self.aclose()
 
     def __repr__(self) -> str:
@@ -302,7 +322,60 @@ class AsyncBlobManager:
         return f"<AsyncBlobManager max_workers={self._max_workers}{state}>"
 
 
-class AsyncBlobLease:
+class _Handle(_AsyncContext):
+    """What :class:`AsyncBlobLease` and :class:`AsyncBlobReader` share: the
+    end of the hold (``end``, a storage call) runs exactly once, on
+    ``close()``, ``async with`` exit, the manager's ``aclose()``, or in the
+    pool when the handle is garbage-collected (``end_on_collect``)."""
+
+    __slots__ = ("__weakref__", "_closed", "_end", "_finalizer", "_manager")
+
+    def __init__(
+        self, manager: AsyncBlobManager, end: Callable[[], None], end_on_collect: bool
+    ) -> None:
+        self._manager = manager
+        self._end = end
+        # None while open, else why it was closed (a suffix of the message).
+        self._closed: str | None = None
+        self._finalizer: weakref.finalize[Any, _Handle] | None = None
+        if end_on_collect:
+            # Holds the BlobLease or BlobReader, so it is never collected
+            # (and its hold dropped) on the loop thread.
+            self._finalizer = weakref.finalize(self, manager._offload, end)
+
+    async def _idle(self) -> None:
+        """Wait for the calls in flight that must run before the end."""
+
+    async def _leave(self) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._closed is not None:
+            return
+        self._closed = ""
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None and finalizer.detach() is None:
+            return  # the finalizer ran (interpreter exit): it ended the hold
+        await self._idle()
+        try:
+            await self._manager._run(self._end)
+        except StorageError:
+            # The manager was closed meanwhile: it ends its handles, or
+            # (closed before this handle was made) nothing runs calls now.
+            self._manager._offload(self._end)
+
+    def _end_now(self) -> None:
+        """In a worker thread, for aclose(): close the handle, and end its
+        hold unless it outlives its process (a detached lease)."""
+        if self._closed is not None:
+            return
+        self._closed = " (its AsyncBlobManager was closed)"
+        finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None and finalizer.detach() is not None:
+            _quietly(self._end)
+
+
+class AsyncBlobLease(_Handle):
     """A held lease on one blob, for asyncio code: ``.content_id``,
     ``.lease_id``, ``.size``, ``await get_data()``, ``await get_reader()``,
     ``await clone()``, ``await transfer()``, ``await close()`` and
@@ -319,22 +392,15 @@ class AsyncBlobLease:
     thread (one storage call): in a coroutine, send ``await lease.transfer()``.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_finalizer", "_lease", "_manager")
+    __slots__ = ("_lease",)
 
     def __init__(self, manager: AsyncBlobManager, lease: BlobLease) -> None:
         if not isinstance(manager, AsyncBlobManager):
             raise TypeError(f"manager must be an AsyncBlobManager, not {type(manager).__name__}")
         if not isinstance(lease, BlobLease):
             raise TypeError(f"lease must be a BlobLease, not {type(lease).__name__}")
-        self._manager = manager
+        super().__init__(manager, lease.close, end_on_collect=not lease.detached)
         self._lease = lease
-        # None while open, else why it was closed (a suffix of the message).
-        self._closed: str | None = None
-        self._finalizer: weakref.finalize[Any, AsyncBlobLease] | None = None
-        if not lease.detached:
-            # Holds the BlobLease, so it is never collected (and its lease
-            # dropped) on the loop thread.
-            self._finalizer = weakref.finalize(self, manager._offload, lease.close)
 
     @property
     def content_id(self) -> ContentId:
@@ -355,6 +421,7 @@ class AsyncBlobLease:
 
     @property
     def closed(self) -> bool:
+        """True once the lease is closed (or ended by the manager's aclose)."""
         return self._closed is not None
 
     @property
@@ -399,40 +466,7 @@ class AsyncBlobLease:
     async def close(self) -> None:
         """End the lease (exactly once; later calls do nothing) and wait
         until the store has dropped it."""
-        if self._closed is not None:
-            return
-        self._closed = ""
-        finalizer, self._finalizer = self._finalizer, None
-        if finalizer is not None and finalizer.detach() is None:
-            return  # the finalizer ran (interpreter exit): it ended the lease
-        lease = self._lease
-        try:
-            await self._manager._run(lease.close)
-        except StorageError:
-            # The manager was closed meanwhile: it ends its handles, or
-            # (closed before this handle was made) nothing runs calls now.
-            self._manager._offload(lease.close)
-
-    def _end_now(self) -> None:
-        """In a worker thread, for aclose(): close the handle; end the lease
-        unless it is detached."""
-        if self._closed is not None:
-            return
-        self._closed = " (its AsyncBlobManager was closed)"
-        finalizer, self._finalizer = self._finalizer, None
-        if finalizer is not None and finalizer.detach() is not None:
-            _quietly(self._lease.close)
-
-    async def __aenter__(self) -> AsyncBlobLease:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        await self._close()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return self._check_open().transfer().__reduce__()
@@ -443,7 +477,7 @@ class AsyncBlobLease:
         return f"<AsyncBlobLease {lease.content_id} {lease.lease_id} size={lease.size}{state}>"
 
 
-class AsyncBlobReader:
+class AsyncBlobReader(_Handle):
     """A reader over one blob, for asyncio code: a :class:`BlobReader` whose
     every read runs in the manager's pool. ``await read(size)``, ``read1``,
     ``readinto``, ``readline``, ``seek``; ``tell()`` and ``.size`` answer at
@@ -456,20 +490,16 @@ class AsyncBlobReader:
     reader cannot be pickled: send its lease.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_finalizer", "_lock", "_manager", "_reader")
+    __slots__ = ("_lock", "_reader")
 
     def __init__(self, manager: AsyncBlobManager, reader: BlobReader) -> None:
         if not isinstance(manager, AsyncBlobManager):
             raise TypeError(f"manager must be an AsyncBlobManager, not {type(manager).__name__}")
         if not isinstance(reader, BlobReader):
             raise TypeError(f"reader must be a BlobReader, not {type(reader).__name__}")
-        self._manager = manager
+        super().__init__(manager, reader.close, end_on_collect=True)
         self._reader = reader
-        self._closed = False
         self._lock: asyncio.Lock | None = None
-        self._finalizer: weakref.finalize[Any, AsyncBlobReader] | None = weakref.finalize(
-            self, manager._offload, reader.close
-        )
 
     @property
     def size(self) -> int:
@@ -478,18 +508,19 @@ class AsyncBlobReader:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once the reader is closed (or ended by the manager's aclose)."""
+        return self._closed is not None
 
     def _closed_error(self) -> NoReturn:
         raise ValueError("I/O operation on closed blob reader")
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
-        if self._closed:
+        if self._closed is not None:
             self._closed_error()
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._closed:
+            if self._closed is not None:
                 self._closed_error()
             return await self._manager._run(fn)
 
@@ -513,54 +544,23 @@ class AsyncBlobReader:
         return await self._call(functools.partial(self._reader.seek, offset, whence))
 
     def tell(self) -> int:
-        if self._closed:
+        if self._closed is not None:
             self._closed_error()
         return self._reader.tell()
 
     async def close(self) -> None:
-        """Release the reader's hold on the blob (exactly once) and wait
-        until the store has released it."""
-        if self._closed:
-            return
-        self._closed = True
-        finalizer, self._finalizer = self._finalizer, None
-        if finalizer is not None and finalizer.detach() is None:
-            return
-        reader = self._reader
+        """Release the reader's hold on the blob (exactly once), after the
+        read in flight, and wait until the store has released it."""
+        await self._close()
+
+    async def _idle(self) -> None:
         if self._lock is not None:
             async with self._lock:  # after the read in flight
                 pass
-        try:
-            await self._manager._run(reader.close)
-        except StorageError:
-            self._manager._offload(reader.close)
-
-    def _end_now(self) -> None:
-        """In a worker thread, for aclose(): close the reader."""
-        if self._closed:
-            return
-        self._closed = True
-        finalizer, self._finalizer = self._finalizer, None
-        if finalizer is not None and finalizer.detach() is not None:
-            _quietly(self._reader.close)
-
-    async def __aenter__(self) -> AsyncBlobReader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        raise TypeError(
-            "an AsyncBlobReader cannot be pickled: send its lease instead "
-            "(await lease.transfer(), and open a reader in the receiver)"
-        )
+        raise unpicklable(self, "await lease.transfer()")
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"pos={self._reader.tell()}"
-        return f"<AsyncBlobReader size={self._reader.size} {state}>"
+        reader = self._reader
+        return describe(self, reader.size, None if self._closed is not None else reader.tell())

@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
+from . import gil_free
 from .errors import IntegrityError
 
 __all__ = ["BlobReader", "BufferSource", "RangeSource", "ReaderSource"]
@@ -222,6 +223,20 @@ def _supports_weakref(obj: object) -> bool:
     return True
 
 
+def unpicklable(reader: object, send: str) -> TypeError:
+    """The error pickling a reader raises: ``send`` says how to send its lease."""
+    return TypeError(
+        f"a{'n' if type(reader).__name__[0] in 'AEIOU' else ''} {type(reader).__name__} "
+        f"cannot be pickled: send its lease instead ({send}, and open a reader in the receiver)"
+    )
+
+
+def describe(reader: object, size: int, pos: int | None) -> str:
+    """A reader's repr: its size and position (None once closed)."""
+    state = "closed" if pos is None else f"pos={pos}"
+    return f"<{type(reader).__name__} size={size} {state}>"
+
+
 class BlobReader(io.BufferedIOBase):
     """Reads one blob as ``open(path, "rb")`` would: ``read``, ``read1``,
     ``readinto``, ``peek``, ``readline``, ``readlines``, line iteration,
@@ -262,10 +277,13 @@ class BlobReader(io.BufferedIOBase):
         self._block = b""
         self._block_start = 0
         self._view: memoryview | None = None
+        # The blob as the bytes object a backend holds it in, if it does.
+        self._whole_bytes: bytes | None = None
         view = source.buffer()
         if view is not None:
             if type(view.obj) is bytes:
-                view = _bytes_exporter(view.obj) if view.nbytes == len(view.obj) else None
+                self._whole_bytes = view.obj if view.nbytes == len(view.obj) else None
+                view = None if self._whole_bytes is None else _bytes_exporter(view.obj)
             elif not _supports_weakref(view.obj):
                 view = None
             if view is not None:
@@ -347,7 +365,12 @@ class BlobReader(io.BufferedIOBase):
             return b""
         view = self._view
         if view is not None:
-            return view[start:end].tobytes()
+            if end - start < gil_free.MIN_LENGTH:
+                return view[start:end].tobytes()
+            whole = self._whole_bytes
+            if whole is not None and end - start == len(whole):
+                return whole  # immutable: the backend's own bytes, not a copy
+            return gil_free.to_bytes(view[start:end])  # without stalling other threads
         block_start = self._block_start
         if start >= block_start and end <= block_start + len(self._block):
             return self._block[start - block_start : end - block_start]
@@ -379,7 +402,10 @@ class BlobReader(io.BufferedIOBase):
         if n <= 0:
             return 0
         if self._view is not None:
-            target[:n] = self._view[start : start + n]
+            if n < gil_free.MIN_LENGTH:
+                target[:n] = self._view[start : start + n]
+            else:
+                gil_free.copy_into(target[:n], self._view[start : start + n])
         else:
             chunk = self._bytes(start, start + n)
             n = len(chunk)
@@ -540,6 +566,7 @@ class BlobReader(io.BufferedIOBase):
             self._block = b""
             view, self._view = self._view, None
             self._whole = None
+            self._whole_bytes = None
         if view is not None:
             with contextlib.suppress(BufferError):  # then it ends with its exports
                 view.release()
@@ -552,11 +579,7 @@ class BlobReader(io.BufferedIOBase):
             self._hold.drop()
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        raise TypeError(
-            "a BlobReader cannot be pickled: send its lease instead "
-            "(pickle the BlobLease or lease.transfer(), and open a reader in the receiver)"
-        )
+        raise unpicklable(self, "pickle the BlobLease or lease.transfer()")
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"pos={self.tell()}"
-        return f"<BlobReader size={self._size} {state}>"
+        return describe(self, self._size, None if self.closed else self.tell())
