@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from . import forksafe, ingest
+from . import forksafe, gil_free, ingest
 from .content_id import ContentId, new_hasher
 from .engine import Engine, ExpiryQueue
 from .errors import ContentNotFound, StorageError
@@ -249,7 +249,7 @@ class AdapterStorage(BlobStorage):
             check_hash(cid, data)
         owner = data.obj
         # bytes are immutable: a whole bytes object is kept as it is, not copied
-        copy = owner if type(owner) is bytes and len(owner) == data.nbytes else bytes(data)
+        copy = owner if type(owner) is bytes and len(owner) == data.nbytes else gil_free.to_bytes(data)
         with self._lock:
             self._maintain()
             if not self._engine.store_hit(self, cid, lid, ttl, detached):
