@@ -1185,18 +1185,28 @@ class PostgresStorage(BlobStorage):
                 )
             time.sleep(0.01)
 
-    def _finish_stale_deletion(self, cid_text: str) -> None:
-        """A deletion whose process died: delete the object (if no row
-        names it) and the ``deleting`` row."""
+    def _finish_stale_deletion(self, cid_text: str, token: str | None = None) -> bool:
+        """A deletion whose process died (or failed): delete the object (if
+        no row names it) and the ``deleting`` row (only the one of ``token``
+        when given: a newer deletion of the same content is not stale).
+        True if a row was removed."""
 
-        def work(tx: _Tx) -> str | None:
+        def work(tx: _Tx) -> bool:
             self._lock_content(tx, cid_text)
+            if token is None:
+                row = tx.one("DELETE FROM deleting WHERE cid = %s RETURNING token", (cid_text,))
+            else:
+                row = tx.one(
+                    "DELETE FROM deleting WHERE cid = %s AND token = %s RETURNING token",
+                    (cid_text, token),
+                )
+                if row is None:
+                    return False  # finished meanwhile
             if tx.one("SELECT 1 FROM content WHERE cid = %s", (cid_text,)) is None:
                 self._tier.delete(self._tier.key(ContentId.parse(cid_text)))
-            row = tx.one("DELETE FROM deleting WHERE cid = %s RETURNING token", (cid_text,))
-            return None if row is None else str(row[0])
+            return row is not None
 
-        self._tx(work)
+        return bool(self._tx(work))
 
     def _upload(
         self, cid: ContentId, token: str, size: int, parts: Callable[[], Iterable[Any]]
@@ -1693,11 +1703,19 @@ class PostgresStorage(BlobStorage):
             if (owner == mine and token not in active) or owner in dead:
                 self._abort_upload(ContentId.parse(cid_text), token)
                 rows += 1
-        deleting = self._exec("SELECT cid, owner FROM deleting")
-        dead = self._judge(o for _, o in deleting if o != mine)
-        for cid_text, owner in deleting:
-            if owner in dead or owner == mine:
-                self._finish_stale_deletion(cid_text)
+        deleting = self._exec("SELECT cid, token, owner FROM deleting")
+        dead = self._judge(o for _, _, o in deleting if o != mine)
+        for cid_text, token, owner in deleting:
+            if owner == mine:
+                with _IN_FLIGHT_LOCK:
+                    # another thread of this process is deleting the object
+                    # now: finishing for it would let an upload of the same
+                    # content put its object before that thread's delete
+                    if (self._namespace, cid_text) in _IN_FLIGHT:
+                        continue
+            elif owner not in dead:
+                continue
+            if self._finish_stale_deletion(cid_text, token):
                 rows += 1
         loose = [
             r[0]
