@@ -183,19 +183,18 @@ class S3Tier:
                 with _CLIENTS_LOCK:
                     client = _CLIENTS.get(ident)
                     if client is None:
-                        try:
-                            client = self._boto3.session.Session().client(
-                                "s3",
-                                endpoint_url=self.endpoint,
-                                region_name=self.region,
-                                config=self._config,
-                            )
-                        except Exception as exc:
-                            raise StorageError(f"blobs {self.url}: {exc}") from exc
-                        _CLIENTS[ident] = client
+                        client = _CLIENTS[ident] = self._new_client()
                 self._s3 = client
                 self._pid = os.getpid()
         return self._s3
+
+    def _new_client(self) -> Any:
+        try:
+            return self._boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region, config=self._config
+            )
+        except Exception as exc:
+            raise StorageError(f"blobs {self.url}: {exc}") from exc
 
     def key(self, cid: ContentId) -> str:
         return _object_key(self.prefix, cid)
@@ -221,8 +220,13 @@ class S3Tier:
         try:
             if size <= MULTIPART_PART:
                 body = b"".join(bytes(p) for p in parts) if size else b""
+                # An empty PUT on a connection of the shared pool leaves
+                # SeaweedFS stalling that connection's next request until the
+                # read timeout (measured: the next PUT took read_timeout, then
+                # its retry got 412): it goes over a connection of its own.
+                one = s3 if size else self._new_client()
                 try:
-                    s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                    one.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
                 except self._client_error as exc:
                     if self._code(exc) in (
                         "PreconditionFailed",
@@ -231,6 +235,10 @@ class S3Tier:
                     ):
                         return False
                     raise
+                finally:
+                    if one is not s3:
+                        with contextlib.suppress(Exception):
+                            one.close()
                 return True
             # Multipart (no conditional create): the parts become visible only
             # when the upload completes. The key names the content, so an
