@@ -1868,15 +1868,12 @@ class PostgresStorage(BlobStorage):
             hasher = new_hasher(cid.algorithm)
             seen = 0
             state = "ok"
-            try:
-                if self._tier.size_of(key) is None:
-                    state = "missing"
-                else:
-                    for piece in self._tier.iter_object(key, int(size)):
-                        hasher.update(piece)
-                        seen += len(piece)
-                    if seen != int(size) or hasher.digest() != cid.digest:
-                        state = "corrupted"
+            try:  # one request per blob: a missing object raises ObjectMissing
+                for piece in self._tier.iter_object(key, int(size)):
+                    hasher.update(piece)
+                    seen += len(piece)
+                if seen != int(size) or hasher.digest() != cid.digest:
+                    state = "corrupted"
             except ObjectMissing:
                 state = "missing"
             if state == "ok":
