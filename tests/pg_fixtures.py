@@ -8,15 +8,19 @@ that need it fail; elsewhere they skip, saying why.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from pg_servers import ACCESS_KEY, SECRET_KEY, PostgresServer, S3Server, ServerUnavailable
 
-__all__ = ["BUCKET", "postgres_server", "s3_environment", "s3_server", "unavailable"]
+if TYPE_CHECKING:
+    from blobleases.postgres_storage import PostgresStorage
+
+__all__ = ["BUCKET", "postgres_server", "s3_environment", "s3_server", "s3_store", "unavailable"]
 
 #: The bucket the S3 fixture creates.
 BUCKET = "blobleases-test"
@@ -44,6 +48,23 @@ def s3_environment() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def s3_store(
+    postgres: PostgresServer, s3: S3Server, tag: str, **policies: Any
+) -> Iterator[PostgresStorage]:
+    """A PostgresStorage on the S3 tier in a fresh namespace named
+    ``<tag>-<hex>`` (its key prefix too), inside :func:`s3_environment`."""
+    from blobleases.postgres_storage import PostgresStorage  # needs the extra
+
+    namespace = f"{tag}-{uuid.uuid4().hex[:12]}"
+    blobs = f"s3://{BUCKET}/{namespace}?endpoint={s3.endpoint}"
+    with (
+        s3_environment(),
+        PostgresStorage(postgres.dsn, blobs=blobs, namespace=namespace, **policies) as storage,
+    ):
+        yield storage
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from psycopg import sql
 from blobleases import ContentId, LeaseId
 from blobleases.blob_tier import DirectoryTier, S3Tier
 from blobleases.postgres_storage import PostgresStorage
-from pg_fixtures import BUCKET, s3_environment
+from pg_fixtures import s3_store
 from pg_servers import PostgresServer, S3Server
 
 pytestmark = pytest.mark.postgres
@@ -99,15 +99,7 @@ def test_large_blob_in_bounded_memory(postgres_server: PostgresServer, s3_server
     whole = hashlib.sha256()
     for i in range(SIZE // BLOCK):
         whole.update(_block(i))
-    namespace = f"l-{uuid.uuid4().hex[:12]}"
-    with (
-        s3_environment(),
-        PostgresStorage(
-            postgres_server.dsn,
-            blobs=f"s3://{BUCKET}/{namespace}?endpoint={s3_server.endpoint}",
-            namespace=namespace,
-        ) as storage,
-    ):
+    with s3_store(postgres_server, s3_server, "l") as storage:
         lid = LeaseId.new()
         seeks = [
             (SIZE - 100, 100),
@@ -277,15 +269,7 @@ def test_100k_rows_with_an_s3_tier_list_and_collect_in_bounded_memory(
 ) -> None:
     """100,000 rows, a few hundred objects (100,000 PUTs to the test server
     take minutes), listed in pages of 50 keys so the merge crosses pages."""
-    namespace = f"m-{uuid.uuid4().hex[:12]}"
-    with (
-        s3_environment(),
-        PostgresStorage(
-            postgres_server.dsn,
-            blobs=f"s3://{BUCKET}/{namespace}?endpoint={s3_server.endpoint}",
-            namespace=namespace,
-        ) as storage,
-    ):
+    with s3_store(postgres_server, s3_server, "m") as storage:
         ids = _bulk(storage, MANY)
         tier = storage.tier
         assert isinstance(tier, S3Tier)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
 
 from blobleases import LeaseId
 from blobleases.blob_tier import S3Tier
-from blobleases.postgres_storage import PostgresStorage
-from pg_fixtures import BUCKET, s3_environment
+from pg_fixtures import s3_store
 from pg_servers import PostgresServer, S3Server
 
 pytestmark = pytest.mark.postgres
@@ -23,22 +21,13 @@ def test_an_empty_blob_never_stalls_the_next_request(
     connection's next request unanswered until the read timeout (then the
     retry found the object and got 412): every request here must be
     answered on its first attempt."""
-    namespace = f"e-{uuid.uuid4().hex[:12]}"
     timeouts: list[str] = []
 
     def note(caught_exception: Exception | None = None, **_: Any) -> None:
         if caught_exception is not None:
             timeouts.append(repr(caught_exception))
 
-    with (
-        s3_environment(),
-        PostgresStorage(
-            postgres_server.dsn,
-            blobs=f"s3://{BUCKET}/{namespace}?endpoint={s3_server.endpoint}",
-            namespace=namespace,
-            lock_timeout=2,
-        ) as storage,
-    ):
+    with s3_store(postgres_server, s3_server, "e", lock_timeout=2) as storage:
         tier = storage.tier
         assert isinstance(tier, S3Tier)
         tier._client().meta.events.register("needs-retry.s3", note)
