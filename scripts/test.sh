@@ -48,6 +48,8 @@ if ! command -v tmux >/dev/null 2>&1; then missing+=(tmux); fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
 fi
+# ip (iproute2): tests/pg_netns.py puts each simulated host in its own netns
+if ! command -v ip >/dev/null 2>&1; then missing+=(iproute2); fi
 if [ "${#missing[@]}" != 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi

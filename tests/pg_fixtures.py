@@ -8,13 +8,17 @@ that need it fail; elsewhere they skip, saying why.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from pg_servers import ACCESS_KEY, SECRET_KEY, PostgresServer, S3Server, ServerUnavailable
+
+if TYPE_CHECKING:
+    from blobleases.postgres_storage import PostgresStorage
 
 __all__ = [
     "BUCKET",
@@ -22,6 +26,7 @@ __all__ = [
     "postgres_started",
     "s3_environment",
     "s3_server",
+    "s3_store",
     "unavailable",
 ]
 
@@ -51,6 +56,23 @@ def s3_environment() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def s3_store(
+    postgres: PostgresServer, s3: S3Server, tag: str, **policies: Any
+) -> Iterator[PostgresStorage]:
+    """A PostgresStorage on the S3 tier in a fresh namespace named
+    ``<tag>-<hex>`` (its key prefix too), inside :func:`s3_environment`."""
+    from blobleases.postgres_storage import PostgresStorage  # needs the extra
+
+    namespace = f"{tag}-{uuid.uuid4().hex[:12]}"
+    blobs = f"s3://{BUCKET}/{namespace}?endpoint={s3.endpoint}"
+    with (
+        s3_environment(),
+        PostgresStorage(postgres.dsn, blobs=blobs, namespace=namespace, **policies) as storage,
+    ):
+        yield storage
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""Two processes standing for two hosts (different host ids) share blobs in
-one PostgresStorage with the S3 tier; one is SIGKILLed: its leases are
-reaped after its heartbeat lapses and its unshared objects deleted from
-S3, while the other's stay readable.
+"""Two processes standing for two hosts share blobs in one PostgresStorage
+with the S3 tier; one is SIGKILLed: its leases are reaped after its
+heartbeat lapses and its unshared objects deleted from S3, while the
+other's stay readable.
 
-(Separate network namespaces would cut the processes off from the servers
-on loopback, so the hosts differ by host id, which is what the store sees.)
+Each host has its own host id and its own network namespace (tests/pg_netns.py):
+it reaches PostgreSQL and S3 over a veth pair, through relays to the servers
+on this namespace's loopback, and its own loopback leads nowhere.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 from blobleases import ContentId, LeaseId
 from blobleases.postgres_storage import PostgresStorage
 from blobleases.testing import wait_until
-from pg_fixtures import BUCKET, s3_environment
+from pg_fixtures import BUCKET, s3_environment, unavailable
+from pg_netns import HostNetwork, NetnsUnavailable
 from pg_servers import PostgresServer, S3Server
 
 pytestmark = pytest.mark.postgres
@@ -47,14 +49,32 @@ _HOST = textwrap.dedent(
             print(lid, flush=True)
         elif cmd == "collect":
             print(store.collect().leases_reaped, flush=True)
+        elif cmd == "netns":
+            print(os.readlink("/proc/self/ns/net"), flush=True)
+        elif cmd == "loopback":
+            try:
+                socket.create_connection(("127.0.0.1", int(arg)), timeout=5).close()
+                print("reached", flush=True)
+            except OSError as exc:
+                print(type(exc).__name__, flush=True)
     """
 )
+_HOST = "import os, socket" + _HOST
 
 
 class _Host:
-    def __init__(self, dsn: str, blobs: str, namespace: str, host: str, ttl: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        blobs: str,
+        namespace: str,
+        host: str,
+        ttl: float,
+        network: HostNetwork | None = None,
+    ) -> None:
+        argv = [sys.executable, "-c", _HOST, dsn, blobs, namespace, host, repr(ttl)]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _HOST, dsn, blobs, namespace, host, repr(ttl)],
+            argv if network is None else network.command(*argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -81,16 +101,58 @@ def hosts(postgres_server: PostgresServer, s3_server: S3Server) -> Iterator[tupl
         yield postgres_server.dsn, blobs, namespace
 
 
-def test_killed_host_is_reaped_after_its_heartbeat(hosts: tuple[str, str, str]) -> None:
+@pytest.fixture
+def networks() -> Iterator[list[HostNetwork]]:
+    """Two network namespaces, each joined to this one by a veth pair."""
+    made: list[HostNetwork] = []
+    try:
+        try:
+            made += [HostNetwork(), HostNetwork()]
+        except NetnsUnavailable as exc:
+            unavailable("network namespaces (ip netns, veth; as root)", str(exc))
+        yield made
+    finally:
+        for network in made:
+            network.close()
+
+
+def _remote(
+    network: HostNetwork, postgres_server: PostgresServer, s3_server: S3Server, namespace: str
+) -> tuple[str, str]:
+    """The dsn and blobs url by which a host in ``network`` reaches the servers."""
+    pg = network.relay(postgres_server.port)
+    s3 = network.relay(s3_server.ports["s3"])
+    return (
+        f"postgresql://postgres@{network.outer}:{pg}/postgres",
+        f"s3://{BUCKET}/{namespace}?endpoint=http://{network.outer}:{s3}",
+    )
+
+
+def test_killed_host_is_reaped_after_its_heartbeat(
+    hosts: tuple[str, str, str],
+    networks: list[HostNetwork],
+    postgres_server: PostgresServer,
+    s3_server: S3Server,
+) -> None:
     dsn, blobs, namespace = hosts
-    a = _Host(dsn, blobs, namespace, "host-a", 1.0)
-    b = _Host(dsn, blobs, namespace, "host-b", 1.0)
+    a_net, b_net = networks
+    a = _Host(
+        *_remote(a_net, postgres_server, s3_server, namespace), namespace, "host-a", 1.0, a_net
+    )
+    b = _Host(
+        *_remote(b_net, postgres_server, s3_server, namespace), namespace, "host-b", 1.0, b_net
+    )
     # the observer judges with a long heartbeat_ttl: a live host is never
     # taken for dead however loaded the machine
     observer = PostgresStorage(
         dsn, blobs=blobs, namespace=namespace, host_id="host-c", heartbeat_ttl=600
     )
     try:
+        # each host in its own network namespace, its loopback leading nowhere
+        spaces = {a.ask("netns -"), b.ask("netns -"), os.readlink("/proc/self/ns/net")}
+        assert len(spaces) == 3, spaces
+        assert a.ask(f"loopback {postgres_server.port}") == "ConnectionRefusedError"
+        assert b.ask(f"loopback {s3_server.ports['s3']}") == "ConnectionRefusedError"
         shared = ContentId.parse(a.ask("store shared"))
         alone = ContentId.parse(a.ask("store alone"))
         b_lease = LeaseId.parse(b.ask(f"lease {shared}"))

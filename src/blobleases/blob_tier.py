@@ -11,6 +11,11 @@ key may be written or deleted. Every tier guarantees:
   key); it does not replace an object already there (``If-None-Match: *``
   on S3 for blobs sent in one request, a hard link on a filesystem): it
   returns False then, having written nothing;
+* :meth:`BlobTier.list_keys` yields every key with its size in ascending
+  order of the content id it names (``str(cid)``, bytewise; keys that name
+  none may come anywhere), holding a bounded part of the listing at a time
+  (S3 pages are sorted by key; a directory is walked one sorted directory at
+  a time), so the index can merge it with its rows in bounded memory;
 * :meth:`BlobTier.read_range` returns exactly the bytes asked for, or
   raises :class:`ObjectMissing` (no object) / :class:`ObjectShort` (fewer
   bytes than asked); with ``exact=False``, those up to the object's end;
@@ -150,6 +155,8 @@ class S3Tier:
         self._pid = -1
         self._s3: Any = None
         self._lock = threading.Lock()
+        #: Keys per ListObjectsV2 request (at most 1000 on S3).
+        self.list_page_size = 1000
         self._client()
 
     def _client(self) -> Any:
@@ -176,19 +183,18 @@ class S3Tier:
                 with _CLIENTS_LOCK:
                     client = _CLIENTS.get(ident)
                     if client is None:
-                        try:
-                            client = self._boto3.session.Session().client(
-                                "s3",
-                                endpoint_url=self.endpoint,
-                                region_name=self.region,
-                                config=self._config,
-                            )
-                        except Exception as exc:
-                            raise StorageError(f"blobs {self.url}: {exc}") from exc
-                        _CLIENTS[ident] = client
+                        client = _CLIENTS[ident] = self._new_client()
                 self._s3 = client
                 self._pid = os.getpid()
         return self._s3
+
+    def _new_client(self) -> Any:
+        try:
+            return self._boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region, config=self._config
+            )
+        except Exception as exc:
+            raise StorageError(f"blobs {self.url}: {exc}") from exc
 
     def key(self, cid: ContentId) -> str:
         return _object_key(self.prefix, cid)
@@ -214,8 +220,13 @@ class S3Tier:
         try:
             if size <= MULTIPART_PART:
                 body = b"".join(bytes(p) for p in parts) if size else b""
+                # An empty PUT on a connection of the shared pool leaves
+                # SeaweedFS stalling that connection's next request until the
+                # read timeout (measured: the next PUT took read_timeout, then
+                # its retry got 412): it goes over a connection of its own.
+                one = s3 if size else self._new_client()
                 try:
-                    s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                    one.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
                 except self._client_error as exc:
                     if self._code(exc) in (
                         "PreconditionFailed",
@@ -224,6 +235,10 @@ class S3Tier:
                     ):
                         return False
                     raise
+                finally:
+                    if one is not s3:
+                        with contextlib.suppress(Exception):
+                            one.close()
                 return True
             # Multipart (no conditional create): the parts become visible only
             # when the upload completes. The key names the content, so an
@@ -297,7 +312,11 @@ class S3Tier:
             pages = (
                 self._client()
                 .get_paginator("list_objects_v2")
-                .paginate(Bucket=self.bucket, Prefix=self.prefix)
+                .paginate(
+                    Bucket=self.bucket,
+                    Prefix=self.prefix,
+                    PaginationConfig={"PageSize": self.list_page_size},
+                )
             )
             for page in pages:
                 for item in page.get("Contents", []):
@@ -344,6 +363,14 @@ def _rechunk(parts: Iterable[Any], size: int) -> Iterator[bytes]:
             pending, held = [], 0
     if pending:
         yield b"".join(pending)
+
+
+def _next_read(left: int, size: int, chunk: int = 4 << 20) -> int:
+    """How much to read of an object expected to hold ``size`` bytes (0:
+    unknown) with ``left`` of them still to come."""
+    if left > 0:
+        return min(left, chunk)
+    return 1 if left == 0 and size else chunk
 
 
 class DirectoryTier:
@@ -437,7 +464,15 @@ class DirectoryTier:
     def iter_object(self, key: str, size: int) -> Iterator[bytes]:
         try:
             with open(self._path(key), "rb") as f:
-                while piece := f.read(4 << 20):
+                # reads of what is left of the expected size (a buffer of a
+                # whole chunk for each small blob would dominate verify()'s
+                # memory), then one byte to see whether there is more
+                left = size
+                while True:
+                    piece = f.read(_next_read(left, size))
+                    if not piece:
+                        break
+                    left -= len(piece)
                     yield piece
         except FileNotFoundError as exc:
             raise ObjectMissing(f"{self._path(key)} is missing") from exc
@@ -461,21 +496,39 @@ class DirectoryTier:
             raise StorageError(f"cannot delete {self._path(key)!r}: {exc.strerror}") from exc
 
     def list_keys(self) -> Iterator[tuple[str, int]]:
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            rel = os.path.relpath(dirpath, self.root)
-            if rel == "tmp":
-                dirnames[:] = []
-                # leftovers of writers that died: older than an hour
-                for name in filenames:
-                    path = os.path.join(dirpath, name)
-                    with contextlib.suppress(OSError):
-                        if time.time() - os.stat(path).st_mtime > 3600:
-                            os.unlink(path)
+        return self._walk("")
+
+    def _walk(self, rel: str) -> Iterator[tuple[str, int]]:
+        """The files under ``rel``, each directory's entries sorted by name
+        (so keys come in ascending order: ``/`` sorts before every character
+        of an algorithm or a hex digest), one directory listed at a time."""
+        path = os.path.join(self.root, rel) if rel else self.root
+        try:
+            with os.scandir(path) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot list {path!r}: {exc.strerror}") from exc
+        for name, is_dir in entries:
+            key = f"{rel}/{name}" if rel else name
+            if is_dir:
+                if key == "tmp":
+                    self._clean_tmp()
+                else:
+                    yield from self._walk(key)
                 continue
-            for name in filenames:
-                key = name if rel == "." else f"{rel}/{name}"
+            with contextlib.suppress(OSError):
+                yield key, os.stat(os.path.join(self.root, key), follow_symlinks=False).st_size
+
+    def _clean_tmp(self) -> None:
+        """Remove leftovers of writers that died: older than an hour."""
+        tmp = os.path.join(self.root, "tmp")
+        with contextlib.suppress(OSError), os.scandir(tmp) as it:
+            for entry in it:
                 with contextlib.suppress(OSError):
-                    yield key, os.stat(os.path.join(dirpath, name)).st_size
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                        os.unlink(entry.path)
 
     def after_fork(self) -> None:
         pass

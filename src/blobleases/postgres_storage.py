@@ -121,6 +121,9 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DEFAULT_NAMESPACE = "blobleases"
 _READ_AHEAD = 4 << 20
 _BATCH = 200
+#: Rows per statement of the listings (iter_content, verify, collect): what
+#: bounds their client memory, whatever the store holds.
+_PAGE = 1000
 _SCHEMA_VERSION = 1
 #: Pools inherited across fork: kept referenced, never closed, in the child.
 _INHERITED: list[Any] = []
@@ -139,6 +142,7 @@ CREATE TABLE IF NOT EXISTS content(
 );
 CREATE INDEX IF NOT EXISTS content_retained ON content(retained) WHERE retained IS NOT NULL;
 CREATE INDEX IF NOT EXISTS content_lru ON content(last_access, cid);
+CREATE INDEX IF NOT EXISTS content_bytewise ON content((cid COLLATE "C"));
 CREATE TABLE IF NOT EXISTS leases(
     cid text NOT NULL,
     lid text NOT NULL,
@@ -1273,18 +1277,28 @@ class PostgresStorage(BlobStorage):
                 )
             time.sleep(0.01)
 
-    def _finish_stale_deletion(self, cid_text: str) -> None:
-        """A deletion whose process died: delete the object (if no row
-        names it) and the ``deleting`` row."""
+    def _finish_stale_deletion(self, cid_text: str, token: str | None = None) -> bool:
+        """A deletion whose process died (or failed): delete the object (if
+        no row names it) and the ``deleting`` row (only the one of ``token``
+        when given: a newer deletion of the same content is not stale).
+        True if a row was removed."""
 
-        def work(tx: _Tx) -> str | None:
+        def work(tx: _Tx) -> bool:
             self._lock_content(tx, cid_text)
+            if token is None:
+                row = tx.one("DELETE FROM deleting WHERE cid = %s RETURNING token", (cid_text,))
+            else:
+                row = tx.one(
+                    "DELETE FROM deleting WHERE cid = %s AND token = %s RETURNING token",
+                    (cid_text, token),
+                )
+                if row is None:
+                    return False  # finished meanwhile
             if tx.one("SELECT 1 FROM content WHERE cid = %s", (cid_text,)) is None:
                 self._tier.delete(self._tier.key(ContentId.parse(cid_text)))
-            row = tx.one("DELETE FROM deleting WHERE cid = %s RETURNING token", (cid_text,))
-            return None if row is None else str(row[0])
+            return row is not None
 
-        self._tx(work)
+        return bool(self._tx(work))
 
     def _upload(
         self, cid: ContentId, token: str, size: int, parts: Callable[[], Iterable[Any]]
@@ -1639,9 +1653,39 @@ class PostgresStorage(BlobStorage):
         return BlobInfo(cid, int(size), int(leases), int(readers), float(created), last)
 
     @_storage_errors
-    def _iter_content(self) -> list[ContentId]:
+    def iter_content(self) -> Iterator[ContentId]:
+        """Every present content id, in ascending order of its text, read a
+        page of rows per statement (client memory bounded whatever the
+        store holds): content present all along is listed once; content
+        stored or deleted meanwhile may or may not be."""
         self._maintain()
-        return [ContentId.parse(r[0]) for r in self._exec("SELECT cid FROM content")]
+        first = self._content_page("cid", "")
+        return (ContentId.parse(r[0]) for page in self._pages("cid", first) for r in page)
+
+    @_storage_errors
+    def _iter_content(self) -> list[ContentId]:
+        return list(self.iter_content())
+
+    @_storage_errors
+    def _content_page(self, columns: str, after: str) -> list[Any]:
+        """Up to ``_PAGE`` content rows (``cid`` first) after the content id
+        ``after``, in bytewise order (the index ``content_bytewise``, so the
+        order is the same whatever the database's collation)."""
+        return self._exec(
+            f'SELECT {columns} FROM content WHERE cid COLLATE "C" > %s '
+            'ORDER BY cid COLLATE "C" LIMIT %s',
+            (after, _PAGE),
+        )
+
+    def _pages(self, columns: str, first: list[Any] | None = None) -> Iterator[list[Any]]:
+        """Every content row, a page at a time (keyset pagination: each page
+        its own statement, so no connection is held between pages)."""
+        page = self._content_page(columns, "") if first is None else first
+        while page:
+            yield page
+            if len(page) < _PAGE:
+                return
+            page = self._content_page(columns, page[-1][0])
 
     @_storage_errors
     def _iter_leases(self) -> list[LeaseInfo]:
@@ -1750,23 +1794,37 @@ class PostgresStorage(BlobStorage):
             if (owner == mine and token not in active) or owner in dead:
                 self._abort_upload(ContentId.parse(cid_text), token)
                 rows += 1
-        deleting = self._exec("SELECT cid, owner FROM deleting")
-        dead = self._judge(o for _, o in deleting if o != mine)
-        for cid_text, owner in deleting:
-            if owner in dead or owner == mine:
-                self._finish_stale_deletion(cid_text)
+        deleting = self._exec("SELECT cid, token, owner FROM deleting")
+        dead = self._judge(o for _, _, o in deleting if o != mine)
+        for cid_text, token, owner in deleting:
+            if owner == mine:
+                with _IN_FLIGHT_LOCK:
+                    # another thread of this process is deleting the object
+                    # now: finishing for it would let an upload of the same
+                    # content put its object before that thread's delete
+                    if (self._namespace, cid_text) in _IN_FLIGHT:
+                        continue
+            elif owner not in dead:
+                continue
+            if self._finish_stale_deletion(cid_text, token):
                 rows += 1
-        loose = [
-            r[0]
-            for r in self._exec(
-                f"SELECT cid FROM content c WHERE retained IS NULL AND NOT EXISTS (SELECT 1 "
-                f"FROM leases l WHERE l.cid = c.cid AND {_HELD}) AND NOT EXISTS (SELECT 1 "
-                "FROM holds h WHERE h.cid = c.cid)",
-                {"now": time.time()},
-            )
-        ]
-        if loose:
-            self._end_many(sorted(loose), "FALSE", {})
+        after = ""
+        while True:
+            loose = [
+                r[0]
+                for r in self._exec(
+                    f"SELECT cid FROM content c WHERE retained IS NULL AND NOT EXISTS (SELECT 1 "
+                    f"FROM leases l WHERE l.cid = c.cid AND {_HELD}) AND NOT EXISTS (SELECT 1 "
+                    'FROM holds h WHERE h.cid = c.cid) AND cid COLLATE "C" > %(after)s '
+                    'ORDER BY cid COLLATE "C" LIMIT %(page)s',
+                    {"now": time.time(), "after": after, "page": _PAGE},
+                )
+            ]
+            if loose:
+                self._end_many(sorted(loose), "FALSE", {})
+            if len(loose) < _PAGE:
+                break
+            after = loose[-1]
         # leases and holds of content that has no row
         rows += self._exec(
             "DELETE FROM leases l WHERE NOT EXISTS (SELECT 1 FROM content c WHERE c.cid = l.cid)"
@@ -1786,23 +1844,53 @@ class PostgresStorage(BlobStorage):
             self._tx(trim)
         return rows, objects
 
-    def _orphans(self) -> list[tuple[str, ContentId | None]]:
-        """Objects in the tier that no content row, upload or deletion names."""
-        found = list(self._tier.list_keys())
+    def _orphans(self) -> Iterator[tuple[str, ContentId | None]]:
+        """Objects in the tier that no content row, upload or deletion names,
+        as (key, content id or None for a key that names none). An ordered
+        merge of the tier's listing (ascending content id) with the content
+        rows (a page at a time), so memory stays bounded by a page whatever
+        the store holds; the keys no row matched are checked again against
+        every table in batches (a row may have committed after its page was
+        read). A key out of order (a tier that does not list sorted) is
+        checked that way too."""
+        rows = (r[0] for page in self._pages("cid") for r in page)
+        row: str | None = next(rows, None)
+        last = ""
+        unmatched: list[tuple[str, ContentId]] = []
+        for key, _size in self._tier.list_keys():
+            cid = self._tier.cid_of(key)
+            if cid is None:
+                yield key, None
+                continue
+            text = str(cid)
+            if text >= last:
+                last = text
+                while row is not None and row < text:
+                    row = next(rows, None)
+                if row == text:
+                    continue
+            unmatched.append((key, cid))
+            if len(unmatched) >= _PAGE:
+                yield from self._unnamed(unmatched)
+                unmatched = []
+        yield from self._unnamed(unmatched)
+
+    def _unnamed(self, found: list[tuple[str, ContentId]]) -> Iterator[tuple[str, ContentId]]:
+        """Those of ``found`` no content row, upload or deletion names now."""
         if not found:
-            return []
-        known = {
+            return
+        texts = [str(cid) for _, cid in found]
+        named = {
             r[0]
             for r in self._exec(
-                "SELECT cid FROM content UNION SELECT cid FROM uploads UNION SELECT cid FROM deleting"
+                "SELECT cid FROM content WHERE cid = ANY(%(c)s) UNION SELECT cid FROM uploads "
+                "WHERE cid = ANY(%(c)s) UNION SELECT cid FROM deleting WHERE cid = ANY(%(c)s)",
+                {"c": texts},
             )
         }
-        out: list[tuple[str, ContentId | None]] = []
-        for key, _size in found:
-            cid = self._tier.cid_of(key)
-            if cid is None or str(cid) not in known:
-                out.append((key, cid))
-        return out
+        for (key, cid), text in zip(found, texts, strict=True):
+            if text not in named:
+                yield key, cid
 
     def _remove_orphan(self, key: str, cid: ContentId | None) -> bool:
         if cid is None:
@@ -1829,23 +1917,20 @@ class PostgresStorage(BlobStorage):
     @_storage_errors
     def _verify(self, repair: bool) -> VerifyReport:
         self._maintain()
-        rows = self._exec("SELECT cid, size FROM content ORDER BY cid")
-        report = VerifyReport(checked=len(rows))
-        for cid_text, size in rows:
+        report = VerifyReport()
+        for cid_text, size in (r for page in self._pages("cid, size") for r in page):
+            report.checked += 1
             cid = ContentId.parse(cid_text)
             key = self._tier.key(cid)
             hasher = new_hasher(cid.algorithm)
             seen = 0
             state = "ok"
-            try:
-                if self._tier.size_of(key) is None:
-                    state = "missing"
-                else:
-                    for piece in self._tier.iter_object(key, int(size)):
-                        hasher.update(piece)
-                        seen += len(piece)
-                    if seen != int(size) or hasher.digest() != cid.digest:
-                        state = "corrupted"
+            try:  # one request per blob: a missing object raises ObjectMissing
+                for piece in self._tier.iter_object(key, int(size)):
+                    hasher.update(piece)
+                    seen += len(piece)
+                if seen != int(size) or hasher.digest() != cid.digest:
+                    state = "corrupted"
             except ObjectMissing:
                 state = "missing"
             if state == "ok":
@@ -1853,7 +1938,7 @@ class PostgresStorage(BlobStorage):
             if not self._exec("SELECT 1 FROM content WHERE cid = %s", (cid_text,)):
                 continue  # deleted while it was being read
             (report.missing if state == "missing" else report.corrupted).append(cid)
-        orphans = self._orphans()
+        orphans = list(self._orphans())  # what is wrong: as long as the report
         report.orphaned.extend(f"{self._tier.url.split('?')[0]}/{k}" for k, _ in orphans)
         if repair and report:
             for cid in report.corrupted + report.missing:
