@@ -68,7 +68,7 @@ __all__ = [
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 # a backend's name for an owner of leases and holds (a pid, a lock-file token)
 O_contra = TypeVar("O_contra", contravariant=True)
-O = TypeVar("O")
+Own = TypeVar("Own")
 
 ALL = sys.maxsize  # a batch limit: everything at once
 
@@ -425,8 +425,8 @@ class Engine(Generic[K]):
 
     def end_owner(
         self,
-        a: OwnerEnds[K, O],
-        owner: O,
+        a: OwnerEnds[K, Own],
+        owner: Own,
         limit: int = ALL,
         between: Callable[[], None] | None = None,
     ) -> tuple[int, int]:
