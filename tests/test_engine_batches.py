@@ -2,13 +2,16 @@
 backend that runs on it: MemoryStorage and DirectoryStorage end the leases
 through :meth:`blobleases.engine.Engine.end_leases` (the verbs of
 :class:`blobleases.engine.BatchEnds`), and then retain or delete the content
-alike. tests/test_engine.py checks the same rule over a dict adapter."""
+alike; PostgresStorage reaps a dead process's leases so too (its ttl expiry
+runs through :meth:`~blobleases.engine.Engine.expire`). tests/test_engine.py
+checks the same rule over a dict adapter."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,21 +24,44 @@ from blobleases.engine import Engine
 from blobleases.memory import MemoryStorage
 
 
-@pytest.fixture(params=["memory", "directory"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., BlobStorage]]:
+def _opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., BlobStorage]]:
     opened: list[BlobStorage] = []
 
     def open_storage(**policies: Any) -> BlobStorage:
         if request.param == "memory":
             storage: BlobStorage = MemoryStorage(**policies)
-        else:
+        elif request.param == "directory":
             storage = DirectoryStorage(tmp_path / f"s{len(opened)}", **policies)
+        else:
+            from blobleases.postgres_storage import PostgresStorage
+
+            server = request.getfixturevalue("postgres_server")
+            storage = PostgresStorage(
+                server.dsn,
+                blobs=str(tmp_path / "blobs"),
+                namespace=f"b-{uuid.uuid4().hex[:12]}",
+                **policies,
+            )
         opened.append(storage)
         return storage
 
     yield open_storage
     for storage in opened:
         storage.close()
+
+
+@pytest.fixture(params=["memory", "directory"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., BlobStorage]]:
+    yield from _opener(request, tmp_path)
+
+
+@pytest.fixture(
+    params=["memory", "directory", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def make_any(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., BlobStorage]]:
+    yield from _opener(request, tmp_path)
 
 
 @pytest.fixture
@@ -81,9 +107,9 @@ def test_expired_ttl_leases_end_through_the_engine(
 
 
 def test_a_dead_processes_leases_end_through_the_engine(
-    make: Callable[..., BlobStorage], ended: list[tuple[str, LeaseId]]
+    make_any: Callable[..., BlobStorage], ended: list[tuple[str, LeaseId]]
 ) -> None:
-    storage = make(reap_interval=3600.0)
+    storage = make_any(reap_interval=3600.0)
     pid = _dead_pid()
     dead, detached, mine = LeaseId.new(pid), LeaseId.new(pid), LeaseId.new()
     orphan = storage.store_bytes(b"leased by a dead process", dead)

@@ -69,6 +69,7 @@ K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
 # a backend's name for an owner of leases and holds (a pid, a lock-file token)
 O_contra = TypeVar("O_contra", contravariant=True)
 Own = TypeVar("Own")
+H = TypeVar("H")  # a backend's id of one reader hold
 
 ALL = sys.maxsize  # a batch limit: everything at once
 
@@ -168,22 +169,23 @@ class BatchEnds(RoomAdapter[K], Protocol[K]):
         ...
 
 
-class OwnerEnds(BatchEnds[K], Protocol[K, O_contra]):
+class OwnerEnds(BatchEnds[K], Protocol[K, O_contra, H]):
     """The verbs :meth:`Engine.end_owner` needs beyond :class:`BatchEnds`'s:
-    the leases and holds of one owner (a pid for MemoryStorage; a lock-file
-    token or a selection of pid owners for DirectoryStorage's index)."""
+    the leases and holds (ids ``H``) of one owner (a pid for MemoryStorage;
+    a lock-file token or a selection of pid owners for DirectoryStorage's
+    index; a host/pid name for PostgresStorage)."""
 
     def owner_leases(self, owner: O_contra, limit: int) -> list[tuple[K, LeaseId]]:
         """At most ``limit`` non-detached leases of ``owner``; fewer than
         ``limit`` only if it has no other."""
         ...
 
-    def owner_holds(self, owner: O_contra, limit: int) -> list[int]:
+    def owner_holds(self, owner: O_contra, limit: int) -> list[H]:
         """At most ``limit`` reader holds of ``owner``; fewer than ``limit``
         only if it has no other."""
         ...
 
-    def remove_holds(self, holds: list[int]) -> Iterable[K]:
+    def remove_holds(self, holds: list[H]) -> Iterable[K]:
         """End every reader hold of ``holds`` not ended yet; the key of every
         content this may have left unreferenced, each once (as
         :meth:`BatchEnds.remove_leases`)."""
@@ -226,7 +228,7 @@ class EndAdapter(LeaseRemover[K], Protocol[K]):
         ...
 
 
-class Adapter(EndAdapter[K], LeaseAdds[K], OwnerEnds[K, int], Protocol[K]):
+class Adapter(EndAdapter[K], LeaseAdds[K], OwnerEnds[K, int, int], Protocol[K]):
     """Every verb of a backend whose leases the engine runs (MemoryStorage):
     :class:`RoomAdapter`'s and the lease, hold and process verbs (its
     owners are pids)."""
@@ -425,7 +427,7 @@ class Engine(Generic[K]):
 
     def end_owner(
         self,
-        a: OwnerEnds[K, Own],
+        a: OwnerEnds[K, Own, H],
         owner: Own,
         limit: int = ALL,
         between: Callable[[], None] | None = None,
