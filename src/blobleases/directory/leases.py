@@ -1,7 +1,10 @@
 """The lease and reader-hold rows of a :class:`~blobleases.directory.DirectoryStorage`
 inside a write transaction: holding a lease, adding and deleting content,
-ending rows in bulk (and settling their content through the engine), ttl
-expiry and the reap of dead owners; and the lease checks of read paths."""
+ttl expiry, the reap of dead owners and the end of a pid's rows (the
+engine's :meth:`~blobleases.engine.Engine.expire_all` and
+:meth:`~blobleases.engine.Engine.end_owner` over :class:`_IndexRoom`'s
+batch statements; which owners are dead is judged here, by their lock files
+and pids); and the lease checks of read paths."""
 
 from __future__ import annotations
 
