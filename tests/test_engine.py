@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from blobleases import ContentId, IntegrityError, StoreFull
+from blobleases import ContentId, IntegrityError, LeaseId, StoreFull
 from blobleases.engine import Engine, ReapSchedule
 from blobleases.policies import Policies
 
@@ -60,6 +60,54 @@ class _Room:
 
     def total_bytes(self) -> int:
         return sum(size for size, _, _ in self.content.values())
+
+
+class _Owned(_Room):
+    """_Room with leases (key, lid) -> (expires_at, detached, owner) and
+    reader holds id -> (key, owner): the verbs of OwnerEnds over dicts, the
+    owners named by strings. Content is referenced while it has a lease or
+    a hold."""
+
+    def __init__(self, **sizes: int) -> None:
+        super().__init__(**sizes)
+        self.leases: dict[tuple[str, LeaseId], tuple[float | None, bool, str]] = {}
+        self.holds: dict[int, tuple[str, str]] = {}
+        self.batches: list[int] = []  # the size of every batch handed out
+
+    def lease(
+        self, key: str, owner: str, expires_at: float | None = None, detached: bool = False
+    ) -> LeaseId:
+        lid = LeaseId.new()
+        self.leases[key, lid] = (expires_at, detached, owner)
+        return lid
+
+    def unreferenced_size(self, key: str) -> int | None:
+        if any(k == key for k, _ in self.leases) or any(k == key for k, _ in self.holds.values()):
+            return None
+        return None if key in self.retained else self.content[key][0]
+
+    def _batch(self, items: list[tuple[str, LeaseId]], limit: int) -> list[tuple[str, LeaseId]]:
+        self.batches.append(len(items[:limit]))
+        return items[:limit]
+
+    def expired_batch(self, now: float, limit: int) -> list[tuple[str, LeaseId]]:
+        due = [lease for lease, (at, _, _) in self.leases.items() if at is not None and at <= now]
+        return self._batch(due, limit)
+
+    def owner_leases(self, owner: str, limit: int) -> list[tuple[str, LeaseId]]:
+        mine = [lease for lease, (_, det, own) in self.leases.items() if own == owner and not det]
+        return self._batch(mine, limit)
+
+    def owner_holds(self, owner: str, limit: int) -> list[int]:
+        return [hold for hold, (_, own) in self.holds.items() if own == owner][:limit]
+
+    def remove_leases(self, batch: list[tuple[str, LeaseId]]) -> list[str]:
+        for lease in batch:
+            self.leases.pop(lease, None)
+        return list(dict.fromkeys(key for key, _ in batch))
+
+    def remove_holds(self, holds: list[int]) -> list[str]:
+        return list(dict.fromkeys(self.holds.pop(hold)[0] for hold in holds if hold in self.holds))
 
 
 def _engine(**policies: object) -> Engine[str]:
@@ -127,3 +175,51 @@ def test_reap_schedule() -> None:
     assert schedule.due_after(300.0, 196.0)  # the clock stepped back
     schedule.never()
     assert not schedule.due(1e18)
+
+
+def test_expire_ends_only_leases_past_their_ttl_in_batches_and_settles_their_content() -> None:
+    room = _Owned(a=4, b=4, c=4, d=4, e=100)
+    for key in "abcde":
+        room.lease(key, "p1", expires_at=10.0)
+    room.lease("b", "p2")  # still referenced when its ttl lease goes
+    room.lease("d", "p2", expires_at=20.0)  # not expired yet
+    engine = _engine(retain_bytes=8)
+    assert engine.expire_batch(room, 10.0, 2) == 2  # at most ``limit``
+    assert engine.expire_all(room, 10.0, 2) == 3
+    assert room.batches == [2, 2, 1]  # until a batch comes back short
+    assert room.deleted == ["e"]  # over the retain budget: deleted
+    assert room.retained == ["a", "c"]  # unreferenced: retained
+    assert "b" in room.content and "d" in room.content  # still leased
+    assert engine.expire_all(room, 10.0) == 0 and room.batches[-1] == 0
+    assert engine.expire_all(room, 20.0) == 1 and "d" in room.retained
+
+
+def test_expire_all_calls_between_only_between_full_batches() -> None:
+    room = _Owned(**{f"k{i}": 1 for i in range(5)})
+    for i in range(5):
+        room.lease(f"k{i}", "p", expires_at=1.0)
+    slices: list[int] = []
+    engine = _engine()
+    assert engine.expire_all(room, 1.0, 2, lambda: slices.append(len(room.leases))) == 5
+    assert slices == [3, 1]  # each after a whole batch was ended and settled
+    assert sorted(room.deleted) == [f"k{i}" for i in range(5)]
+
+
+def test_end_owner_ends_its_leases_and_holds_not_detached_ones_nor_others() -> None:
+    room = _Owned(a=1, b=1, c=1, d=1)
+    for key in "abc":
+        room.lease(key, "dead")
+    room.lease("b", "alive")
+    room.lease("d", "dead", detached=True)  # outlives its owner (SPEC 2.6)
+    room.holds[7] = ("c", "dead")
+    room.holds[8] = ("a", "alive")
+    slices: list[int] = []
+    engine = _engine()
+    assert engine.end_owner(room, "dead", 2, lambda: slices.append(0)) == (3, 1)
+    assert room.deleted == ["c"]  # "a": the live reader; "b": the live lease
+    assert len(slices) == 1  # between the full batch of leases and the last
+    assert {own for _, _, own in room.leases.values()} == {"alive", "dead"}
+    assert [lease for lease, (_, det, _) in room.leases.items() if det] == [
+        lease for lease in room.leases if lease[0] == "d"
+    ]
+    assert engine.end_owner(room, "dead") == (0, 0)

@@ -6,7 +6,7 @@ is the example):
 
 - the content, lease and retention verbs of :class:`blobleases.engine.Adapter`:
   ``add_content``, ``add_lease``, ``has_lease``, ``remove_lease``,
-  ``leases_of``, ``expired_leases``, ``owner_pids``, ``unreferenced_size``,
+  ``owner_leases``, ``expired_batch``, ``owner_pids``, ``unreferenced_size``,
   ``delete_content``, ``retain``, ``retained_bytes``,
   ``retained_oldest_first``, ``evictable_oldest_first``, ``total_bytes``
   (a ttl lease is pushed on ``self._expiries``, an
@@ -151,9 +151,9 @@ class AdapterStorage(BlobStorage):
     @abc.abstractmethod
     def remove_lease(self, key: K, lid: LeaseId) -> bool: ...
     @abc.abstractmethod
-    def leases_of(self, pid: int) -> list[tuple[K, LeaseId]]: ...
+    def owner_leases(self, owner: int, limit: int) -> list[tuple[K, LeaseId]]: ...
     @abc.abstractmethod
-    def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]: ...
+    def expired_batch(self, now: float, limit: int) -> list[tuple[K, LeaseId]]: ...
     @abc.abstractmethod
     def owner_pids(self) -> set[int]: ...
     @abc.abstractmethod
@@ -177,8 +177,15 @@ class AdapterStorage(BlobStorage):
         key = self._holds.pop(hold, (None, 0))[0]
         return key if key is not None and self.remove_reader(key) else None
 
-    def holds_of(self, pid: int) -> list[int]:
-        return [hold for hold, (_, owner) in self._holds.items() if owner == pid]
+    def remove_leases(self, batch: list[tuple[K, LeaseId]]) -> list[K]:
+        return [key for key, lid in batch if self.remove_lease(key, lid)]
+
+    def owner_holds(self, owner: int, limit: int) -> list[int]:
+        holds = (hold for hold, (_, pid) in self._holds.items() if pid == owner)
+        return list(itertools.islice(holds, limit))
+
+    def remove_holds(self, holds: list[int]) -> list[K]:
+        return [key for key in map(self.remove_hold, holds) if key is not None]
 
     def is_alive(self, pid: int) -> bool:
         return is_alive(pid, self._pids.get(pid))
@@ -218,7 +225,7 @@ class AdapterStorage(BlobStorage):
         if self._closed:
             raise StorageError("the storage is closed")
         if self._expiries and self._expiries[0][0] <= time.time():
-            self._engine.expire(self, time.time())
+            self._engine.expire_all(self, time.time())
         now = time.monotonic()
         if self._reaps.due(now):
             self._engine.reap(self, now)
@@ -360,7 +367,7 @@ class AdapterStorage(BlobStorage):
             if self._closed:
                 raise StorageError("the storage is closed")
             before_blobs, before_bytes = self.counts()[0], self.total_bytes()
-            expired = self._engine.expire(self, time.time())
+            expired = self._engine.expire_all(self, time.time())
             leases, readers, procs = self._engine.reap(self, time.monotonic())
             self._engine.trim_retained(self, self.policies.retain_bytes)
             return CollectReport(

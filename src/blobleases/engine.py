@@ -10,7 +10,11 @@ calls the verbs:
   :meth:`Engine.end_lease`, :meth:`Engine.end_hold`,
   :meth:`Engine.take_over`, :meth:`Engine.terminate` (a pid's non-detached
   leases and every hold), :meth:`Engine.expire` (ttl), :meth:`Engine.reap`
-  and :meth:`Engine.advise_of_pid` (liveness);
+  and :meth:`Engine.advise_of_pid` (liveness); in batches, for a store
+  that commits between them (:class:`BatchEnds`, :class:`OwnerEnds`):
+  :meth:`Engine.end_leases`, :meth:`Engine.expire_batch`,
+  :meth:`Engine.expire_all` (ttl) and :meth:`Engine.end_owner` (every
+  lease and hold of one owner, however the backend names owners);
 - the retain-or-delete decision when content becomes unreferenced
   (:meth:`Engine.settle`, :meth:`Engine.trim_retained`);
 - making room under ``max_bytes`` (:meth:`Engine.make_room`; the plan
@@ -35,8 +39,9 @@ do in bulk; see each verb.
 from __future__ import annotations
 
 import heapq
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import policy_rules
@@ -48,17 +53,25 @@ from .policies import Policies
 
 __all__ = [
     "Adapter",
+    "BatchEnds",
     "EndAdapter",
     "Engine",
     "ExpiryQueue",
     "LeaseAdds",
     "LeaseEnds",
     "LeaseRemover",
+    "OwnerEnds",
     "ReapSchedule",
     "RoomAdapter",
 ]
 
 K = TypeVar("K")  # a backend's key for one content (a ContentId, an index key)
+# a backend's name for an owner of leases and holds (a pid, a lock-file token)
+O_contra = TypeVar("O_contra", contravariant=True)
+Own = TypeVar("Own")
+H = TypeVar("H")  # a backend's id of one reader hold
+
+ALL = sys.maxsize  # a batch limit: everything at once
 
 
 class RoomAdapter(Protocol[K]):
@@ -132,7 +145,50 @@ class LeaseEnds(LeaseRemover[K], Protocol[K]):
     :class:`Adapter` has them."""
 
     def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
-        """As :meth:`Adapter.expired_leases`."""
+        """The held leases whose ``expires_at <= now`` (taken out of any
+        expiry index, not yet ended)."""
+        ...
+
+
+class BatchEnds(RoomAdapter[K], Protocol[K]):
+    """The verbs :meth:`Engine.end_leases`, :meth:`Engine.expire_batch` and
+    :meth:`Engine.expire_all` need beyond :class:`RoomAdapter`'s: leases
+    found and ended a batch at a time (one statement each in SQL)."""
+
+    def expired_batch(self, now: float, limit: int) -> list[tuple[K, LeaseId]]:
+        """At most ``limit`` held leases whose ``expires_at <= now``, not yet
+        ended (taken out of any expiry index); fewer than ``limit`` only if
+        no other is left."""
+        ...
+
+    def remove_leases(self, batch: list[tuple[K, LeaseId]]) -> Iterable[K]:
+        """End every lease of ``batch`` that is held (the others are no-ops,
+        no other lease is touched); the key of every content this may have
+        left unreferenced, each once (it may also give keys still referenced:
+        settling those is a no-op)."""
+        ...
+
+
+class OwnerEnds(BatchEnds[K], Protocol[K, O_contra, H]):
+    """The verbs :meth:`Engine.end_owner` needs beyond :class:`BatchEnds`'s:
+    the leases and holds (ids ``H``) of one owner (a pid for MemoryStorage;
+    a lock-file token or a selection of pid owners for DirectoryStorage's
+    index; a host/pid name for PostgresStorage)."""
+
+    def owner_leases(self, owner: O_contra, limit: int) -> list[tuple[K, LeaseId]]:
+        """At most ``limit`` non-detached leases of ``owner``; fewer than
+        ``limit`` only if it has no other."""
+        ...
+
+    def owner_holds(self, owner: O_contra, limit: int) -> list[H]:
+        """At most ``limit`` reader holds of ``owner``; fewer than ``limit``
+        only if it has no other."""
+        ...
+
+    def remove_holds(self, holds: list[H]) -> Iterable[K]:
+        """End every reader hold of ``holds`` not ended yet; the key of every
+        content this may have left unreferenced, each once (as
+        :meth:`BatchEnds.remove_leases`)."""
         ...
 
 
@@ -172,9 +228,10 @@ class EndAdapter(LeaseRemover[K], Protocol[K]):
         ...
 
 
-class Adapter(EndAdapter[K], LeaseEnds[K], LeaseAdds[K], Protocol[K]):
+class Adapter(EndAdapter[K], LeaseAdds[K], OwnerEnds[K, int, int], Protocol[K]):
     """Every verb of a backend whose leases the engine runs (MemoryStorage):
-    :class:`RoomAdapter`'s and the lease, hold and process verbs."""
+    :class:`RoomAdapter`'s and the lease, hold and process verbs (its
+    owners are pids)."""
 
     def add_content(self, key: K, size: int, payload: Any) -> None:
         """Make absent content ``key`` present (``size`` bytes, ``payload``
@@ -193,19 +250,6 @@ class Adapter(EndAdapter[K], LeaseEnds[K], LeaseAdds[K], Protocol[K]):
 
     def has_lease(self, key: K, lid: LeaseId) -> bool:
         """Whether ``(lid, key)`` is held and unexpired."""
-        ...
-
-    def leases_of(self, pid: int) -> list[tuple[K, LeaseId]]:
-        """A snapshot of every non-detached lease whose ``lease_id.pid`` is ``pid``."""
-        ...
-
-    def holds_of(self, pid: int) -> list[int]:
-        """A snapshot of every reader hold of process ``pid``."""
-        ...
-
-    def expired_leases(self, now: float) -> list[tuple[K, LeaseId]]:
-        """The held leases whose ``expires_at <= now`` (taken out of any
-        expiry index, not yet ended)."""
         ...
 
     def owner_pids(self) -> set[int]:
@@ -337,20 +381,80 @@ class Engine(Generic[K]):
     def terminate(self, a: Adapter[K], pid: int) -> tuple[int, int]:
         """End every non-detached lease and every reader hold of ``pid``:
         (leases ended, holds ended)."""
-        leases = a.leases_of(pid)
-        for key, lid in leases:
-            self.end_lease(a, key, lid)
-        holds = a.holds_of(pid)
-        for hold in holds:
-            self.end_hold(a, hold)
-        return len(leases), len(holds)
+        return self.end_owner(a, pid)
 
     def expire(self, a: LeaseEnds[K], now: float) -> int:
-        """End every lease whose ttl has run out by ``now``: how many."""
+        """End every lease whose ttl has run out by ``now``: how many (one
+        lease at a time; :meth:`expire_all` in batches)."""
         expired = a.expired_leases(now)
         for key, lid in expired:
             self.end_lease(a, key, lid)
         return len(expired)
+
+    def end_leases(self, a: BatchEnds[K], batch: list[tuple[K, LeaseId]]) -> int:
+        """End the leases of ``batch`` (each held one: a snapshot the
+        adapter gave in this transaction) and settle every content left
+        unreferenced: how many."""
+        if batch:
+            for key in a.remove_leases(batch):
+                self.settle(a, key)
+        return len(batch)
+
+    def expire_batch(self, a: BatchEnds[K], now: float, limit: int = ALL) -> int:
+        """End at most ``limit`` leases whose ttl has run out by ``now``
+        (their content settled): how many; fewer than ``limit``: none is
+        left."""
+        return self.end_leases(a, a.expired_batch(now, limit))
+
+    def expire_all(
+        self,
+        a: BatchEnds[K],
+        now: float,
+        limit: int = ALL,
+        between: Callable[[], None] | None = None,
+    ) -> int:
+        """End every lease whose ttl has run out by ``now``, ``limit`` at a
+        time, calling ``between`` between batches (where a shared store may
+        commit: each batch leaves it consistent): how many."""
+        ended = 0
+        while True:
+            count = self.expire_batch(a, now, limit)
+            ended += count
+            if count < limit:
+                return ended
+            if between is not None:
+                between()
+
+    def end_owner(
+        self,
+        a: OwnerEnds[K, Own, H],
+        owner: Own,
+        limit: int = ALL,
+        between: Callable[[], None] | None = None,
+    ) -> tuple[int, int]:
+        """End every non-detached lease and every reader hold of ``owner``
+        (dead, or a pid reused), ``limit`` at a time, settling each content
+        left unreferenced and calling ``between`` between batches (as
+        :meth:`expire_all`): (leases ended, holds ended). Its record, if
+        the backend keeps one, is the caller's to forget."""
+        leases = holds = 0
+        while True:
+            count = self.end_leases(a, a.owner_leases(owner, limit))
+            leases += count
+            if count < limit:
+                break
+            if between is not None:
+                between()
+        while True:
+            batch = a.owner_holds(owner, limit)
+            if batch:
+                for key in a.remove_holds(batch):
+                    self.settle(a, key)
+            holds += len(batch)
+            if len(batch) < limit:
+                return leases, holds
+            if between is not None:
+                between()
 
     def reap(self, a: Adapter[K], now: float) -> tuple[int, int, int]:
         """End the leases and holds of every dead process (its record goes

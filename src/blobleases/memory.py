@@ -9,6 +9,7 @@ lock). Readers are zero-copy memoryviews.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -148,18 +149,22 @@ class MemoryStorage(AdapterStorage):
             self._unindex(key, lid)
         return not blob and not blob.readers
 
-    def leases_of(self, pid: int) -> list[tuple[ContentId, LeaseId]]:
-        if pid == self._own_pid:  # this process's leases are not indexed
-            return list(self._scan(pid))
-        return list(self._by_pid.get(pid, ()))
+    def owner_leases(self, owner: int, limit: int) -> list[tuple[ContentId, LeaseId]]:
+        if owner == self._own_pid:  # this process's leases are not indexed
+            return list(itertools.islice(self._scan(owner), limit))
+        return list(itertools.islice(self._by_pid.get(owner, ()), limit))
 
-    def expired_leases(self, now: float) -> list[tuple[ContentId, LeaseId]]:
-        expired = []
+    def expired_batch(self, now: float, limit: int) -> list[tuple[ContentId, LeaseId]]:
+        expired: list[tuple[ContentId, LeaseId]] = []
+        if limit <= 0:
+            return expired
         for expires_at, key, lid in self._expiries.due(now):
             blob = self._blobs.get(key)
             lease = None if blob is None else blob.get(lid)
             if lease is not None and lease.expires_at == expires_at:
                 expired.append((key, lid))
+                if len(expired) >= limit:
+                    break  # the rest stay queued
         return expired
 
     def owner_pids(self) -> set[int]:

@@ -547,6 +547,53 @@ class _Leases(_Room):
         return not tx.one(_SQL_REFERENCED, {"cid": key, "now": tx.now})[0]
 
 
+class _OwnerRows(_Room):
+    """:class:`_Room` and the verbs of :class:`blobleases.engine.OwnerEnds`
+    over the rows of the contents ``cids`` only (locked by the caller, in
+    sorted order: at most ``_BATCH`` in one transaction); owners are the
+    ``owner`` column (``host.nsN/pid``), hold ids text."""
+
+    __slots__ = ("cids",)
+
+    def __init__(self, storage: PostgresStorage, tx: _Tx, cids: list[str]) -> None:
+        super().__init__(storage, tx)
+        self.cids = cids
+
+    def _leases(self, where: str, params: tuple[Any, ...]) -> list[tuple[str, LeaseId]]:
+        rows = self.tx.all(
+            f"SELECT cid, lid FROM leases WHERE cid = ANY(%s) AND {where} ORDER BY cid, lid "
+            "LIMIT %s",
+            (self.cids, *params),
+        )
+        return [(cid_text, LeaseId.parse(lid)) for cid_text, lid in rows]
+
+    def expired_batch(self, now: float, limit: int) -> list[tuple[str, LeaseId]]:
+        return self._leases("expires_at IS NOT NULL AND expires_at <= %s", (now, limit))
+
+    def owner_leases(self, owner: str, limit: int) -> list[tuple[str, LeaseId]]:
+        return self._leases("owner = %s AND NOT detached", (owner, limit))
+
+    def remove_leases(self, batch: list[tuple[str, LeaseId]]) -> list[str]:
+        keys = [key for key, _ in batch]
+        self.tx.run(
+            "DELETE FROM leases WHERE (cid, lid) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+            (keys, [str(lid) for _, lid in batch]),
+        )
+        return list(dict.fromkeys(keys))
+
+    def owner_holds(self, owner: str, limit: int) -> list[str]:
+        rows = self.tx.all(
+            "SELECT id FROM holds WHERE cid = ANY(%s) AND owner = %s ORDER BY id LIMIT %s",
+            (self.cids, owner, limit),
+        )
+        return [str(row[0]) for row in rows]
+
+    def remove_holds(self, holds: list[str]) -> list[str]:
+        rows = self.tx.all("DELETE FROM holds WHERE id = ANY(%s) RETURNING cid", (holds,))
+        return list(dict.fromkeys(str(row[0]) for row in rows))
+
+
 class PostgresStorage(BlobStorage):
     """Leases and the index in PostgreSQL, bytes in S3 or a shared directory.
 
@@ -1022,26 +1069,29 @@ class PostgresStorage(BlobStorage):
         return leases, readers, count
 
     def _terminate(self, owner: str) -> tuple[int, int]:
-        """End every non-detached lease and every reader hold of ``owner``."""
-        lease_cids = {
+        """End every non-detached lease and every reader hold of ``owner``
+        (the engine decides: :meth:`~blobleases.engine.Engine.end_owner`),
+        in transactions of at most ``_BATCH`` contents locked in sorted order."""
+        cids = sorted(
             r[0]
             for r in self._exec(
-                "SELECT DISTINCT cid FROM leases WHERE owner = %s AND NOT detached", (owner,)
+                "SELECT cid FROM leases WHERE owner = %s AND NOT detached "
+                "UNION SELECT cid FROM holds WHERE owner = %s",
+                (owner, owner),
             )
-        }
-        hold_cids = {
-            r[0] for r in self._exec("SELECT DISTINCT cid FROM holds WHERE owner = %s", (owner,))
-        }
-        readers = 0
-        if hold_cids:
-            readers = self._end_many(
-                sorted(hold_cids), "FALSE", {"owner": owner, "holds_where": "owner = %(owner)s"}
-            )
-        leases = 0
-        if lease_cids:
-            leases = self._end_many(
-                sorted(lease_cids), "owner = %(owner)s AND NOT detached", {"owner": owner}
-            )
+        )
+        leases = readers = 0
+        for i in range(0, len(cids), _BATCH):
+            batch = cids[i : i + _BATCH]
+
+            def work(tx: _Tx, batch: list[str] = batch) -> tuple[int, int]:
+                for cid_text in batch:
+                    self._lock_content(tx, cid_text)
+                return self._engine.end_owner(_OwnerRows(self, tx, batch), owner)
+
+            ended_leases, ended_holds = self._tx(work)
+            leases += ended_leases
+            readers += ended_holds
         host, _, pid_text = owner.rpartition("/")
         if host == self._local and self._heartbeat is not None:
             with contextlib.suppress(ValueError):

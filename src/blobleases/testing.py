@@ -31,7 +31,8 @@ the verbs of :class:`blobleases.engine.Adapter` (content: ``add_content``,
 ``total_bytes``; retention: ``retain``, ``retained_bytes``,
 ``retained_oldest_first``, ``evictable_oldest_first``; leases and holds:
 ``add_lease``, ``has_lease``, ``remove_lease``, ``remove_hold``,
-``leases_of``, ``holds_of``, ``expired_leases``; processes:
+``remove_leases``, ``remove_holds``, ``owner_leases``, ``owner_holds``,
+``expired_batch``; processes:
 ``owner_pids``, ``is_alive``, ``recorded_start``, ``record_pid``;
 counts: ``count_dedup``, ``count_evictions``) and makes each abstract member open its transaction and
 call the engine. A store of this process's memory subclasses

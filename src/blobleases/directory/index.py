@@ -142,13 +142,20 @@ class _Tx:
     slice_at: float = 0.0  # (monotonic) when long work should slice; 0: not yet known
 
 
+# The owners whose leases and holds end together: an SQL predicate over the
+# ``owner`` column of leases and holds, and its arguments.
+_Owners = tuple[str, tuple[Any, ...]]
+
+
 class _IndexRoom:
     """The verbs of :class:`blobleases.engine.EndAdapter` (the room verbs
-    and the end of one lease or reader hold) over the index, inside the
-    write transaction ``tx`` (keys: content ids as text). Bulk work (expiry,
-    reaping a dead owner's thousands of rows) stays in SQL statements over
-    many rows; what happens to content left unreferenced, the eviction plan
-    and the end of one lease or hold are the engine's."""
+    and the end of one lease or reader hold) and of
+    :class:`blobleases.engine.OwnerEnds` (leases and holds found and ended
+    a batch per statement; owners are :data:`_Owners` selections) over the
+    index, inside the write transaction ``tx`` (keys: content ids as text).
+    What ends (ttl expiry, a dead owner's rows), what happens to content
+    left unreferenced and the eviction plan are the engine's; the index
+    only finds and deletes rows."""
 
     __slots__ = ("db", "storage", "tx")
 
@@ -176,6 +183,43 @@ class _IndexRoom:
         if db.execute(_SQL_REFERENCED, {"cid": key, "now": self.tx.now}).fetchone()[0]:
             return None
         return key
+
+    def expired_batch(self, now: float, limit: int) -> list[tuple[str, LeaseId]]:
+        rows = self.db.execute(
+            "SELECT cid, lid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+            (now, limit),
+        )
+        return [(key, LeaseId.parse(lkey)) for key, lkey in rows]
+
+    def remove_leases(self, batch: list[tuple[str, LeaseId]]) -> list[str]:
+        if not batch:
+            return []
+        pairs = ", ".join(["(?, ?)"] * len(batch))
+        self.db.execute(
+            "DELETE FROM leases WHERE (cid, lid) IN "
+            f"(SELECT column1, column2 FROM (VALUES {pairs}))",
+            [part for key, lid in batch for part in (key, str(lid))],
+        )
+        return list(dict.fromkeys(key for key, _ in batch))
+
+    def owner_leases(self, owner: _Owners, limit: int) -> list[tuple[str, LeaseId]]:
+        where, args = owner
+        rows = self.db.execute(
+            f"SELECT cid, lid FROM leases WHERE ({where}) AND detached = 0 LIMIT ?", (*args, limit)
+        )
+        return [(key, LeaseId.parse(lkey)) for key, lkey in rows]
+
+    def owner_holds(self, owner: _Owners, limit: int) -> list[int]:
+        where, args = owner
+        rows = self.db.execute(f"SELECT id FROM holds WHERE ({where}) LIMIT ?", (*args, limit))
+        return [int(row[0]) for row in rows]
+
+    def remove_holds(self, holds: list[int]) -> list[str]:
+        if not holds:
+            return []
+        marks = ", ".join("?" * len(holds))
+        rows = self.db.execute(f"DELETE FROM holds WHERE id IN ({marks}) RETURNING cid", holds)
+        return list(dict.fromkeys(str(row[0]) for row in rows))
 
     def delete_if_unreferenced(self, key: str) -> None:
         tx = self.tx

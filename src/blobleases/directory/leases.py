@@ -1,7 +1,10 @@
 """The lease and reader-hold rows of a :class:`~blobleases.directory.DirectoryStorage`
 inside a write transaction: holding a lease, adding and deleting content,
-ending rows in bulk (and settling their content through the engine), ttl
-expiry and the reap of dead owners; and the lease checks of read paths."""
+ttl expiry, the reap of dead owners and the end of a pid's rows (the
+engine's :meth:`~blobleases.engine.Engine.expire_all` and
+:meth:`~blobleases.engine.Engine.end_owner` over :class:`_IndexRoom`'s
+batch statements; which owners are dead is judged here, by their lock files
+and pids); and the lease checks of read paths."""
 
 from __future__ import annotations
 
@@ -174,49 +177,27 @@ class _Leases(_Index):
         self._flush_access(tx)  # the LRU order as of now
         self._engine.make_room(_IndexRoom(self, tx), size)
 
-    def _end_leases(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
-        """Delete the leases matching ``where`` and settle their content."""
-        return self._end_rows(tx, "leases", where, args)
+    def _room(self, tx: _Tx) -> _IndexRoom:
+        return _IndexRoom(self, tx)
 
-    def _end_holds(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> int:
-        """Delete the reader holds matching ``where`` and settle their content."""
-        return self._end_rows(tx, "holds", where, args)
-
-    def _end_rows(self, tx: _Tx, table: str, where: str, args: tuple[Any, ...]) -> int:
-        """Many rows (a dead process's thousands of leases) are ended
-        ``_SLICE_KEYS`` content ids at a time, in slices (see _maybe_slice)."""
-        db = tx.db
-        count = 0
-        select = f"SELECT DISTINCT cid FROM {table} WHERE {where} LIMIT {_SLICE_KEYS + 1}"
-        while True:
-            keys = [r[0] for r in db.execute(select, args)]
-            if not keys:
-                return count
-            if len(keys) <= _SLICE_KEYS:
-                count += db.execute(f"DELETE FROM {table} WHERE {where}", args).rowcount
-            else:
-                keys = keys[:_SLICE_KEYS]
-                marks = ", ".join("?" * len(keys))
-                count += db.execute(
-                    f"DELETE FROM {table} WHERE ({where}) AND cid IN ({marks})", (*args, *keys)
-                ).rowcount
-            for key in keys:
-                self._settle(tx, key)
-            if len(keys) < _SLICE_KEYS:
-                return count
-            self._maybe_slice(tx)
+    def _end_owners(self, tx: _Tx, where: str, args: tuple[Any, ...]) -> tuple[int, int]:
+        """End the non-detached leases and the reader holds of the owners
+        matching ``where`` (through the engine, which settles their content):
+        (leases, holds). Thousands of rows (a dead process's) end
+        ``_SLICE_KEYS`` at a time, in slices (see _maybe_slice)."""
+        return self._engine.end_owner(
+            self._room(tx), (where, args), _SLICE_KEYS, lambda: self._maybe_slice(tx)
+        )
 
     def _expire(self, tx: _Tx) -> int:
-        return self._end_leases(tx, "expires_at IS NOT NULL AND expires_at <= ?", (tx.now,))
+        """End every expired lease (through the engine), in slices."""
+        return self._engine.expire_all(
+            self._room(tx), tx.now, _SLICE_KEYS, lambda: self._maybe_slice(tx)
+        )
 
     def _expire_some(self, tx: _Tx, limit: int) -> int:
         """End at most ``limit`` expired leases (and free their content)."""
-        return self._end_leases(
-            tx,
-            "(cid, lid) IN (SELECT cid, lid FROM leases "
-            "WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
-            (tx.now, limit),
-        )
+        return self._engine.expire_batch(self._room(tx), tx.now, limit)
 
     def _reap(self, tx: _Tx) -> tuple[int, int, int]:
         """End leases and holds of dead owners and expired leases: (leases,
@@ -260,8 +241,7 @@ class _Leases(_Index):
                 current = starts[pid]
                 if current is not None and same_start(start, current):
                     continue
-            ended_leases = self._end_leases(tx, "owner = ? AND detached = 0", (owner,))
-            ended_holds = self._end_holds(tx, "owner = ?", (owner,))
+            ended_leases, ended_holds = self._end_owners(tx, "owner = ?", (owner,))
             db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
             if lock_owner:
                 tx.dead_owners.append(owner)

@@ -716,8 +716,7 @@ class DirectoryStorage(_Maintenance, BlobStorage):
             if start:
                 stale = self._OWNERS_OF_PID + " AND start != 0 AND abs(start - ?) > ?"
                 args = (pid, self._scope, start, START_TIME_TOLERANCE)
-                self._end_leases(tx, stale + " AND detached = 0", args)
-                self._end_holds(tx, stale, args)
+                self._end_owners(tx, stale, args)
             tx.db.execute(
                 "INSERT OR REPLACE INTO processes(scope, pid, start, seen) VALUES (?, ?, ?, ?)",
                 (self._scope, pid, start, tx.now),
@@ -728,8 +727,7 @@ class DirectoryStorage(_Maintenance, BlobStorage):
     def _advise_pid_terminated(self, pid: int) -> None:
         with self._write() as tx:
             args = (pid, self._scope)
-            self._end_leases(tx, self._OWNERS_OF_PID + " AND detached = 0", args)
-            self._end_holds(tx, self._OWNERS_OF_PID, args)
+            self._end_owners(tx, self._OWNERS_OF_PID, args)
             # pid owners go; a lock owner's row stays until a reap finds it dead
             tx.db.execute(
                 "DELETE FROM owners WHERE pid = ? AND scope = ? AND owner LIKE 'pid:%'", args
