@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from . import gil_free
 from .content_id import ContentId
 from .errors import StorageError
 
@@ -219,7 +220,7 @@ class S3Tier:
         s3 = self._client()
         try:
             if size <= MULTIPART_PART:
-                body = b"".join(bytes(p) for p in parts) if size else b""
+                body = b"".join(gil_free.to_bytes(p) for p in parts) if size else b""
                 # An empty PUT on a connection of the shared pool leaves
                 # SeaweedFS stalling that connection's next request until the
                 # read timeout (measured: the next PUT took read_timeout, then
@@ -356,7 +357,7 @@ def _rechunk(parts: Iterable[Any], size: int) -> Iterator[bytes]:
     pending: list[bytes] = []
     held = 0
     for part in parts:
-        pending.append(bytes(part))
+        pending.append(gil_free.to_bytes(part))
         held += len(pending[-1])
         if held >= size:
             yield b"".join(pending)

@@ -81,7 +81,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import index_sql, policy_rules, rehash
+from . import gil_free, index_sql, policy_rules, rehash
 from .blob_tier import BlobTier, ObjectMissing, ObjectShort, open_tier
 from .content_id import ContentId, new_hasher
 from .engine import Engine
@@ -1604,7 +1604,7 @@ class PostgresStorage(BlobStorage):
                 return b""
             start, cached = window
             if start <= offset and end <= start + len(cached):
-                return bytes(cached[offset - start : end - start])
+                return gil_free.to_bytes(memoryview(cached)[offset - start : end - start])
             want = min(max(end - offset, _READ_AHEAD), size - offset)
             try:
                 data = storage._tier.read_range(key, offset, want)
