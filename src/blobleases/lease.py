@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from .content_id import ContentId, as_buffer
 from .errors import BlobLeaseError, ContentNotFound, IntegrityError, LeaseExpired
 from .lease_id import LeaseId
 from .reader import BlobReader
 from .storage import BlobStorage
+from .urls import without_password
 
 __all__ = ["BlobLease", "ByValue", "LeaseTicket"]
 
@@ -299,15 +299,6 @@ def _local_store_id(storage: BlobStorage) -> str:
         return ident
 
 
-def _shown_url(url: str) -> str:
-    """``url`` without a password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
 def _load_lease(
     content_id: str,
     url: str | None,
@@ -343,7 +334,7 @@ def _load_lease(
         try:
             storage = storage_for_url(url)
         except Exception as exc:
-            where = "the registered store" if url is None else f"the store {_shown_url(url)}"
+            where = "the registered store" if url is None else f"the store {without_password(url)}"
             return BlobLease._failed(None, cid, size, f"cannot open {where}: {exc}")
     lid = LeaseId.new()
     try:
@@ -356,7 +347,7 @@ def _load_lease(
         got = None
     except Exception as exc:
         return BlobLease._failed(
-            storage, cid, size, f"cannot lease it in {_shown_url(storage.url)}: {exc}"
+            storage, cid, size, f"cannot lease it in {without_password(storage.url)}: {exc}"
         )
     if got is None:
         if expires_at is not None and time.time() >= expires_at:

@@ -101,6 +101,7 @@ from .reader import BlobReader, RangeSource
 from .redis_storage import default_host_id
 from .reports import BlobInfo, CollectReport, LeaseInfo, StorageStats, VerifyReport
 from .storage import BlobStorage, FileSource, check_hash
+from .urls import without_password
 
 __all__ = ["PostgresStorage"]
 
@@ -576,8 +577,7 @@ class _OwnerRows(_Room):
     def remove_leases(self, batch: list[tuple[str, LeaseId]]) -> list[str]:
         keys = [key for key, _ in batch]
         self.tx.run(
-            "DELETE FROM leases WHERE (cid, lid) IN "
-            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+            "DELETE FROM leases WHERE (cid, lid) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
             (keys, [str(lid) for _, lid in batch]),
         )
         return list(dict.fromkeys(keys))
@@ -724,11 +724,7 @@ class PostgresStorage(BlobStorage):
         return self._tier
 
     def __repr__(self) -> str:
-        parts = urlsplit(self._url)
-        if parts.password is not None:
-            netloc = parts.netloc.rsplit("@", 1)[1]
-            parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-        return f"<PostgresStorage {urlunsplit(parts)}>"
+        return f"<PostgresStorage {without_password(self._url)}>"
 
     # -- connections -----------------------------------------------------------
 
@@ -803,11 +799,7 @@ class PostgresStorage(BlobStorage):
         return self._pool_obj
 
     def _safe_dsn(self) -> str:
-        parts = urlsplit(self._conninfo())
-        if parts.password is None:
-            return urlunsplit(parts)
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+        return without_password(self._conninfo())
 
     def _tx(self, work: Callable[[_Tx], _R], *, attempts: int = 3, single: bool = False) -> _R:
         """Run ``work`` in one transaction (retried from the start when the

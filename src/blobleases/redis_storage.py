@@ -85,6 +85,7 @@ from .reports import (
     WhyReport,
 )
 from .storage import BlobStorage, FileSource, check_hash
+from .urls import without_password
 
 __all__ = ["RedisStorage", "default_host_id"]
 
@@ -292,12 +293,7 @@ class RedisStorage(BlobStorage):
         return self._chunk
 
     def _safe_url(self) -> str:
-        parts = urlsplit(getattr(self, "_url", ""))
-        if parts.password is None:
-            return unsplit(parts)
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return unsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        return without_password(getattr(self, "_url", ""))
 
     def __repr__(self) -> str:
         return f"<RedisStorage {self._safe_url()}>"

@@ -25,7 +25,7 @@ import re
 import threading
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .storage import BlobStorage
 
@@ -57,6 +57,16 @@ _lock = threading.Lock()
 # scheme -> factory, or the entry point that gives it (loaded on first use).
 _backends: dict[str, BackendFactory | EntryPoint] = {}
 _entry_points_read = False
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: what messages and
+    reprs show of a store's url."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def register_backend(scheme: str, factory: BackendFactory, *, clobber: bool = False) -> None:
