@@ -618,13 +618,18 @@ def test_loop_stall_while_8_coroutines_store_and_read_16_mib(
     """The loop's longest stall (a gap between 1 ms sleeps, less the 1 ms),
     printed and recorded, not asserted: the machine's load decides it. It is
     split into the time the loop's thread ran, waited for a CPU (other
-    threads and processes had them) and was blocked (waiting for the GIL)."""
+    threads and processes had them) and was blocked (waiting for the GIL);
+    the time garbage collections took in the stall (any thread's collection
+    stops every thread; its length is the process's heap, pytest's
+    included) is printed beside it, with the longest stall in which no
+    collection ran."""
     size = 16 << 20
     blobs = [bytes([n]) * 64 + os.urandom(size - 64) for n in range(8)]
     # (gap, ran, waited for a CPU) per tick, in seconds
     Tick = tuple[float, float, float]
+    collecting = _Collections()
 
-    async def main() -> tuple[Tick, float, int, int, bool]:
+    async def main() -> tuple[list[Tick], float, int, bool]:
         results: list[tuple[bytes, bytes, bytes]] = []
         ticks: list[Tick] = []
         stop = asyncio.Event()
@@ -632,11 +637,14 @@ def test_loop_stall_while_8_coroutines_store_and_read_16_mib(
         async def ticker() -> None:
             sched = _SchedStat()
             last, (ran, waited) = time.perf_counter(), sched.read()
+            collected = collecting.seconds
             while not stop.is_set():
                 await asyncio.sleep(0.001)
                 now, (ran_now, waited_now) = time.perf_counter(), sched.read()
                 ticks.append((now - last - 0.001, ran_now - ran, waited_now - waited))
+                gc_seconds.append(collecting.seconds - collected)
                 last, ran, waited = now, ran_now, waited_now
+                collected = collecting.seconds
             sched.close()
 
         async def work(data: bytes) -> None:
@@ -653,15 +661,26 @@ def test_loop_stall_while_8_coroutines_store_and_read_16_mib(
             await asyncio.sleep(0.2)
             idle = max(gap for gap, _, _ in ticks)
             ticks.clear()
+            gc_seconds.clear()
             await asyncio.gather(*(work(data) for data in blobs))
             stop.set()
             await ticking
         # (returns no bytes: the task's repr would show them)
         same = all(data == whole == read for data, whole, read in results)
-        return max(ticks), max(map(_blocked, ticks)), idle, len(ticks), len(results), same
+        return ticks, idle, len(results), same
 
-    (stall, ran, waited), most_blocked, idle, ticks, done, same = run(main)
+    gc_seconds: list[float] = []  # garbage collection time in each tick
+    with collecting:
+        all_ticks, idle, done, same = run(main)
     assert done == 8 and same
+    ticks = len(all_ticks)
+    worst = max(range(ticks), key=lambda i: all_ticks[i][0])
+    stall, ran, waited = all_ticks[worst]
+    most_blocked = max(map(_blocked, all_ticks))
+    in_gc = gc_seconds[worst]
+    without_gc = max(
+        (t[0] for t, g in zip(all_ticks, gc_seconds, strict=True) if g == 0), default=0.0
+    )
     assert _held(storage) == set()
     kind = request.node.callspec.params["storage"]
     blocked = _blocked((stall, ran, waited))
@@ -669,12 +688,42 @@ def test_loop_stall_while_8_coroutines_store_and_read_16_mib(
         f"\nlongest event-loop stall ({kind}): {stall * 1e3:.2f} ms over {ticks} ticks of 1 ms "
         f"(the loop's thread ran {ran * 1e3:.2f} ms of it, waited for a CPU {waited * 1e3:.2f}, "
         f"was blocked {blocked * 1e3:.2f}); blocked at most {most_blocked * 1e3:.2f} ms in any "
-        f"tick; {idle * 1e3:.2f} ms idle, before the work"
+        f"tick; {idle * 1e3:.2f} ms idle, before the work; garbage collection took "
+        f"{in_gc * 1e3:.2f} ms of the longest stall, {collecting.seconds * 1e3:.2f} ms in all "
+        f"(longest collection {collecting.longest * 1e3:.2f} ms); the longest stall with no "
+        f"collection in it: {without_gc * 1e3:.2f} ms"
     )
     record_property("max_loop_stall_ms", round(stall * 1e3, 2))
     record_property("max_loop_stall_cpu_wait_ms", round(waited * 1e3, 2))
     record_property("max_loop_blocked_ms", round(most_blocked * 1e3, 2))
     record_property("max_idle_loop_gap_ms", round(idle * 1e3, 2))
+    record_property("max_loop_stall_without_gc_ms", round(without_gc * 1e3, 2))
+    record_property("longest_gc_ms", round(collecting.longest * 1e3, 2))
+
+
+class _Collections:
+    """Inside ``with``: the time garbage collections take, in any thread
+    (a collection holds the GIL, so it stops every thread's Python code)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.longest = 0.0
+        self._began = 0.0
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._began
+            self.seconds += took
+            self.longest = max(self.longest, took)
+
+    def __enter__(self) -> _Collections:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._note)
 
 
 def _blocked(tick: tuple[float, float, float]) -> float:
