@@ -66,12 +66,13 @@ def make_any(
 
 @pytest.fixture
 def ended(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, LeaseId]]:
-    """Every lease the engine's batch verb ends, as (content id, lease id)."""
+    """Every lease the engine's batch verb ends, as (content id, lease id)
+    (a backend's batch may hold a lease id as its text)."""
     seen: list[tuple[str, LeaseId]] = []
     original = Engine.end_leases
 
     def spy(self: Engine[Any], a: Any, batch: list[tuple[Any, LeaseId]]) -> int:
-        seen.extend((str(key), lid) for key, lid in batch)
+        seen.extend((str(key), LeaseId.parse(str(lid))) for key, lid in batch)
         return original(self, a, batch)
 
     monkeypatch.setattr(Engine, "end_leases", spy)

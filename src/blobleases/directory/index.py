@@ -184,30 +184,30 @@ class _IndexRoom:
             return None
         return key
 
-    def expired_batch(self, now: float, limit: int) -> list[tuple[str, LeaseId]]:
-        rows = self.db.execute(
+    # A batch holds the rows' (cid, lid) text as it is: nothing reads a lease id in it.
+
+    def expired_batch(self, now: float, limit: int) -> list[tuple[str, str]]:
+        return self.db.execute(
             "SELECT cid, lid FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
             (now, limit),
-        )
-        return [(key, LeaseId.parse(lkey)) for key, lkey in rows]
+        ).fetchall()
 
-    def remove_leases(self, batch: list[tuple[str, LeaseId]]) -> list[str]:
+    def remove_leases(self, batch: list[tuple[str, str]]) -> list[str]:
         if not batch:
             return []
         pairs = ", ".join(["(?, ?)"] * len(batch))
         self.db.execute(
             "DELETE FROM leases WHERE (cid, lid) IN "
             f"(SELECT column1, column2 FROM (VALUES {pairs}))",
-            [part for key, lid in batch for part in (key, str(lid))],
+            [part for row in batch for part in row],
         )
         return list(dict.fromkeys(key for key, _ in batch))
 
-    def owner_leases(self, owner: _Owners, limit: int) -> list[tuple[str, LeaseId]]:
+    def owner_leases(self, owner: _Owners, limit: int) -> list[tuple[str, str]]:
         where, args = owner
-        rows = self.db.execute(
+        return self.db.execute(
             f"SELECT cid, lid FROM leases WHERE ({where}) AND detached = 0 LIMIT ?", (*args, limit)
-        )
-        return [(key, LeaseId.parse(lkey)) for key, lkey in rows]
+        ).fetchall()
 
     def owner_holds(self, owner: _Owners, limit: int) -> list[int]:
         where, args = owner
